@@ -1,0 +1,154 @@
+"""`sutra generate | chat`: the command line on top of the offline engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+
+from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sutra.engine.engine import LLMEngine
+from sutra.errors import SutraError
+from sutra.sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--model", default=None, help="HF directory, .gguf file or random:<preset> (default: bundled SmolLM2)"
+    )
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per iteration")
+    g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument(
+        "--scheduling-mode", default="sarathi", choices=["sarathi", "prefill_first", "no_chunking"]
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+            num_threads=args.num_threads,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_kv_blocks,
+            kv_cache_memory_gb=args.kv_cache_memory_gb,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            mode=args.scheduling_mode,
+        ),
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def stream_text(
+    engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams
+) -> Iterator[str]:
+    """Yield the completion's text as it grows, one engine step at a time."""
+    engine.add_request(request_id, prompt, params)
+    printed = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            yield text[printed:]
+            printed = len(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    engine = LLMEngine(engine_config(args))
+    tok = engine.tokenizer
+    prompt = (
+        tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+        if args.chat
+        else tok.encode(args.prompt)
+    )
+    for piece in stream_text(engine, "cli-0", prompt, sampling_params(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    engine = LLMEngine(engine_config(args))
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("Chatting with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    for turn in range(1_000_000):
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        prompt = engine.tokenizer.apply_chat_template(messages)
+        reply = ""
+        for piece in stream_text(engine, f"chat-{turn}", prompt, sampling_params(args)):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sutra", description="Sutra LLM serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete one prompt and print the text as it is generated")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="an interactive chat on the terminal")
+    chat.add_argument("--system", default=None, help="a system message")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SutraError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

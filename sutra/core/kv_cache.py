@@ -1,0 +1,176 @@
+"""Paged KV block manager: a block pool with reference counts, per-request block tables and an
+automatic prefix cache keyed by chained block hashes, with LRU eviction of unreferenced cached blocks.
+
+It tracks block ids only; the tensors live with the model runner. A request's KV can therefore be
+exported and imported by block id (`block_ids`), which migration, hand-off and offload build on.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from sutra.core.request import Request
+
+
+@dataclass(eq=False)
+class KVBlock:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None  # set once the block is full and registered in the prefix cache
+
+
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    """Chained hash: a block's identity covers every token before it, not only its own."""
+    return hash((parent_hash, token_ids))
+
+
+class BlockPool:
+    """All blocks, the free queue (LRU order: evict from the front) and the hash -> block map."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # Unreferenced blocks, cached or not. Freed blocks go to the back, so the least recently
+        # used cached blocks are reused (evicted) first.
+        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._cached: dict[int, KVBlock] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def lookup(self, block_hash: int) -> KVBlock | None:
+        return self._cached.get(block_hash)
+
+    def take(self, n: int) -> list[KVBlock]:
+        """n fresh blocks from the front of the free queue, evicting their cached contents."""
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} blocks, {len(self._free)} free")
+        taken = []
+        for _ in range(n):
+            _, block = self._free.popitem(last=False)
+            if block.block_hash is not None:
+                del self._cached[block.block_hash]
+                block.block_hash = None
+            block.ref_count = 1
+            taken.append(block)
+        return taken
+
+    def share(self, block: KVBlock) -> None:
+        if block.ref_count == 0:
+            del self._free[block.block_id]
+        block.ref_count += 1
+
+    def release(self, block: KVBlock) -> None:
+        block.ref_count -= 1
+        if block.ref_count < 0:
+            raise RuntimeError(f"block {block.block_id} released more often than taken")
+        if block.ref_count == 0:
+            self._free[block.block_id] = block
+
+    def register(self, block: KVBlock, block_hash: int) -> None:
+        """Publish a full block in the prefix cache (first writer wins for a duplicate hash)."""
+        if block.block_hash is None and block_hash not in self._cached:
+            block.block_hash = block_hash
+            self._cached[block_hash] = block
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self._tables: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[int]] = {}  # chained hashes of the request's full blocks
+        self._num_registered: dict[str, int] = {}  # how many of those are published in the cache
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._tables.get(request_id, [])]
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _full_block_hashes(self, request: Request, num_tokens: int) -> list[int]:
+        """Hashes of the request's full blocks within its first num_tokens tokens (memoised)."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        num_full = num_tokens // bs
+        while len(hashes) < num_full:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, tuple(request.token_ids[i * bs : (i + 1) * bs])))
+        return hashes[:num_full]
+
+    def find_cached_prefix(self, request: Request) -> list[KVBlock]:
+        """The longest run of cached blocks matching the request's tokens. At least one token is
+        always left to compute, so the last block of a fully cached prompt is not reused."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for block_hash in self._full_block_hashes(request, max_blocks * self.block_size):
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits
+
+    def can_fit(self, num_tokens: int, cached: list[KVBlock] = ()) -> bool:
+        """Whether a new request with this many tokens could get all its blocks now."""
+        reusable_free = sum(1 for b in cached if b.ref_count == 0)
+        return self.blocks_needed(num_tokens) - len(cached) <= self.num_free_blocks - reusable_free
+
+    def allocate(self, request: Request, num_new_tokens: int, cached: list[KVBlock] = ()) -> bool:
+        """Give the request blocks for num_new_tokens more tokens; False (and no change) if short.
+        `cached` are prefix-cache hits for a request that has no blocks yet."""
+        table = self._tables.get(request.request_id, [])
+        reusable_free = sum(1 for b in cached if b.ref_count == 0)
+        total = request.num_computed_tokens + num_new_tokens
+        new_blocks = self.blocks_needed(total) - len(table) - len(cached)
+        if new_blocks > self.num_free_blocks - reusable_free:
+            return False
+        for block in cached:
+            self.pool.share(block)
+        table = self._tables.setdefault(request.request_id, [])
+        table.extend(cached)
+        if new_blocks > 0:
+            table.extend(self.pool.take(new_blocks))
+        if self.enable_prefix_caching:
+            # Blocks filled by this step are published now: the step writes their KV before any
+            # later step can read them.
+            hashes = self._full_block_hashes(request, total)
+            start = self._num_registered.get(request.request_id, 0)
+            for i in range(start, len(hashes)):
+                self.pool.register(table[i], hashes[i])
+            self._num_registered[request.request_id] = len(hashes)
+        return True
+
+    def free(self, request: Request) -> None:
+        """Return a request's blocks; tail first, so a shared prefix outlives its private suffix."""
+        for block in reversed(self._tables.pop(request.request_id, [])):
+            self.pool.release(block)
+        self._hashes.pop(request.request_id, None)
+        self._num_registered.pop(request.request_id, None)

@@ -1,0 +1,35 @@
+"""First come, first served."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from sutra.core.policies.base import Policy
+from sutra.core.request import Request
+
+
+class FCFSPolicy(Policy):
+    def __init__(self) -> None:
+        self._queue: deque[Request] = deque()
+
+    def add(self, request: Request) -> None:
+        self._queue.append(request)
+
+    def requeue(self, request: Request) -> None:
+        # A preempted request arrived before everything still waiting: it goes first.
+        self._queue.appendleft(request)
+
+    def peek(self) -> Request | None:
+        return self._queue[0] if self._queue else None
+
+    def pop(self) -> Request:
+        return self._queue.popleft()
+
+    def remove(self, request: Request) -> None:
+        self._queue.remove(request)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def running_order(self, running: list[Request]) -> list[Request]:
+        return sorted(running, key=lambda r: r.arrival_time)

@@ -1,0 +1,226 @@
+"""The token-budget scheduler (Sarathi-Serve stall-free batching), plain Python.
+
+There are no phases. Every request has `num_computed_tokens` and a known token sequence; each
+iteration hands out a budget of `max_num_batched_tokens` tokens. A decode is a 1-token slice, a
+prefill chunk a longer one, and a prefix-cache hit simply starts `num_computed_tokens` further on.
+
+Modes (the baselines are the same code with one switch, so benchmarks compare in one run):
+- sarathi: running decodes first, then partial prefills, then new requests; each chunk is
+  min(remaining prompt, leftover budget). Hybrid batches, no generation stalls.
+- no_chunking: Orca-like hybrid batches, but a prompt is admitted only whole.
+- prefill_first: vLLM-v0-like; an iteration with prompts to admit runs only prompts (whole), and
+  the running decodes wait for it.
+In the two baselines a prompt longer than the leftover budget is admitted only into an iteration
+that has admitted no other prompt yet, so a long prompt cannot starve.
+"""
+
+from __future__ import annotations
+
+from sutra.config import SchedulerConfig
+from sutra.core.kv_cache import KVCacheManager
+from sutra.core.output import CachedRequestData, NewRequestData, RunnerOutput, SchedulerOutput
+from sutra.core.policies import Policy, make_policy
+from sutra.core.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, policy: Policy | None = None
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.policy = policy or make_policy(config.policy)
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self.running: list[Request] = []
+        self._runner_blocks: dict[str, int] = {}  # requests whose state the runner holds -> its block count
+        self._finished_for_runner: list[str] = []
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if self.kv.blocks_needed(request.num_tokens + 1) > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"a prompt of {request.num_tokens} tokens needs more KV blocks than the cache has "
+                f"({self.kv.pool.num_blocks} blocks of {self.kv.block_size} tokens)"
+            )
+        self.requests[request.request_id] = request
+        self.policy.add(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """End a request early (abort, or a stop string found by the detokenizer)."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._finish(request, status)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.policy)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one iteration ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_for_runner)
+        self._finished_for_runner = []
+        scheduled: dict[Request, int] = {}
+        budget = self.config.max_num_batched_tokens
+
+        if self.config.mode == "prefill_first":
+            budget = self._admit_waiting(scheduled, budget)
+            if scheduled:
+                return self._emit(out, scheduled)
+
+        preempted = self._schedule_running(scheduled, budget, out)
+        if not preempted and self.config.mode != "prefill_first":
+            # Admitting while memory is short would only preempt again next iteration.
+            self._admit_waiting(scheduled, budget - sum(scheduled.values()))
+        return self._emit(out, scheduled)
+
+    def _schedule_running(self, scheduled: dict[Request, int], budget: int, out: SchedulerOutput) -> bool:
+        ordered = self.policy.running_order(self.running)
+        # Decodes go before partial prefills, so no decode ever waits behind a prompt.
+        ordered = [r for r in ordered if not r.is_prefilling] + [r for r in ordered if r.is_prefilling]
+        preempted = False
+        for request in ordered:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_uncomputed_tokens, budget)
+            if num_new <= 0:
+                continue
+            while not self.kv.allocate(request, num_new):
+                victim = self._pick_victim(request)
+                budget += scheduled.pop(victim, 0)
+                self._preempt(victim, out)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                scheduled[request] = num_new
+                budget -= num_new
+                self.policy.on_scheduled(request, num_new)
+        return preempted
+
+    def _admit_waiting(self, scheduled: dict[Request, int], budget: int) -> int:
+        admitted_any = False
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.policy.peek()
+            if request is None:
+                break
+            cached = self.kv.find_cached_prefix(request)
+            num_cached = len(cached) * self.kv.block_size
+            remaining = request.num_tokens - num_cached
+            if self.config.mode == "sarathi":
+                num_new = min(remaining, budget)
+            else:
+                num_new = remaining
+                if num_new > budget and admitted_any:
+                    break
+            # Admit only when the whole prompt's KV fits, so a chunked prompt never stalls half way.
+            if not self.kv.can_fit(request.num_tokens, cached):
+                break
+            request.num_computed_tokens = num_cached
+            if not self.kv.allocate(request, num_new, cached):
+                request.num_computed_tokens = 0
+                break
+            self.policy.pop()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request] = num_new
+            budget -= num_new
+            admitted_any = True
+            self.policy.on_scheduled(request, num_new)
+        return budget
+
+    def _pick_victim(self, needy: Request) -> Request:
+        """The least entitled running request other than `needy`; `needy` itself if it is alone."""
+        for candidate in reversed(self.policy.running_order(self.running)):
+            if candidate is not needy:
+                return candidate
+        return needy
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Preemption by recompute: drop the KV, requeue at the front; outputs so far are kept."""
+        self.kv.free(request)
+        self.running.remove(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.policy.requeue(request)
+        if self._runner_blocks.pop(request.request_id, None) is not None:
+            out.preempted_request_ids.append(request.request_id)
+
+    def _emit(self, out: SchedulerOutput, scheduled: dict[Request, int]) -> SchedulerOutput:
+        for request, num_tokens in scheduled.items():
+            rid = request.request_id
+            block_ids = self.kv.block_ids(rid)
+            known = self._runner_blocks.get(rid)
+            if known is None:
+                out.new_requests.append(
+                    NewRequestData(
+                        request_id=rid,
+                        token_ids=list(request.token_ids),
+                        num_prompt_tokens=request.num_prompt_tokens,
+                        block_ids=block_ids,
+                        num_computed_tokens=request.num_computed_tokens,
+                        sampling_params=request.sampling_params,
+                    )
+                )
+            else:
+                out.cached_requests.append(
+                    CachedRequestData(rid, block_ids[known:], request.num_computed_tokens)
+                )
+            self._runner_blocks[rid] = len(block_ids)
+            out.num_scheduled_tokens[rid] = num_tokens
+        return out
+
+    # ---- results ---------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, runner_out: RunnerOutput) -> list[Request]:
+        """Advance progress, append sampled tokens, apply token-level stops. Returns the requests
+        that got a new token (finished ones included)."""
+        updated = []
+        for rid, num_tokens in out.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += num_tokens
+            token = runner_out.sampled_token_ids.get(rid)
+            if token is None:
+                continue
+            request.append_token(token)
+            self.policy.on_generated(request, 1)
+            status = self._stop_status(request, token)
+            if status is not None:
+                self._finish(request, status)
+            updated.append(request)
+        return updated
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
+            request.stop_token_id = token
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.policy.remove(request)
+        request.status = status
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        if self._runner_blocks.pop(request.request_id, None) is not None:
+            self._finished_for_runner.append(request.request_id)

@@ -1,0 +1,175 @@
+"""LLMEngine: requests in, one scheduler iteration per step(), RequestOutputs out."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from sutra.config import EngineConfig
+from sutra.core.kv_cache import KVCacheManager
+from sutra.core.output import RunnerOutput
+from sutra.core.request import Request, RequestStatus
+from sutra.core.scheduler import Scheduler
+from sutra.engine.detokenizer import IncrementalDetokenizer
+from sutra.engine.runner import ModelRunner
+from sutra.errors import InvalidRequestError
+from sutra.model.loader import load_model
+from sutra.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from sutra.sampling_params import SamplingParams
+
+
+@dataclass
+class _Tracked:
+    """A user request; with n > 1 it fans out into n scheduler requests sharing the prompt."""
+
+    output: RequestOutput
+    child_ids: list[str]
+    detokenizers: list[IncrementalDetokenizer]
+    num_unfinished: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        loaded = load_model(config.model)
+        self.tokenizer = loaded.tokenizer
+        self.arch = loaded.arch
+        self.runner = ModelRunner(config, loaded)
+        self.max_model_len = self.runner.max_model_len
+        num_blocks = config.cache.num_blocks or max(
+            1, int(config.cache.kv_cache_memory_gb * 2**30) // self.runner.bytes_per_block()
+        )
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self._tracked: dict[str, _Tracked] = {}
+        self._child_to_parent: dict[str, tuple[str, int]] = {}
+
+    # ---- requests --------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the model's context length is {self.max_model_len} "
+                f"(at least one token must be left to generate)", param="prompt")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})",
+                                      param="prompt")
+        blocks = self.kv.blocks_needed(n + 1)
+        if blocks > self.kv.pool.num_blocks:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the KV cache holds only "
+                f"{self.kv.pool.num_blocks * self.kv.block_size}", param="prompt")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    client: str | None = None, priority: int = 0, arrival_time: float | None = None,
+                    prompt_token_ids: list[int] | None = None) -> None:
+        """Queue a request. Raises InvalidRequestError (and queues nothing) for bad input.
+        prompt_token_ids, if given, are the already tokenized text prompt."""
+        params = params or SamplingParams()
+        if request_id in self._tracked:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        prompt_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt)
+        self.validate(prompt_ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        output = RequestOutput(
+            request_id=request_id,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=prompt_ids,
+            outputs=[CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)
+                     for i in range(params.n)],
+            metrics=RequestMetrics(arrival_time=arrival),
+        )
+        self._tracked[request_id] = _Tracked(
+            output, child_ids, [IncrementalDetokenizer(self.tokenizer, prompt_ids, params) for _ in child_ids],
+            len(child_ids))
+        for i, child_id in enumerate(child_ids):
+            child_params = params if params.n == 1 else self._child_params(params, i)
+            self._child_to_parent[child_id] = (request_id, i)
+            self.scheduler.add_request(Request(
+                request_id=child_id, prompt_token_ids=prompt_ids, sampling_params=child_params,
+                eos_token_ids=self.eos_token_ids, arrival_time=arrival, client=client, priority=priority))
+
+    @staticmethod
+    def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+        # Each of the n samples needs its own stream; with a seed they stay reproducible.
+        seed = None if params.seed is None else params.seed * 1_000_003 + index
+        return dataclasses.replace(params, n=1, seed=seed)
+
+    def abort_request(self, request_id: str) -> None:
+        tracked = self._tracked.get(request_id)
+        if tracked is None:
+            return
+        for child_id in tracked.child_ids:
+            self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
+        self._finish_all(request_id, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._tracked)
+
+    # ---- one iteration ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler iteration; return the outputs of the requests that made progress."""
+        sched_out = self.scheduler.schedule()
+        runner_out = self.runner.execute(sched_out)
+        updated = self.scheduler.update_from_output(sched_out, runner_out)
+        now = time.monotonic()
+        touched: dict[str, RequestOutput] = {}
+        for request in updated:
+            parent_id, index = self._child_to_parent[request.request_id]
+            tracked = self._tracked[parent_id]
+            self._record_token(tracked, index, request, runner_out, now)
+            touched[parent_id] = tracked.output
+        return list(touched.values())
+
+    def _record_token(self, tracked: _Tracked, index: int, request: Request, runner_out: RunnerOutput,
+                      now: float) -> None:
+        out = tracked.output
+        completion = out.outputs[index]
+        token = request.token_ids[-1]
+        completion.token_ids.append(token)
+        if completion.logprobs is not None and request.request_id in runner_out.logprobs:
+            completion.logprobs.append(runner_out.logprobs[request.request_id])
+        m = out.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+            m.num_cached_tokens = request.num_cached_tokens
+        m.last_token_time = now
+        m.num_preemptions = max(m.num_preemptions, request.num_preemptions)
+        stop = tracked.detokenizers[index].add(completion, token)
+        if stop is not None and not request.status.finished:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+        if stop is not None:
+            completion.finish_reason, completion.stop_reason = "stop", stop
+        elif request.status.finished:
+            completion.finish_reason = request.status.finish_reason
+            completion.stop_reason = request.stop_token_id
+        if completion.finished:
+            self._child_to_parent.pop(request.request_id, None)
+            tracked.num_unfinished -= 1
+            if tracked.num_unfinished == 0:
+                out.finished = True
+                out.metrics.finished_time = now
+                del self._tracked[out.request_id]
+
+    def _finish_all(self, request_id: str, reason: str) -> None:
+        tracked = self._tracked.pop(request_id)
+        for child_id, completion in zip(tracked.child_ids, tracked.output.outputs, strict=True):
+            self._child_to_parent.pop(child_id, None)
+            if completion.finish_reason is None:
+                completion.finish_reason = reason
+        tracked.output.finished = True
+        tracked.output.metrics.finished_time = time.monotonic()

@@ -1,0 +1,126 @@
+"""Paged attention over a flattened batch that mixes decodes and prefill chunks (torch backend).
+
+The KV cache of a layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim].
+Gathering whole blocks (index_select over block ids) is ~10x faster on CPU than gathering token
+slots one by one. Decodes (query length 1) are batched into one attention call with the query
+heads that share a KV head folded together; prefill chunks run one call each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of the batch: query_len new tokens after num_computed cached ones."""
+
+    block_ids: list[int]
+    num_computed: int
+    query_len: int
+
+
+@dataclass
+class PrefillSlice:
+    start: int  # token range [start, end) in the flattened batch
+    end: int
+    context_len: int  # cached tokens + this chunk
+    block_ids: torch.Tensor | None  # blocks holding the context; None when the chunk is all of it
+    mask: torch.Tensor | None  # [query_len, context_len] allow-mask; None means plain causal
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot each new token's K/V is written to
+    num_decodes: int  # the first num_decodes tokens are 1-token slices
+    decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks]
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size]; None if all full
+    prefills: list[PrefillSlice]
+
+
+def build_metadata(slices: list[SeqSlice], block_size: int, device: torch.device) -> AttentionMetadata:
+    """Slices must list every 1-token slice first, in the order of the flattened batch."""
+    slots: list[int] = []
+    for s in slices:
+        for pos in range(s.num_computed, s.num_computed + s.query_len):
+            slots.append(s.block_ids[pos // block_size] * block_size + pos % block_size)
+    num_decodes = 0
+    while num_decodes < len(slices) and slices[num_decodes].query_len == 1:
+        num_decodes += 1
+    table = mask = None
+    if num_decodes:
+        decodes = slices[:num_decodes]
+        seq_lens = [s.num_computed + 1 for s in decodes]
+        max_blocks = -(-max(seq_lens) // block_size)
+        rows = [s.block_ids[: -(-n // block_size)] for s, n in zip(decodes, seq_lens, strict=True)]
+        table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.long)
+        if any(n != max_blocks * block_size for n in seq_lens):
+            lens = torch.tensor(seq_lens)
+            mask = (torch.arange(max_blocks * block_size)[None, :] < lens[:, None])[:, None, None, :]
+            mask = mask.to(device)
+        table = table.to(device)
+    prefills = []
+    start = num_decodes
+    for s in slices[num_decodes:]:
+        ctx = s.num_computed + s.query_len
+        block_ids = mask_ = None
+        if s.num_computed > 0:
+            block_ids = torch.tensor(s.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
+            q_pos = torch.arange(s.num_computed, ctx, device=device)
+            mask_ = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
+        prefills.append(PrefillSlice(start, start + s.query_len, ctx, block_ids, mask_))
+        start += s.query_len
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        num_decodes=num_decodes,
+        decode_block_table=table,
+        decode_mask=mask,
+        prefills=prefills,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Writes the new K/V into the cache, then attends. Returns [T, num_heads * head_dim]."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    d = meta.num_decodes
+    if d:
+        table = meta.decode_block_table
+        ctx = table.shape[1] * k_cache.shape[1]
+        kb = k_cache.index_select(0, table.view(-1)).view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        vb = v_cache.index_select(0, table.view(-1)).view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        # Fold the query heads of one KV head into the query-length axis: one GEMM-shaped call.
+        qd = q[:d].view(d, num_kv_heads, group, head_dim)
+        o = F.scaled_dot_product_attention(qd, kb, vb, attn_mask=meta.decode_mask, scale=scale)
+        out[:d] = o.reshape(d, num_heads, head_dim)
+    for p in meta.prefills:
+        qs = q[p.start : p.end]
+        n = p.end - p.start
+        if p.block_ids is None:
+            ks, vs = k[p.start : p.end], v[p.start : p.end]
+        else:
+            ks = k_cache.index_select(0, p.block_ids).view(-1, num_kv_heads, head_dim)[: p.context_len]
+            vs = v_cache.index_select(0, p.block_ids).view(-1, num_kv_heads, head_dim)[: p.context_len]
+        qh = qs.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        kh = ks.transpose(0, 1).unsqueeze(1).expand(num_kv_heads, group, p.context_len, head_dim)
+        vh = vs.transpose(0, 1).unsqueeze(1).expand(num_kv_heads, group, p.context_len, head_dim)
+        o = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=p.mask, is_causal=p.mask is None, scale=scale
+        )
+        out[p.start : p.end] = o.permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
+    return out.view(num_tokens, num_heads * head_dim)

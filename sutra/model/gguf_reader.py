@@ -1,0 +1,186 @@
+"""Read a llama.cpp GGUF file into a ModelArch and dequantized fp32 weights under Hugging Face Llama names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sutra.errors import ModelLoadError
+from sutra.model.arch import ModelArch
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def open_gguf(path: str | Path) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises bare ValueError/struct errors on a malformed file
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
+
+
+def field(reader: Any, key: str, default: Any = None) -> Any:
+    """A metadata value as a Python scalar, str or list; `default` when absent."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    from gguf import GGUFValueType
+
+    is_str = f.types[-1] == GGUFValueType.STRING  # types = [element type] or [ARRAY, element type]
+    values = [bytes(f.parts[i]).decode("utf-8") if is_str else f.parts[i].item() for i in f.data]
+    return values if f.types[0] == GGUFValueType.ARRAY else values[0]
+
+
+def architecture(reader: Any, path: str | Path) -> str:
+    arch = field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"GGUF architecture {arch!r} of {path} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def read_arch(reader: Any, path: str | Path) -> ModelArch:
+    a = architecture(reader, path)
+    if field(reader, f"{a}.expert_count", 0):
+        raise ModelLoadError(f"{path} is a mixture-of-experts model, which is not supported")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ModelLoadError(f"{path} has no token_embd.weight tensor")
+    num_heads = field(reader, f"{a}.attention.head_count")
+    hidden = field(reader, f"{a}.embedding_length")
+    head_dim = field(reader, f"{a}.attention.key_length", hidden // num_heads)
+    if field(reader, f"{a}.rope.dimension_count", head_dim) != head_dim:
+        raise ModelLoadError(f"{path} uses partial rotary embeddings, which are not supported")
+    theta = float(field(reader, f"{a}.rope.freq_base", 10000.0))
+    rope_freqs = tensors.get("rope_freqs.weight")
+    return ModelArch(
+        vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml lists dims innermost first
+        hidden_size=hidden,
+        intermediate_size=field(reader, f"{a}.feed_forward_length"),
+        num_layers=field(reader, f"{a}.block_count"),
+        num_heads=num_heads,
+        num_kv_heads=field(reader, f"{a}.attention.head_count_kv", num_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=_rope_scaling(reader, a, path, rope_freqs, theta, head_dim),
+        tie_word_embeddings="output.weight" not in tensors,
+        max_position_embeddings=field(reader, f"{a}.context_length", 4096),
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        name=Path(path).stem,
+    )
+
+
+def _rope_scaling(
+    reader: Any, a: str, path: str | Path, rope_freqs: Any, theta: float, head_dim: int
+) -> dict[str, Any] | None:
+    if rope_freqs is not None:
+        # llama.cpp stores Llama 3.x rope scaling as precomputed per-frequency factors, not parameters.
+        return infer_llama3_scaling(_dequantize(rope_freqs), theta, head_dim, path)
+    kind = field(reader, f"{a}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(field(reader, f"{a}.rope.scaling.factor"))}
+    raise ModelLoadError(f"{path} uses rope scaling {kind!r}; supported: linear, llama3")
+
+
+def llama3_freq_factors(
+    factor: float, low: float, high: float, orig: int, theta: float, head_dim: int
+) -> np.ndarray:
+    """The per-frequency divisors llama3 rope scaling applies (what llama.cpp writes as rope_freqs)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
+    return 1.0 / ((1 - smooth) / factor + smooth)
+
+
+def infer_llama3_scaling(
+    rope_freqs: np.ndarray, theta: float, head_dim: int, path: str | Path
+) -> dict[str, Any]:
+    factor = float(rope_freqs.max())
+    # Every released Llama 3.x model uses these; the factor varies (8 for 3.1, 32 for 3.2).
+    low, high, orig = 1.0, 4.0, 8192
+    expected = llama3_freq_factors(factor, low, high, orig, theta, head_dim)
+    if expected.shape != rope_freqs.shape or not np.allclose(expected, rope_freqs, rtol=1e-3):
+        raise ModelLoadError(f"{path} has rope_freqs factors that match no supported rope scaling")
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": orig,
+    }
+
+
+def read_weights(reader: Any, arch: ModelArch, path: str | Path) -> dict[str, torch.Tensor]:
+    """All weights, dequantized to fp32, with llama.cpp's rope row permutation of q/k undone."""
+    weights: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            continue
+        name = hf_name(tensor.name, path)
+        w = _dequantize(tensor)
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = unpermute_rope_rows(w, arch.num_heads)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = unpermute_rope_rows(w, arch.num_kv_heads)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        weights[name] = torch.from_numpy(
+            w if w.flags.writeable else w.copy()
+        )  # unquantized data view the mmap
+    return weights
+
+
+def hf_name(gguf_name: str, path: str | Path) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_TENSOR.fullmatch(gguf_name)
+    if m is None or m.group(2) not in _LAYER_NAMES:
+        raise ModelLoadError(f"{path} has a tensor {gguf_name!r} that a Llama model does not have")
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def _dequantize(tensor: Any) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    try:
+        w = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise ModelLoadError(f"GGUF tensor type {tensor.tensor_type.name} is not supported: {e}") from e
+    # Quantized data arrive as rows of bytes; the logical shape is ggml's dims, innermost first.
+    return w.reshape(tuple(int(d) for d in reversed(tensor.shape)))
+
+
+def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation (HF half-split rope layout -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `permute_rope_rows`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

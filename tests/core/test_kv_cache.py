@@ -1,0 +1,88 @@
+"""KV block accounting: every block returns to the pool after any mix of finish/abort/preempt."""
+
+from __future__ import annotations
+
+import random
+
+from sutra.core.kv_cache import BlockPool, KVCacheManager
+from sutra.core.request import RequestStatus
+from tests.core.fake_runner import FakeRunner, make_request, make_scheduler, step
+
+
+def test_pool_take_share_release():
+    pool = BlockPool(4)
+    a, b = pool.take(2)
+    assert pool.num_free_blocks == 2 and a.ref_count == 1
+    pool.share(a)
+    pool.release(a)
+    assert pool.num_free_blocks == 2
+    pool.release(a)
+    pool.release(b)
+    assert pool.num_free_blocks == 4
+
+
+def test_cached_blocks_are_evicted_lru():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    first = make_request(tokens=[1, 2, 3, 4, 5])
+    assert kv.allocate(first, 5)
+    kv.free(first)
+    assert kv.pool.num_cached_blocks == 2  # two full blocks published, all blocks free again
+    assert kv.num_free_blocks == 4
+    # A request with the same prefix reuses both blocks.
+    again = make_request(tokens=[1, 2, 3, 4, 9])
+    hits = kv.find_cached_prefix(again)
+    assert [b.block_hash for b in hits] == [b.block_hash for b in kv._tables.get(again.request_id, hits)]
+    assert len(hits) == 2
+    # Filling the pool with unrelated tokens evicts the cached blocks.
+    other = make_request(tokens=[7, 8, 9, 10, 11, 12, 13, 14])
+    assert kv.allocate(other, 8)
+    assert kv.pool.num_cached_blocks == 4 and kv.find_cached_prefix(again) == []
+
+
+def test_chained_hash_depends_on_prefix():
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    a = make_request(tokens=[1, 2, 3, 4, 5])
+    kv.allocate(a, 5)
+    # Same second block, different first block: no hit at all.
+    b = make_request(tokens=[9, 9, 3, 4, 5])
+    assert kv.find_cached_prefix(b) == []
+
+
+def test_allocation_failure_changes_nothing():
+    kv = KVCacheManager(num_blocks=2, block_size=4)
+    r = make_request(prompt_len=20)
+    assert not kv.allocate(r, 20)
+    assert kv.num_free_blocks == 2 and kv.block_ids(r.request_id) == []
+
+
+def test_random_mix_returns_every_block():
+    rng = random.Random(0)
+    scheduler, runner = make_scheduler(num_blocks=40, block_size=8, budget=64, max_seqs=16), FakeRunner()
+    shared = list(range(500, 532))
+    reqs = []
+    for _ in range(400):
+        if rng.random() < 0.3 and len(reqs) < 60:
+            prefix = shared if rng.random() < 0.5 else []
+            r = make_request(
+                tokens=prefix + [rng.randrange(10, 900) for _ in range(rng.randrange(1, 60))],
+                max_tokens=rng.randrange(1, 30),
+            )
+            scheduler.add_request(r)
+            reqs.append(r)
+        live = [r for r in reqs if not r.status.finished]
+        if live and rng.random() < 0.1:
+            scheduler.abort_requests([rng.choice(live).request_id])
+        step(scheduler, runner)
+        kv = scheduler.kv
+        in_use = sum(len(kv.block_ids(r.request_id)) for r in scheduler.running)
+        assert (
+            kv.num_free_blocks + len({b for r in scheduler.running for b in kv.block_ids(r.request_id)}) == 40
+        )
+        assert in_use >= 0
+    while scheduler.has_unfinished_requests():
+        step(scheduler, runner)
+    assert scheduler.num_preemptions > 0, "the mix should exercise preemption"
+    assert any(r.status is RequestStatus.FINISHED_ABORTED for r in reqs)
+    assert any(r.num_cached_tokens > 0 for r in reqs)
+    assert scheduler.kv.num_free_blocks == 40
+    assert all(b.ref_count == 0 for b in scheduler.kv.pool.blocks)

@@ -1,0 +1,310 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sutra.model.sampling import (
+    Sampler,
+    SamplingRequest,
+    apply_penalties,
+    inverse_cdf_sample,
+    token_counts,
+    top_k_top_p_window,
+)
+from sutra.sampling_params import SamplingParams
+
+
+def req(
+    prompt: list[int] | None = None,
+    output: list[int] | None = None,
+    generator: torch.Generator | None = None,
+    **params,
+) -> SamplingRequest:
+    if "seed" in params and generator is None:
+        generator = torch.Generator().manual_seed(params["seed"])
+    return SamplingRequest(SamplingParams(**params), prompt or [], output or [], generator)
+
+
+def log_probs(probs: list[float]) -> torch.Tensor:
+    return torch.tensor(probs).log()
+
+
+def draw_set(logits_row: torch.Tensor, draws: int = 3000, **params) -> set[int]:
+    """Tokens seen over many draws, taken as one batch of identical rows."""
+    torch.manual_seed(0)
+    out = Sampler()(logits_row.expand(draws, -1).contiguous(), [req(**params) for _ in range(draws)])
+    return set(out.token_ids)
+
+
+# ---- greedy --------------------------------------------------------------------------------------------
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.randn(16, 100, generator=torch.Generator().manual_seed(1))
+    out = Sampler()(logits, [req(temperature=0.0) for _ in range(16)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.logprobs == [None] * 16
+
+
+def test_greedy_ties_pick_lowest_id_and_top_k_one_is_greedy() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0], [5.0, 1.0, 5.0, 0.0]])
+    out = Sampler()(logits, [req(temperature=0.0), req(temperature=1.0, top_k=1)])
+    assert out.token_ids == [1, 0]
+
+
+# ---- penalties -----------------------------------------------------------------------------------------
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, -1.0]])
+    got = apply_penalties(logits, [req(prompt=[0], output=[1, 1], repetition_penalty=2.0)])
+    assert torch.equal(got, torch.tensor([[1.0, -4.0, 1.0, 0.5, -1.0]]))
+    assert torch.equal(logits, torch.tensor([[2.0, -2.0, 1.0, 0.5, -1.0]]))  # input untouched
+
+
+def test_presence_and_frequency_use_output_tokens_only() -> None:
+    logits = torch.zeros(1, 5)
+    r = req(prompt=[4, 4], output=[0, 0, 0, 2], presence_penalty=0.5, frequency_penalty=0.25)
+    got = apply_penalties(logits, [r])
+    assert torch.allclose(got, torch.tensor([[-(0.5 + 3 * 0.25), 0.0, -(0.5 + 0.25), 0.0, 0.0]]))
+
+
+def test_penalties_per_row_and_in_order() -> None:
+    logits = torch.tensor([[3.0, 1.0, -1.0], [3.0, 1.0, -1.0], [3.0, 1.0, -1.0]])
+    rows = [
+        req(output=[0, 2], repetition_penalty=1.5, frequency_penalty=1.0),
+        req(output=[0, 2]),  # no penalties: unchanged
+        req(prompt=[1], output=[2], presence_penalty=-1.0),
+    ]
+    got = apply_penalties(logits, rows)
+    # Repetition first (3/1.5, -1*1.5), then frequency on the output counts.
+    expected = torch.tensor([[2.0 - 1.0, 1.0, -1.5 - 1.0], [3.0, 1.0, -1.0], [3.0, 1.0, 0.0]])
+    assert torch.allclose(got, expected)
+
+
+def test_penalties_apply_under_greedy() -> None:
+    logits = torch.tensor([[2.0, 1.5, 0.0]])
+    out = Sampler()(logits, [req(output=[0], temperature=0.0, repetition_penalty=2.0)])
+    assert out.token_ids == [1]
+
+
+def test_token_counts_ignores_ids_outside_vocab() -> None:
+    counts = token_counts([[0, 0, 7, 2], [], [1]], torch.zeros(3, 4))
+    assert counts.tolist() == [[2, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]]
+
+
+# ---- filters -------------------------------------------------------------------------------------------
+
+
+def test_top_k_never_samples_outside_k_best() -> None:
+    logits = torch.tensor([0.5, 2.0, 1.0, 1.9, 0.0, 1.95])
+    assert draw_set(logits, top_k=3) == {1, 3, 5}
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p() -> None:
+    logits = log_probs([0.15, 0.5, 0.05, 0.3])
+    assert draw_set(logits, top_p=0.75) == {1, 3}
+    assert draw_set(logits, top_p=0.85) == {0, 1, 3}
+    assert draw_set(logits, top_p=0.1) == {1}
+
+
+def test_top_p_applies_to_top_k_renormalized_mass() -> None:
+    logits = log_probs([0.4, 0.3, 0.2, 0.1])
+    # After top-k 2 the masses are 4/7 and 3/7: p=0.5 keeps only the first (0.4 alone would not).
+    assert draw_set(logits, top_k=2, top_p=0.5) == {0}
+    assert draw_set(logits, top_p=0.5) == {0, 1}
+
+
+def test_min_p_is_relative_to_max_probability() -> None:
+    logits = log_probs([0.15, 0.5, 0.05, 0.3])
+    assert draw_set(logits, min_p=0.35) == {1, 3}
+    assert draw_set(logits, min_p=0.0) == {0, 1, 2, 3}
+
+
+def test_filters_compose_with_temperature() -> None:
+    logits = log_probs([0.15, 0.5, 0.05, 0.3])
+    # temperature 0.5 squares the odds: 0.25 / 0.09 / 0.0225 / 0.0025 normalised -> top-p 0.7 keeps 2.
+    assert draw_set(logits, temperature=0.5, top_p=0.7) == {1, 3}
+
+
+def reference_kept(row: torch.Tensor, k: int, p: float) -> set[int]:
+    """Top-k then top-p by a plain full sort in float64, ties at a cut kept."""
+    row = row.double()
+    if k > 0:
+        row = row.masked_fill(row < row.sort(descending=True).values[k - 1], float("-inf"))
+    probs = torch.softmax(row, -1)
+    vals, ids = probs.sort(descending=True)
+    before = vals.cumsum(-1) - vals
+    cut = vals[int((before < p - 1e-9).sum()) - 1]
+    return set(torch.nonzero(probs >= cut).flatten().tolist())
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.3])  # 0.3: flat rows whose top-p sets outgrow the first window
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_window_cuts_match_full_sort_reference_with_ties(scale: float, temperature: float) -> None:
+    # bf16 rounding gives many exact ties, as real model logits have.
+    logits = torch.randn(24, 3000, generator=torch.Generator().manual_seed(3)) * scale
+    logits = logits.bfloat16().float()
+    settings = [(k, p) for k in (0, 1, 7, 50, 1000) for p in (1.0, 0.9, 0.5, 0.05)][1:]
+    rows = [settings[i % len(settings)] for i in range(24)]
+    temps = torch.full((24, 1), temperature)
+    vals, ids = top_k_top_p_window(logits, temps, [k for k, _ in rows], [p for _, p in rows])
+    for i, (k, p) in enumerate(rows):
+        kept = set(ids[i][vals[i] > float("-inf")].tolist())
+        assert kept == reference_kept(logits[i] / temperature, k, p)
+
+
+def test_tied_logits_at_top_k_cut_are_kept_together() -> None:
+    logits = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0])
+    assert draw_set(logits, top_k=2) == {1, 2, 3}
+
+
+# ---- temperature ---------------------------------------------------------------------------------------
+
+
+def test_tiny_temperature_behaves_like_argmax() -> None:
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(4))
+    for t in (1e-3, 1e-12):
+        out = Sampler()(logits, [req(temperature=t) for _ in range(64)])
+        assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_empirical_distribution_matches_softmax() -> None:
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0, 0.2, -2.0])
+    for temperature in (1.0, 0.7):
+        torch.manual_seed(1234)
+        draws = 40_000
+        out = Sampler()(logits.expand(draws, -1).contiguous(), [req(temperature=temperature)] * draws)
+        observed = torch.bincount(torch.tensor(out.token_ids), minlength=8).double()
+        expected = torch.softmax(logits.double() / temperature, -1) * draws
+        chi2 = float(((observed - expected) ** 2 / expected).sum())
+        assert chi2 < 40.0  # 7 degrees of freedom: p < 1e-5 for a correct sampler
+
+
+def test_inverse_cdf_handles_unnormalised_and_zero_mass() -> None:
+    probs = torch.tensor([[0.0, 2.0, 0.0, 2.0, 0.0]] * 3)
+    u = torch.tensor([0.0, 0.4999, 0.9999999])
+    assert inverse_cdf_sample(probs, u).tolist() == [1, 1, 3]
+
+
+# ---- seeds ---------------------------------------------------------------------------------------------
+
+STEPS = 6
+
+
+def run_steps(logits: torch.Tensor, make_rows, target: int) -> list[int]:
+    """Tokens of row `target` over several steps, each row keeping its generator between steps."""
+    rows = make_rows()
+    sampler = Sampler()
+    torch.manual_seed(99)
+    return [sampler(logits, rows).token_ids[target] for _ in range(STEPS)]
+
+
+def seeded_row() -> SamplingRequest:
+    return req(seed=1234, temperature=0.9, top_p=0.95)
+
+
+def neighbours() -> list[SamplingRequest]:
+    return [
+        req(seed=7, top_k=20),
+        req(temperature=1.3),
+        req(temperature=0.0),
+        req(seed=8, min_p=0.05, logprobs=3),
+        req(top_p=0.5, presence_penalty=1.0, output=[1, 2]),
+        req(seed=9),
+        req(temperature=0.6, top_k=10),
+    ]
+
+
+def test_seeded_row_is_independent_of_batch() -> None:
+    vocab = 300
+    row = torch.randn(vocab, generator=torch.Generator().manual_seed(5))
+    others = torch.randn(7, vocab, generator=torch.Generator().manual_seed(6))
+
+    alone = run_steps(row.unsqueeze(0), lambda: [seeded_row()], 0)
+    batch = torch.cat([row.unsqueeze(0), others])
+    first = run_steps(batch, lambda: [seeded_row(), *neighbours()], 0)
+    order = [3, 0, 6, 2, 5, 1, 4]
+    shuffled = torch.cat([others[order[:4]], row.unsqueeze(0), others[order[4:]]])
+    middle = run_steps(
+        shuffled,
+        lambda: [*(neighbours()[i] for i in order[:4]), seeded_row(), *(neighbours()[i] for i in order[4:])],
+        4,
+    )
+    assert alone == first == middle
+    assert len(set(alone)) > 1  # really sampling, not collapsing to one token
+
+
+def test_seeded_row_same_when_a_wide_neighbour_changes_the_draw_branch() -> None:
+    row = torch.randn(1, 1000, generator=torch.Generator().manual_seed(11)) * 4
+    alone = run_steps(row, lambda: [req(seed=5, top_p=0.9)], 0)  # few kept tokens: sorted ids
+    batch = torch.cat([torch.zeros(1, 1000), row])  # a flat top-p 0.99 row: scatter to the vocab
+    together = run_steps(batch, lambda: [req(seed=6, top_p=0.99), req(seed=5, top_p=0.9)], 1)
+    assert alone == together
+    assert len(set(alone)) > 1
+
+
+def test_different_seeds_give_different_tokens() -> None:
+    logits = torch.zeros(1, 1000)
+    seqs = {tuple(run_steps(logits, lambda s=s: [req(seed=s)], 0)) for s in range(5)}
+    assert len(seqs) == 5
+
+
+def test_same_seed_repeats_across_samplers() -> None:
+    logits = torch.randn(2, 500, generator=torch.Generator().manual_seed(8))
+
+    def make() -> list[SamplingRequest]:
+        return [req(seed=42, temperature=1.0), req(seed=43, temperature=0.5, top_k=50)]
+
+    assert run_steps(logits, make, 0) == run_steps(logits, make, 0)
+    assert run_steps(logits, make, 1) == run_steps(logits, make, 1)
+
+
+# ---- logprobs ------------------------------------------------------------------------------------------
+
+
+def test_logprobs_are_of_raw_logits_with_ranks_and_sorted_top() -> None:
+    logits = torch.randn(4, 200, generator=torch.Generator().manual_seed(9)) * 3
+    rows = [
+        req(temperature=0.0, logprobs=5),
+        req(temperature=2.0, top_k=50, logprobs=20, repetition_penalty=1.7, output=[3, 4]),
+        req(temperature=1.0),
+        req(temperature=0.5, logprobs=0),
+    ]
+    torch.manual_seed(0)
+    out = Sampler()(logits, rows)
+    expected = torch.log_softmax(logits, -1)
+    assert out.logprobs[2] is None
+    for i in (0, 1, 3):
+        lp = out.logprobs[i]
+        assert lp is not None and lp.token_id == out.token_ids[i]
+        assert math.isclose(lp.logprob, float(expected[i, lp.token_id]), abs_tol=1e-6)
+        assert lp.rank == int((expected[i] > expected[i, lp.token_id]).sum()) + 1
+        n = rows[i].params.logprobs
+        assert len(lp.top) == n
+        assert [t for t, _ in lp.top] == (expected[i].topk(n).indices.tolist() if n else [])
+        for token, value in lp.top:
+            assert math.isclose(value, float(expected[i, token]), abs_tol=1e-6)
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+    assert out.logprobs[0].rank == 1
+
+
+# ---- batch shape ---------------------------------------------------------------------------------------
+
+
+def test_mixed_batch_keeps_greedy_rows_greedy() -> None:
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(10))
+    rows = [req(temperature=0.0) if i % 2 else req(temperature=1.0, top_k=3) for i in range(6)]
+    out = Sampler()(logits, rows)
+    for i, token in enumerate(out.token_ids):
+        if i % 2:
+            assert token == int(logits[i].argmax())
+        else:
+            assert token in logits[i].topk(3).indices.tolist()
+
+
+def test_rejects_mismatched_batch() -> None:
+    with pytest.raises(ValueError):
+        Sampler()(torch.zeros(2, 5), [req()])
