@@ -3,8 +3,8 @@
 Order per row: penalties -> (greedy argmax | temperature -> top-k -> top-p -> min-p -> sample), then
 logprobs of the raw logits for the rows that ask for them.
 
-Top-k/top-p rows are cut on a small window of their best tokens (one partial sort, sized by what the
-rows can keep), never a full-vocabulary sort unless ties spill past the window. Cuts are by value, so
+Top-k/top-p rows are cut on a small window of their best tokens (one partial sort); a full-vocabulary
+sort happens only when a cut spills past the windows tried (very flat rows). Cuts are by value, so
 tied tokens stay or go together. The draw is inverse-CDF in token-id order with one uniform per row,
 from the row's own generator when it has one: a seeded row gives the same tokens whatever batch it is
 in, and one uniform per row is far cheaper than a vocabulary of exponentials."""
@@ -124,7 +124,8 @@ def _column(values: list[float] | list[int], like: torch.Tensor) -> torch.Tensor
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
-    """Returns `logits` itself when no row has penalties, else a penalized copy."""
+    """Returns `logits` itself when no row has penalties, else a penalized copy. Only the (row, token)
+    pairs that occur are touched: a dense [rows, vocab] pass per penalty would cost far more."""
     rep_rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
     pf_rows = [
         i
@@ -135,44 +136,37 @@ def apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> to
         return logits
     logits = logits.clone()
     if rep_rows:
-        seen = token_counts(
-            [requests[i].prompt_token_ids + requests[i].output_token_ids for i in rep_rows], logits
-        )
-        pen = _column([requests[i].params.repetition_penalty for i in rep_rows], logits)
-        _update_rows(logits, rep_rows, lambda x: _repetition(x, seen > 0, pen))
+        # Duplicate pairs write the same value, so they need no dedup.
+        rows, ids = _token_pairs([requests[i].prompt_token_ids for i in rep_rows], rep_rows, logits)
+        out_rows, out_ids = _token_pairs([requests[i].output_token_ids for i in rep_rows], rep_rows, logits)
+        rows, ids = torch.cat([rows, out_rows]), torch.cat([ids, out_ids])
+        penalty = _per_row([r.params.repetition_penalty for r in requests], logits)[rows]
+        seen = logits[rows, ids]
+        logits[rows, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
     if pf_rows:
-        counts = token_counts([requests[i].output_token_ids for i in pf_rows], logits)
-        presence = _column([requests[i].params.presence_penalty for i in pf_rows], logits)
-        frequency = _column([requests[i].params.frequency_penalty for i in pf_rows], logits)
-        _update_rows(logits, pf_rows, lambda x: x - frequency * counts - presence * (counts > 0).to(x.dtype))
+        rows, ids = _token_pairs([requests[i].output_token_ids for i in pf_rows], pf_rows, logits)
+        vocab = logits.shape[1]
+        pairs, counts = torch.unique(rows * vocab + ids, return_counts=True)
+        rows, ids = pairs // vocab, pairs % vocab
+        presence = _per_row([r.params.presence_penalty for r in requests], logits)[rows]
+        frequency = _per_row([r.params.frequency_penalty for r in requests], logits)[rows]
+        logits[rows, ids] -= presence + frequency * counts.to(logits.dtype)
     return logits
 
 
-def _repetition(x: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    return torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
-
-
-def _update_rows(logits: torch.Tensor, rows: list[int], fn) -> None:
-    if len(rows) == logits.shape[0]:  # skip the gather/scatter copies when every row is affected
-        logits.copy_(fn(logits))
-        return
-    idx = torch.tensor(rows, device=logits.device)
-    logits[idx] = fn(logits[idx])
-
-
-def token_counts(token_lists: list[list[int]], like: torch.Tensor) -> torch.Tensor:
-    """[len(token_lists), vocab] occurrence counts, built with one scatter-add."""
-    vocab = like.shape[1]
-    counts = torch.zeros(len(token_lists), vocab, dtype=like.dtype, device=like.device)
-    lengths = torch.tensor([len(t) for t in token_lists])
-    if int(lengths.sum()) == 0:
-        return counts
+def _token_pairs(
+    token_lists: list[list[int]], rows: list[int], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (batch row, token id) of every listed token, dropping ids past the logits' vocabulary
+    (added tokens cannot be penalized)."""
     ids = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
-    keep = (ids >= 0) & (ids < vocab)  # ids past the logits' vocab (added tokens) cannot be penalized
-    rows, ids = rows[keep].to(like.device), ids[keep].to(like.device)
-    counts.index_put_((rows, ids), torch.ones_like(ids, dtype=like.dtype), accumulate=True)
-    return counts
+    row_ids = torch.repeat_interleave(torch.tensor(rows), torch.tensor([len(t) for t in token_lists]))
+    keep = (ids >= 0) & (ids < like.shape[1])
+    return row_ids[keep].to(like.device), ids[keep].to(like.device)
+
+
+def _per_row(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 # ---- filters ------------------------------------------------------------------------------------------
@@ -190,21 +184,33 @@ def top_k_top_p_window(
     p = _column(top_p, logits)
     p_only = any(k == vocab and tp < 1.0 for k, tp in zip(ks, top_p, strict=True))
     # Top-p without top-k normalizes by the whole row's mass: the only full pass besides the topk.
-    lse_full = torch.logsumexp(logits / temps, dim=-1, keepdim=True) if p_only else None
+    lse_full = _scaled_logsumexp(logits, temps) if p_only else None
     k_need = max([k + 1 for k in ks if k < vocab], default=0)  # +1: see `spilled` in _cut
     first = max(k_need, _FIRST_WINDOW if p_only else 0)
     # Temperature keeps the order, so the partial sort runs on the raw logits.
     for width in sorted({min(vocab, first), min(vocab, first * 16), vocab}):
         vals, ids = logits.topk(width, dim=-1)
-        vals, spilled = _cut(vals / temps, ks, k_on, p, lse_full)
+        vals, spilled = _cut(vals / temps, ks, k_on, p, any(tp < 1.0 for tp in top_p), lse_full)
         if not spilled:
             break
     kept = int((vals > float("-inf")).sum(dim=-1).max())  # kept tokens are a prefix of each row
     return vals[:, :kept], ids[:, :kept]
 
 
+def _scaled_logsumexp(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """logsumexp(logits / temps) with one full-size temporary instead of three."""
+    top = logits.amax(dim=-1, keepdim=True)
+    mass = (logits - top).div_(temps).exp_().sum(dim=-1, keepdim=True)
+    return top / temps + mass.log()
+
+
 def _cut(
-    vals: torch.Tensor, ks: list[int], k_on: torch.Tensor, p: torch.Tensor, lse_full: torch.Tensor | None
+    vals: torch.Tensor,
+    ks: list[int],
+    k_on: torch.Tensor,
+    p: torch.Tensor,
+    any_p: bool,
+    lse_full: torch.Tensor | None,
 ) -> tuple[torch.Tensor, bool]:
     """Applies the cuts to a descending window; also says whether a kept token may lie past it."""
     neg_inf = float("-inf")
@@ -212,8 +218,8 @@ def _cut(
     kth = vals.gather(1, torch.tensor(ks, device=vals.device).clamp(max=width).sub(1).unsqueeze(1))
     vals = vals.masked_fill(vals < torch.where(k_on, kth, neg_inf), neg_inf)
     spilled = k_on.squeeze(1) & (vals[:, -1] > neg_inf)  # ties at the k-th value run past the window
-    p_on = p < 1.0
-    if bool(p_on.any()):
+    if any_p:
+        p_on = p < 1.0
         lse = torch.logsumexp(vals, dim=-1, keepdim=True)
         if lse_full is not None:  # rows without top-k need the whole row's mass, not the window's
             lse = torch.where(k_on, lse, lse_full)

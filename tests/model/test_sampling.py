@@ -10,7 +10,6 @@ from sutra.model.sampling import (
     SamplingRequest,
     apply_penalties,
     inverse_cdf_sample,
-    token_counts,
     top_k_top_p_window,
 )
 from sutra.sampling_params import SamplingParams
@@ -90,9 +89,15 @@ def test_penalties_apply_under_greedy() -> None:
     assert out.token_ids == [1]
 
 
-def test_token_counts_ignores_ids_outside_vocab() -> None:
-    counts = token_counts([[0, 0, 7, 2], [], [1]], torch.zeros(3, 4))
-    assert counts.tolist() == [[2, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]]
+def test_penalties_ignore_ids_outside_vocab_and_count_repeats() -> None:
+    logits = torch.ones(2, 4)
+    rows = [
+        req(prompt=[9, 1], output=[0, 0, 7, 2, 2, 2], repetition_penalty=2.0, frequency_penalty=0.5),
+        req(output=[-1, 3], presence_penalty=1.0),
+    ]
+    got = apply_penalties(logits, rows)
+    expected = torch.tensor([[0.5 - 1.0, 0.5, 0.5 - 1.5, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    assert torch.allclose(got, expected)
 
 
 # ---- filters -------------------------------------------------------------------------------------------
@@ -171,16 +176,29 @@ def test_tiny_temperature_behaves_like_argmax() -> None:
         assert out.token_ids == logits.argmax(-1).tolist()
 
 
-def test_empirical_distribution_matches_softmax() -> None:
-    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0, 0.2, -2.0])
-    for temperature in (1.0, 0.7):
-        torch.manual_seed(1234)
-        draws = 40_000
-        out = Sampler()(logits.expand(draws, -1).contiguous(), [req(temperature=temperature)] * draws)
-        observed = torch.bincount(torch.tensor(out.token_ids), minlength=8).double()
-        expected = torch.softmax(logits.double() / temperature, -1) * draws
-        chi2 = float(((observed - expected) ** 2 / expected).sum())
-        assert chi2 < 40.0  # 7 degrees of freedom: p < 1e-5 for a correct sampler
+def chi_square(logits: torch.Tensor, expected_probs: torch.Tensor, draws: int = 40_000, **params) -> float:
+    torch.manual_seed(1234)
+    out = Sampler()(logits.expand(draws, -1).contiguous(), [req(**params)] * draws)
+    observed = torch.bincount(torch.tensor(out.token_ids), minlength=logits.shape[0]).double()
+    expected = expected_probs.double() * draws
+    support = expected > 0
+    assert observed[~support].sum() == 0
+    return float(((observed[support] - expected[support]) ** 2 / expected[support]).sum())
+
+
+LOGITS = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0, 0.2, -2.0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_empirical_distribution_matches_softmax(temperature: float) -> None:
+    expected = torch.softmax(LOGITS.double() / temperature, -1)
+    assert chi_square(LOGITS, expected, temperature=temperature) < 40.0  # 7 dof: p < 1e-5 if correct
+
+
+def test_empirical_distribution_after_top_k_is_renormalized_softmax() -> None:
+    top4 = LOGITS.double().masked_fill(LOGITS < LOGITS.topk(4).values[-1], float("-inf"))
+    expected = torch.softmax(top4 / 0.9, -1)
+    assert chi_square(LOGITS, expected, temperature=0.9, top_k=4) < 30.0  # 3 dof
 
 
 def test_inverse_cdf_handles_unnormalised_and_zero_mass() -> None:
