@@ -34,16 +34,28 @@ class SamplingParams:
         self._check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
         self._check(self.top_k >= -1, "top_k", "must be -1 (off), 0 (off) or >= 1", self.top_k)
         self._check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]", self.min_p)
-        self._check(self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0", self.repetition_penalty)
-        self._check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]",
-                    self.presence_penalty)
-        self._check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]",
-                    self.frequency_penalty)
+        self._check(
+            self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0", self.repetition_penalty
+        )
+        self._check(
+            -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty",
+            "must be in [-2, 2]",
+            self.presence_penalty,
+        )
+        self._check(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            "must be in [-2, 2]",
+            self.frequency_penalty,
+        )
         self._check(self.max_tokens >= 1, "max_tokens", "must be >= 1", self.max_tokens)
-        self._check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]",
-                    self.logprobs)
-        self._check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings",
-                    self.stop)
+        self._check(
+            self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]", self.logprobs
+        )
+        self._check(
+            all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop
+        )
 
     @staticmethod
     def _check(ok: bool, name: str, rule: str, value: object) -> None:

@@ -119,7 +119,9 @@ class KVCacheManager:
         num_full = num_tokens // bs
         while len(hashes) < num_full:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, tuple(request.token_ids[i * bs : (i + 1) * bs])))
+            hashes.append(
+                hash_block(hashes[-1] if hashes else None, tuple(request.token_ids[i * bs : (i + 1) * bs]))
+            )
         return hashes[:num_full]
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:

@@ -27,7 +27,9 @@ class IncrementalDetokenizer:
             return None
         searched_from = max(0, len(output.text) - self._stop_tail + 1)
         output.text += new_text
-        found = [(at, stop) for stop in self.params.stop if (at := output.text.find(stop, searched_from)) != -1]
+        found = [
+            (at, stop) for stop in self.params.stop if (at := output.text.find(stop, searched_from)) != -1
+        ]
         if not found:
             return None
         at, stop = min(found)

@@ -58,20 +58,33 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {n} tokens but the model's context length is {self.max_model_len} "
-                f"(at least one token must be left to generate)", param="prompt")
+                f"(at least one token must be left to generate)",
+                param="prompt",
+            )
         bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})",
-                                      param="prompt")
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})", param="prompt"
+            )
         blocks = self.kv.blocks_needed(n + 1)
         if blocks > self.kv.pool.num_blocks:
             raise InvalidRequestError(
                 f"the prompt has {n} tokens but the KV cache holds only "
-                f"{self.kv.pool.num_blocks * self.kv.block_size}", param="prompt")
+                f"{self.kv.pool.num_blocks * self.kv.block_size}",
+                param="prompt",
+            )
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    client: str | None = None, priority: int = 0, arrival_time: float | None = None,
-                    prompt_token_ids: list[int] | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        client: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
         """Queue a request. Raises InvalidRequestError (and queues nothing) for bad input.
         prompt_token_ids, if given, are the already tokenized text prompt."""
         params = params or SamplingParams()
@@ -85,19 +98,32 @@ class LLMEngine:
             request_id=request_id,
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=prompt_ids,
-            outputs=[CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)
-                     for i in range(params.n)],
+            outputs=[
+                CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)
+                for i in range(params.n)
+            ],
             metrics=RequestMetrics(arrival_time=arrival),
         )
         self._tracked[request_id] = _Tracked(
-            output, child_ids, [IncrementalDetokenizer(self.tokenizer, prompt_ids, params) for _ in child_ids],
-            len(child_ids))
+            output,
+            child_ids,
+            [IncrementalDetokenizer(self.tokenizer, prompt_ids, params) for _ in child_ids],
+            len(child_ids),
+        )
         for i, child_id in enumerate(child_ids):
             child_params = params if params.n == 1 else self._child_params(params, i)
             self._child_to_parent[child_id] = (request_id, i)
-            self.scheduler.add_request(Request(
-                request_id=child_id, prompt_token_ids=prompt_ids, sampling_params=child_params,
-                eos_token_ids=self.eos_token_ids, arrival_time=arrival, client=client, priority=priority))
+            self.scheduler.add_request(
+                Request(
+                    request_id=child_id,
+                    prompt_token_ids=prompt_ids,
+                    sampling_params=child_params,
+                    eos_token_ids=self.eos_token_ids,
+                    arrival_time=arrival,
+                    client=client,
+                    priority=priority,
+                )
+            )
 
     @staticmethod
     def _child_params(params: SamplingParams, index: int) -> SamplingParams:
@@ -135,8 +161,9 @@ class LLMEngine:
             touched[parent_id] = tracked.output
         return list(touched.values())
 
-    def _record_token(self, tracked: _Tracked, index: int, request: Request, runner_out: RunnerOutput,
-                      now: float) -> None:
+    def _record_token(
+        self, tracked: _Tracked, index: int, request: Request, runner_out: RunnerOutput, now: float
+    ) -> None:
         out = tracked.output
         completion = out.outputs[index]
         token = request.token_ids[-1]

@@ -37,12 +37,26 @@ class LLM:
         config: EngineConfig | None = None,
     ) -> None:
         self.config = config or EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
-                              num_threads=num_threads),
-            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                              kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      mode=mode, policy=policy),
+            model=ModelConfig(
+                model=model,
+                dtype=dtype,
+                device=device,
+                max_model_len=max_model_len,
+                seed=seed,
+                num_threads=num_threads,
+            ),
+            cache=CacheConfig(
+                block_size=block_size,
+                num_blocks=num_kv_blocks,
+                kv_cache_memory_gb=kv_cache_memory_gb,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                mode=mode,
+                policy=policy,
+            ),
         )
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer

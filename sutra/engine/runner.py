@@ -82,8 +82,10 @@ class ModelRunner:
         a = self.arch
         shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(a.num_layers)
         ]
 

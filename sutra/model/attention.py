@@ -97,7 +97,7 @@ def paged_attention(
     group = num_heads // num_kv_heads
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     d = meta.num_decodes
     if d:
         table = meta.decode_block_table
@@ -107,6 +107,8 @@ def paged_attention(
         # Fold the query heads of one KV head into the query-length axis: one GEMM-shaped call.
         qd = q[:d].view(d, num_kv_heads, group, head_dim)
         o = F.scaled_dot_product_attention(qd, kb, vb, attn_mask=meta.decode_mask, scale=scale)
+        if not meta.prefills:
+            return o.reshape(num_tokens, num_heads * head_dim)
         out[:d] = o.reshape(d, num_heads, head_dim)
     for p in meta.prefills:
         qs = q[p.start : p.end]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from sutra.model.arch import ModelArch
 from sutra.model.attention import AttentionMetadata, paged_attention
+from sutra.model.linear import Linear
 from sutra.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -18,11 +19,10 @@ class LlamaLayer:
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         self.input_norm = weights["input_layernorm"]
         self.post_norm = weights["post_attention_layernorm"]
-        self.qkv = weights["qkv"]
-        self.qkv_bias = weights.get("qkv_bias")
-        self.o = weights["o"]
-        self.gate_up = weights["gate_up"]
-        self.down = weights["down"]
+        self.qkv = Linear(weights["qkv"], weights.get("qkv_bias"))
+        self.o = Linear(weights["o"])
+        self.gate_up = Linear(weights["gate_up"])
+        self.down = Linear(weights["down"])
 
 
 class LlamaModel:
@@ -42,7 +42,7 @@ class LlamaModel:
         self.scale = arch.head_dim**-0.5
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         self.embed = w["model.embed_tokens.weight"]
-        self.lm_head = self.embed if arch.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = Linear(self.embed if arch.tie_word_embeddings else w["lm_head.weight"])
         self.norm = w["model.norm.weight"]
         self.layers = [self._fuse_layer(w, i) for i in range(arch.num_layers)]
         self.rope = RotaryEmbedding(
@@ -87,22 +87,24 @@ class LlamaModel:
         residual = hidden
         h = F.rms_norm(hidden, (a.hidden_size,), self.layers[0].input_norm, eps)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = apply_rotary(q.view(-1, a.num_heads, a.head_dim), cos, sin)
-            k = apply_rotary(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
-            v = v.view(-1, a.num_kv_heads, a.head_dim)
+            qkv = layer.qkv(h)
+            # q and k rotate together: one set of elementwise ops instead of two.
+            qk = apply_rotary(
+                qkv[:, : q_size + kv_size].view(-1, a.num_heads + a.num_kv_heads, a.head_dim), cos, sin
+            )
+            q, k = qk[:, : a.num_heads], qk[:, a.num_heads :]
+            v = qkv[:, q_size + kv_size :].view(-1, a.num_kv_heads, a.head_dim)
             attn = paged_attention(q, k, v, *kv_caches[i], meta, self.scale)
-            residual = residual + F.linear(attn, layer.o)
+            residual = residual + layer.o(attn)
             h = F.rms_norm(residual, (a.hidden_size,), layer.post_norm, eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            residual = residual + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            residual = residual + layer.down(F.silu(gate) * up)
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
             h = F.rms_norm(residual, (a.hidden_size,), next_norm, eps)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
 
 def random_weights(

@@ -77,9 +77,9 @@ def test_prefix_cache_hits_match_hf(make_llm, prompts, reference):
 
 
 def test_preemption_matches_hf(make_llm, prompts, reference):
-    # Too few blocks for every request at once: requests are preempted and recomputed.
-    longest = max(len(p) for p in prompts) + NEW_TOKENS
-    llm = make_llm(num_kv_blocks=longest // 16 + 12, enable_prefix_caching=False)
+    # Blocks for every prompt but not for their outputs: growing decodes preempt and recompute.
+    prompt_blocks = sum(-(-len(p) // 16) for p in prompts)
+    llm = make_llm(num_kv_blocks=prompt_blocks + 1, enable_prefix_caching=False)
     outs = _greedy(llm, prompts)
     _assert_matches(outs, reference)
     assert llm.engine.scheduler.num_preemptions > 0
