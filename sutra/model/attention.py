@@ -1,9 +1,10 @@
 """Paged attention over a flattened batch that mixes decodes and prefill chunks (torch backend).
 
 The KV cache of a layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim].
-Gathering whole blocks (index_select over block ids) is ~10x faster on CPU than gathering token
-slots one by one. Decodes (query length 1) are batched into one attention call with the query
-heads that share a KV head folded together; prefill chunks run one call each.
+Decodes (query length 1) run in one batched call: on CPU a C++ kernel that reads each cached row
+once from its block (cpu_kernels.py); elsewhere, or without a compiler, a torch path that gathers
+whole blocks (index_select over block ids, ~10x faster than gathering token slots) and folds the
+query heads that share a KV head into one SDPA call. Prefill chunks run one SDPA call each.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sutra.model.cpu_kernels import cpu_kernels
 
 
 @dataclass
@@ -37,6 +40,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot each new token's K/V is written to
     num_decodes: int  # the first num_decodes tokens are 1-token slices
     decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks]
+    decode_seq_lens: torch.Tensor | None  # [num_decodes] context length including the new token
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size]; None if all full
     prefills: list[PrefillSlice]
 
@@ -50,18 +54,18 @@ def build_metadata(slices: list[SeqSlice], block_size: int, device: torch.device
     num_decodes = 0
     while num_decodes < len(slices) and slices[num_decodes].query_len == 1:
         num_decodes += 1
-    table = mask = None
+    table = mask = lens = None
     if num_decodes:
         decodes = slices[:num_decodes]
         seq_lens = [s.num_computed + 1 for s in decodes]
         max_blocks = -(-max(seq_lens) // block_size)
         rows = [s.block_ids[: -(-n // block_size)] for s, n in zip(decodes, seq_lens, strict=True)]
         table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.long)
+        lens = torch.tensor(seq_lens)
         if any(n != max_blocks * block_size for n in seq_lens):
-            lens = torch.tensor(seq_lens)
             mask = (torch.arange(max_blocks * block_size)[None, :] < lens[:, None])[:, None, None, :]
             mask = mask.to(device)
-        table = table.to(device)
+        table, lens = table.to(device), lens.to(device)
     prefills = []
     start = num_decodes
     for s in slices[num_decodes:]:
@@ -77,6 +81,7 @@ def build_metadata(slices: list[SeqSlice], block_size: int, device: torch.device
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         num_decodes=num_decodes,
         decode_block_table=table,
+        decode_seq_lens=lens,
         decode_mask=mask,
         prefills=prefills,
     )
@@ -99,7 +104,15 @@ def paged_attention(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = q.new_empty(q.shape)
     d = meta.num_decodes
-    if d:
+    kernels = cpu_kernels() if q.device.type == "cpu" else None
+    if d and kernels is not None:
+        o = kernels.decode_attention(
+            q[:d], k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens, scale
+        )
+        if not meta.prefills:
+            return o.view(num_tokens, num_heads * head_dim)
+        out[:d] = o
+    elif d:
         table = meta.decode_block_table
         ctx = table.shape[1] * k_cache.shape[1]
         kb = k_cache.index_select(0, table.view(-1)).view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)

@@ -8,7 +8,9 @@ import random
 import pytest
 import torch
 
+from sutra.model import attention
 from sutra.model.attention import SeqSlice, build_metadata, paged_attention
+from sutra.model.cpu_kernels import cpu_kernels
 
 BLOCK = 4
 HEADS, KV_HEADS, DIM = 6, 2, 8
@@ -25,8 +27,18 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: in
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(q.shape[0], HEADS * DIM)
 
 
+@pytest.fixture(params=["torch", "cpu_kernel"])
+def backend(request, monkeypatch):
+    """Both decode paths: the C++ kernel (compiled on first use) and the pure-torch one."""
+    if request.param == "torch":
+        monkeypatch.setattr(attention, "cpu_kernels", lambda: None)
+    elif cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels could not be compiled here (see the logged warning)")
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mixed_batch_matches_dense_reference(seed):
+def test_mixed_batch_matches_dense_reference(seed, backend):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     num_blocks = 64
@@ -61,3 +73,22 @@ def test_mixed_batch_matches_dense_reference(seed):
     for s, ks in zip(slices, full_k, strict=True):
         last = s.num_computed + s.query_len - 1
         torch.testing.assert_close(k_cache[s.block_ids[last // BLOCK], last % BLOCK], ks[last])
+
+
+def test_bf16_decode_kernel_matches_torch_path(monkeypatch):
+    if cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels could not be compiled here (see the logged warning)")
+    torch.manual_seed(0)
+    k_cache = torch.randn(32, BLOCK, KV_HEADS, DIM, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    slices = [SeqSlice([3, 9, 1, 30, 7], 17, 1), SeqSlice([5], 0, 1), SeqSlice([11, 2], 6, 1)]
+    meta = build_metadata(slices, BLOCK, torch.device("cpu"))
+    q = torch.randn(3, HEADS, DIM, dtype=torch.bfloat16)
+    k, v = (
+        torch.randn(3, KV_HEADS, DIM, dtype=torch.bfloat16),
+        torch.randn(3, KV_HEADS, DIM, dtype=torch.bfloat16),
+    )
+    fast = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, DIM**-0.5)
+    monkeypatch.setattr(attention, "cpu_kernels", lambda: None)
+    slow = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, DIM**-0.5)
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
