@@ -10,7 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / "decode_attention.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "fused_ops.cpp")]
 
 
 @functools.cache

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sutra.model.arch import ModelArch
 from sutra.model.attention import AttentionMetadata, paged_attention
 from sutra.model.linear import Linear
+from sutra.model.ops import select_ops
 from sutra.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -45,6 +46,7 @@ class LlamaModel:
         self.lm_head = Linear(self.embed if arch.tie_word_embeddings else w["lm_head.weight"])
         self.norm = w["model.norm.weight"]
         self.layers = [self._fuse_layer(w, i) for i in range(arch.num_layers)]
+        self.ops = select_ops(device)
         self.rope = RotaryEmbedding(
             arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype, device
         )
@@ -83,9 +85,10 @@ class LlamaModel:
         eps = a.rms_norm_eps
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         cos, sin = self.rope.lookup(positions)
-        hidden = F.embedding(input_ids, self.embed)
-        residual = hidden
-        h = F.rms_norm(hidden, (a.hidden_size,), self.layers[0].input_norm, eps)
+        ops = self.ops
+        h, residual = ops.add_rms_norm(
+            F.embedding(input_ids, self.embed), None, self.layers[0].input_norm, eps
+        )
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(h)
             # q and k rotate together: one set of elementwise ops instead of two.
@@ -95,12 +98,10 @@ class LlamaModel:
             q, k = qk[:, : a.num_heads], qk[:, a.num_heads :]
             v = qkv[:, q_size + kv_size :].view(-1, a.num_kv_heads, a.head_dim)
             attn = paged_attention(q, k, v, *kv_caches[i], meta, self.scale)
-            residual = residual + layer.o(attn)
-            h = F.rms_norm(residual, (a.hidden_size,), layer.post_norm, eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            residual = residual + layer.down(F.silu(gate) * up)
+            h, residual = ops.add_rms_norm(layer.o(attn), residual, layer.post_norm, eps)
+            mlp = layer.down(ops.silu_and_mul(layer.gate_up(h)))
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
-            h = F.rms_norm(residual, (a.hidden_size,), next_norm, eps)
+            h, residual = ops.add_rms_norm(mlp, residual, next_norm, eps)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
