@@ -87,6 +87,14 @@ def build_metadata(slices: list[SeqSlice], block_size: int, device: torch.device
     )
 
 
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store the new tokens' K/V [T, num_kv_heads, head_dim] at their flat cache slots."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, num_heads, head_dim]
     k: torch.Tensor,  # [T, num_kv_heads, head_dim]
@@ -96,12 +104,12 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Writes the new K/V into the cache, then attends. Returns [T, num_heads * head_dim]."""
+    """Attends over the cache, which already holds the new K/V (see write_kv). k and v are the new
+    tokens' own, used directly by prefill chunks that have no cached context.
+    Returns [T, num_heads * head_dim]."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = q.new_empty(q.shape)
     d = meta.num_decodes
     kernels = cpu_kernels() if q.device.type == "cpu" else None

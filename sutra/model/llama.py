@@ -13,7 +13,7 @@ from sutra.model.arch import ModelArch
 from sutra.model.attention import AttentionMetadata, paged_attention
 from sutra.model.linear import Linear
 from sutra.model.ops import select_ops
-from sutra.model.rope import RotaryEmbedding, apply_rotary
+from sutra.model.rope import RotaryEmbedding
 
 
 class LlamaLayer:
@@ -83,21 +83,17 @@ class LlamaModel:
         """input_ids, positions: [T]. Returns the final hidden states [T, hidden]."""
         a = self.arch
         eps = a.rms_norm_eps
-        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        cos, sin = self.rope.lookup(positions)
         ops = self.ops
+        rotary = ops.rotary_inputs(self.rope, positions)
         h, residual = ops.add_rms_norm(
             F.embedding(input_ids, self.embed), None, self.layers[0].input_norm, eps
         )
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(h)
-            # q and k rotate together: one set of elementwise ops instead of two.
-            qk = apply_rotary(
-                qkv[:, : q_size + kv_size].view(-1, a.num_heads + a.num_kv_heads, a.head_dim), cos, sin
+            k_cache, v_cache = kv_caches[i]
+            q, k, v = ops.rotary_and_cache(
+                layer.qkv(h), rotary, k_cache, v_cache, meta.slot_mapping, a.num_heads
             )
-            q, k = qk[:, : a.num_heads], qk[:, a.num_heads :]
-            v = qkv[:, q_size + kv_size :].view(-1, a.num_kv_heads, a.head_dim)
-            attn = paged_attention(q, k, v, *kv_caches[i], meta, self.scale)
+            attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
             h, residual = ops.add_rms_norm(layer.o(attn), residual, layer.post_norm, eps)
             mlp = layer.down(ops.silu_and_mul(layer.gate_up(h)))
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm

@@ -6,10 +6,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sutra.model.attention import write_kv
 from sutra.model.cpu_kernels import cpu_kernels
+from sutra.model.rope import RotaryEmbedding, apply_rotary
+
+Rotary = tuple[torch.Tensor, ...]  # whatever a backend needs per step to rotate, looked up once
 
 
 class TorchOps:
+    @staticmethod
+    def rotary_inputs(rope: RotaryEmbedding, positions: torch.Tensor) -> Rotary:
+        return rope.lookup(positions)
+
+    @staticmethod
+    def rotary_and_cache(
+        qkv: torch.Tensor,
+        rotary: Rotary,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+    ) -> tuple[torch.Tensor, ...]:
+        """Split the fused projection, rotate q and k, store k and v in the cache: (q, k, v)."""
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        qk_size = (num_heads + num_kv_heads) * head_dim
+        # q and k rotate together: one set of elementwise ops instead of two.
+        qk = apply_rotary(qkv[:, :qk_size].view(-1, num_heads + num_kv_heads, head_dim), *rotary)
+        q, k = qk[:, :num_heads], qk[:, num_heads:]
+        v = qkv[:, qk_size:].view(-1, num_kv_heads, head_dim)
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q, k, v
+
     @staticmethod
     def add_rms_norm(
         x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
@@ -27,6 +54,28 @@ class TorchOps:
 class CpuKernelOps:
     def __init__(self) -> None:
         self.kernels = cpu_kernels()
+
+    @staticmethod
+    def rotary_inputs(rope: RotaryEmbedding, positions: torch.Tensor) -> Rotary:
+        return rope.cos, rope.sin, positions
+
+    def rotary_and_cache(
+        self,
+        qkv: torch.Tensor,
+        rotary: Rotary,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+    ) -> tuple[torch.Tensor, ...]:
+        cos, sin, positions = rotary
+        self.kernels.rotary_and_cache(qkv, cos, sin, positions, k_cache, v_cache, slot_mapping, num_heads)
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q = qkv[:, :q_size].view(-1, num_heads, head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
+        v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
+        return q, k, v
 
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float

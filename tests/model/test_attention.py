@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sutra.model import attention
-from sutra.model.attention import SeqSlice, build_metadata, paged_attention
+from sutra.model.attention import SeqSlice, build_metadata, paged_attention, write_kv
 from sutra.model.cpu_kernels import cpu_kernels
 
 BLOCK = 4
@@ -63,6 +63,7 @@ def test_mixed_batch_matches_dense_reference(seed, backend):
     v_new = torch.cat([vs[c:] for vs, (c, _) in zip(full_v, shapes, strict=True)])
     meta = build_metadata(slices, BLOCK, torch.device("cpu"))
     assert meta.num_decodes == 3
+    write_kv(k_new, v_new, k_cache, v_cache, meta.slot_mapping)
     out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, DIM**-0.5)
     start = 0
     for (cached, new), ks, vs in zip(shapes, full_k, full_v, strict=True):
@@ -88,7 +89,8 @@ def test_bf16_decode_kernel_matches_torch_path(monkeypatch):
         torch.randn(3, KV_HEADS, DIM, dtype=torch.bfloat16),
         torch.randn(3, KV_HEADS, DIM, dtype=torch.bfloat16),
     )
-    fast = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, DIM**-0.5)
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    fast = paged_attention(q, k, v, k_cache, v_cache, meta, DIM**-0.5)
     monkeypatch.setattr(attention, "cpu_kernels", lambda: None)
-    slow = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), meta, DIM**-0.5)
+    slow = paged_attention(q, k, v, k_cache, v_cache, meta, DIM**-0.5)
     torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)

@@ -63,6 +63,7 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_table.size(1);
   const int64_t row_len = num_kv_heads * head_dim;  // one token's K (or V) for all KV heads
   const T* qp = q.data_ptr<T>();
+  const int64_t q_stride = q.stride(0);
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
   const int64_t* table = block_table.data_ptr<int64_t>();
@@ -76,7 +77,7 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
       const int64_t len = lens[seq];
       const int64_t* blocks = table + seq * max_blocks;
       scores.resize(num_heads * len);
-      to_float(qp + seq * num_heads * head_dim, qf.data(), num_heads * head_dim);
+      to_float(qp + seq * q_stride, qf.data(), num_heads * head_dim);
       for (auto& x : qf) x *= fscale;
       for (int64_t t = 0; t < len; ++t) {
         const int64_t off = (blocks[t / block_size] * block_size + t % block_size) * row_len;
@@ -114,10 +115,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the KV cache must have one dtype");
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of KV heads");
-  auto qc = q.contiguous();
+  // Rows may be strided (q is a view into the fused qkv projection); within a row heads are dense.
+  auto qc = (q.stride(2) == 1 && q.stride(1) == q.size(2)) ? q : q.contiguous();
   auto table = block_table.to(at::kLong).contiguous();
   auto lens = seq_lens.to(at::kLong).contiguous();
-  auto out = at::empty_like(qc);
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   switch (q.scalar_type()) {
     case at::kBFloat16: decode_attention_kernel<at::BFloat16>(qc, k_cache, v_cache, table, lens, out, scale); break;
     case at::kHalf: decode_attention_kernel<at::Half>(qc, k_cache, v_cache, table, lens, out, scale); break;

@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -48,6 +50,35 @@ void silu_and_mul_kernel(const T* in, T* out, int64_t rows, int64_t dim) {
   });
 }
 
+// qkv: [T, (H + 2 * KVH) * D], rows may be strided. Rotates q and k in place (HF rotate-half layout)
+// with the cos/sin tables [max_pos, D / 2] at each token's position, and copies k and v into the
+// caches [blocks, block_size, KVH, D] at the token's flat slot.
+template <typename T>
+void rotary_cache_kernel(T* qkv, int64_t row_stride, const T* cos, const T* sin, const int64_t* positions,
+                         const int64_t* slots, T* k_cache, T* v_cache, int64_t tokens, int64_t heads,
+                         int64_t kv_heads, int64_t dim) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      T* row = qkv + t * row_stride;
+      const T* c = cos + positions[t] * half;
+      const T* s = sin + positions[t] * half;
+      for (int64_t h = 0; h < heads + kv_heads; ++h) {
+        T* x = row + h * dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + half]);
+          const float ci = static_cast<float>(c[i]), si = static_cast<float>(s[i]);
+          x[i] = static_cast<T>(x1 * ci - x2 * si);
+          x[i + half] = static_cast<T>(x2 * ci + x1 * si);
+        }
+      }
+      const int64_t kv_len = kv_heads * dim;
+      std::memcpy(k_cache + slots[t] * kv_len, row + heads * dim, kv_len * sizeof(T));
+      std::memcpy(v_cache + slots[t] * kv_len, row + (heads + kv_heads) * dim, kv_len * sizeof(T));
+    }
+  });
+}
+
 template <typename F>
 void dispatch(const at::Tensor& t, const char* name, F&& f) {
   switch (t.scalar_type()) {
@@ -83,9 +114,28 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+void rotary_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, int64_t num_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [tokens, width] with contiguous rows");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "caches and rotary tables must be contiguous");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "positions and slots are int64");
+  const int64_t kv_heads = k_cache.size(2), dim = k_cache.size(3);
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * kv_heads) * dim, "qkv width does not match the heads");
+  auto pos = positions.contiguous();
+  auto slot = slots.contiguous();
+  dispatch(qkv, "rotary_and_cache", [&](auto tag) {
+    using T = decltype(tag);
+    rotary_cache_kernel<T>(qkv.data_ptr<T>(), qkv.stride(0), cos.data_ptr<T>(), sin.data_ptr<T>(),
+                           pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), k_cache.data_ptr<T>(),
+                           v_cache.data_ptr<T>(), qkv.size(0), num_heads, kv_heads, dim);
+  });
+}
+
 }  // namespace
 
 void register_fused_ops(pybind11::module& m) {
   m.def("add_rms_norm", &add_rms_norm, "in-place residual add + RMSNorm");
   m.def("silu_and_mul", &silu_and_mul, "SwiGLU activation");
+  m.def("rotary_and_cache", &rotary_and_cache, "in-place RoPE on q and k, then K/V into the paged cache");
 }
