@@ -12,7 +12,7 @@ import torch
 
 from sutra.config import EngineConfig
 from sutra.core.output import RunnerOutput, SchedulerOutput
-from sutra.model.attention import SeqSlice, build_metadata
+from sutra.model.attention import SeqSlice, build_metadata, kv_cache_shapes
 from sutra.model.llama import LlamaModel
 from sutra.model.loader import LoadedModel
 from sutra.model.sampling import Sampler, SamplingRequest
@@ -80,11 +80,11 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.arch
-        shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        k_shape, v_shape = kv_cache_shapes(num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(k_shape, dtype=self.dtype, device=self.device),
+                torch.zeros(v_shape, dtype=self.dtype, device=self.device),
             )
             for _ in range(a.num_layers)
         ]

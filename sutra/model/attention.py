@@ -1,6 +1,8 @@
 """Paged attention over a flattened batch that mixes decodes and prefill chunks (torch backend).
 
-The KV cache of a layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim].
+The KV cache of a layer is a pair of tensors: K [num_blocks, num_kv_heads, head_dim, block_size]
+(each block transposed, so a decode scores a whole block per vector op) and V [num_blocks,
+block_size, num_kv_heads, head_dim].
 Decodes (query length 1) run in one batched call: on CPU a C++ kernel that reads each cached row
 once from its block (cpu_kernels.py); elsewhere, or without a compiler, a torch path that gathers
 whole blocks (index_select over block ids, ~10x faster than gathering token slots) and folds the
@@ -87,20 +89,37 @@ def build_metadata(slices: list[SeqSlice], block_size: int, device: torch.device
     )
 
 
+def kv_cache_shapes(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+) -> tuple[tuple, tuple]:
+    return (num_blocks, num_kv_heads, head_dim, block_size), (num_blocks, block_size, num_kv_heads, head_dim)
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store the new tokens' K/V [T, num_kv_heads, head_dim] at their flat cache slots."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    block_size = v_cache.shape[1]
+    k_cache[slot_mapping // block_size, :, :, slot_mapping % block_size] = k
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """K and V of whole blocks as [len(block_ids) * block_size, num_kv_heads, head_dim] each."""
+    _, num_kv_heads, head_dim, _ = k_cache.shape
+    k = k_cache.index_select(0, block_ids).permute(0, 3, 1, 2).reshape(-1, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)
+    return k, v
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, num_heads, head_dim]
     k: torch.Tensor,  # [T, num_kv_heads, head_dim]
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_dim, block_size]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
@@ -122,9 +141,10 @@ def paged_attention(
         out[:d] = o
     elif d:
         table = meta.decode_block_table
-        ctx = table.shape[1] * k_cache.shape[1]
-        kb = k_cache.index_select(0, table.view(-1)).view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
-        vb = v_cache.index_select(0, table.view(-1)).view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        ctx = table.shape[1] * v_cache.shape[1]
+        kb, vb = gather_kv(k_cache, v_cache, table.view(-1))
+        kb = kb.view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
+        vb = vb.view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
         # Fold the query heads of one KV head into the query-length axis: one GEMM-shaped call.
         qd = q[:d].view(d, num_kv_heads, group, head_dim)
         o = F.scaled_dot_product_attention(qd, kb, vb, attn_mask=meta.decode_mask, scale=scale)
@@ -137,8 +157,8 @@ def paged_attention(
         if p.block_ids is None:
             ks, vs = k[p.start : p.end], v[p.start : p.end]
         else:
-            ks = k_cache.index_select(0, p.block_ids).view(-1, num_kv_heads, head_dim)[: p.context_len]
-            vs = v_cache.index_select(0, p.block_ids).view(-1, num_kv_heads, head_dim)[: p.context_len]
+            ks, vs = gather_kv(k_cache, v_cache, p.block_ids)
+            ks, vs = ks[: p.context_len], vs[: p.context_len]
         qh = qs.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         kh = ks.transpose(0, 1).unsqueeze(1).expand(num_kv_heads, group, p.context_len, head_dim)
         vh = vs.transpose(0, 1).unsqueeze(1).expand(num_kv_heads, group, p.context_len, head_dim)

@@ -28,7 +28,7 @@ class TorchOps:
         num_heads: int,
     ) -> tuple[torch.Tensor, ...]:
         """Split the fused projection, rotate q and k, store k and v in the cache: (q, k, v)."""
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        num_kv_heads, head_dim = v_cache.shape[2], v_cache.shape[3]
         qk_size = (num_heads + num_kv_heads) * head_dim
         # q and k rotate together: one set of elementwise ops instead of two.
         qk = apply_rotary(qkv[:, :qk_size].view(-1, num_heads + num_kv_heads, head_dim), *rotary)
@@ -70,7 +70,7 @@ class CpuKernelOps:
     ) -> tuple[torch.Tensor, ...]:
         cos, sin, positions = rotary
         self.kernels.rotary_and_cache(qkv, cos, sin, positions, k_cache, v_cache, slot_mapping, num_heads)
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        num_kv_heads, head_dim = v_cache.shape[2], v_cache.shape[3]
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         q = qkv[:, :q_size].view(-1, num_heads, head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)

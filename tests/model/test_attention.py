@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from sutra.model import attention
-from sutra.model.attention import SeqSlice, build_metadata, paged_attention, write_kv
+from sutra.model.attention import (
+    SeqSlice,
+    build_metadata,
+    gather_kv,
+    kv_cache_shapes,
+    paged_attention,
+    write_kv,
+)
 from sutra.model.cpu_kernels import cpu_kernels
 
 BLOCK = 4
@@ -37,31 +44,33 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mixed_batch_matches_dense_reference(seed, backend):
+@pytest.mark.parametrize("seed,block", [(0, 4), (1, 4), (2, 16), (3, 16)])
+def test_mixed_batch_matches_dense_reference(seed, block, backend):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     num_blocks = 64
-    k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, DIM)
-    v_cache = torch.zeros_like(k_cache)
+    k_shape, v_shape = kv_cache_shapes(num_blocks, block, KV_HEADS, DIM)
+    k_cache, v_cache = torch.zeros(k_shape), torch.zeros(v_shape)
     free = list(range(num_blocks))
     rng.shuffle(free)
     # (cached tokens, new tokens): decodes first, then a fresh prompt and chunks after cached context.
     shapes = [(rng.randrange(0, 20), 1) for _ in range(3)] + [(0, 9), (7, 5), (12, 1 + rng.randrange(1, 6))]
     slices, full_k, full_v = [], [], []
     for cached, new in shapes:
-        blocks = [free.pop() for _ in range(-(-(cached + new) // BLOCK))]
+        blocks = [free.pop() for _ in range(-(-(cached + new) // block))]
         ks, vs = torch.randn(cached + new, KV_HEADS, DIM), torch.randn(cached + new, KV_HEADS, DIM)
-        for pos in range(cached):  # earlier steps wrote the cached part
-            k_cache[blocks[pos // BLOCK], pos % BLOCK] = ks[pos]
-            v_cache[blocks[pos // BLOCK], pos % BLOCK] = vs[pos]
+        # Earlier steps wrote the cached part.
+        slots = torch.tensor(
+            [blocks[pos // block] * block + pos % block for pos in range(cached)], dtype=torch.long
+        )
+        write_kv(ks[:cached], vs[:cached], k_cache, v_cache, slots)
         slices.append(SeqSlice(blocks, cached, new))
         full_k.append(ks)
         full_v.append(vs)
     q = torch.randn(sum(n for _, n in shapes), HEADS, DIM)
     k_new = torch.cat([ks[c:] for ks, (c, _) in zip(full_k, shapes, strict=True)])
     v_new = torch.cat([vs[c:] for vs, (c, _) in zip(full_v, shapes, strict=True)])
-    meta = build_metadata(slices, BLOCK, torch.device("cpu"))
+    meta = build_metadata(slices, block, torch.device("cpu"))
     assert meta.num_decodes == 3
     write_kv(k_new, v_new, k_cache, v_cache, meta.slot_mapping)
     out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, DIM**-0.5)
@@ -70,18 +79,20 @@ def test_mixed_batch_matches_dense_reference(seed, backend):
         expected = _reference(q[start : start + new], ks, vs, cached)
         torch.testing.assert_close(out[start : start + new], expected, rtol=1e-5, atol=1e-5)
         start += new
-    # The new K/V landed in the cache at their slots.
-    for s, ks in zip(slices, full_k, strict=True):
-        last = s.num_computed + s.query_len - 1
-        torch.testing.assert_close(k_cache[s.block_ids[last // BLOCK], last % BLOCK], ks[last])
+    # Every K/V landed in the cache at its slot.
+    for s, ks, vs in zip(slices, full_k, full_v, strict=True):
+        cached_k, cached_v = gather_kv(k_cache, v_cache, torch.tensor(s.block_ids))
+        n = s.num_computed + s.query_len
+        torch.testing.assert_close(cached_k[:n], ks)
+        torch.testing.assert_close(cached_v[:n], vs)
 
 
 def test_bf16_decode_kernel_matches_torch_path(monkeypatch):
     if cpu_kernels() is None:
         pytest.skip("the C++ CPU kernels could not be compiled here (see the logged warning)")
     torch.manual_seed(0)
-    k_cache = torch.randn(32, BLOCK, KV_HEADS, DIM, dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
+    k_shape, v_shape = kv_cache_shapes(32, BLOCK, KV_HEADS, DIM)
+    k_cache, v_cache = torch.randn(k_shape, dtype=torch.bfloat16), torch.randn(v_shape, dtype=torch.bfloat16)
     slices = [SeqSlice([3, 9, 1, 30, 7], 17, 1), SeqSlice([5], 0, 1), SeqSlice([11, 2], 6, 1)]
     meta = build_metadata(slices, BLOCK, torch.device("cpu"))
     q = torch.randn(3, HEADS, DIM, dtype=torch.bfloat16)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sutra.model.attention import gather_kv, kv_cache_shapes
 from sutra.model.cpu_kernels import cpu_kernels
 from sutra.model.ops import CpuKernelOps, TorchOps
 from sutra.model.rope import RotaryEmbedding
@@ -26,12 +27,15 @@ def test_rotary_and_cache(dtype):
     qkv = torch.randn(5, (HEADS + 2 * KV_HEADS) * DIM, dtype=dtype)
     results = []
     for ops in (TorchOps(), CpuKernelOps()):
-        caches = torch.zeros(8, 8, KV_HEADS, DIM, dtype=dtype), torch.zeros(8, 8, KV_HEADS, DIM, dtype=dtype)
+        k_shape, v_shape = kv_cache_shapes(8, 8, KV_HEADS, DIM)
+        caches = torch.zeros(k_shape, dtype=dtype), torch.zeros(v_shape, dtype=dtype)
         q, k, v = ops.rotary_and_cache(qkv.clone(), ops.rotary_inputs(rope, positions), *caches, slots, HEADS)
         results.append((q, k, v, *caches))
     for expected, got in zip(*results, strict=True):
         torch.testing.assert_close(got.float(), expected.float(), **TOL[dtype])
-    assert results[1][3].view(-1, KV_HEADS, DIM)[slots].abs().sum() > 0
+    cached_k, cached_v = gather_kv(*results[1][3:], torch.arange(8))
+    torch.testing.assert_close(cached_k[slots].float(), results[1][1].float())
+    torch.testing.assert_close(cached_v[slots].float(), results[1][2].float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,6 +1,6 @@
-// Paged decode attention for CPU: one query token per sequence, reading each cached K/V row once,
-// straight from its block (no gather copy, no padding). Parallel over sequences; every query head
-// is scored against a token's K row (all KV heads, contiguous) while it is in cache.
+// Paged decode attention for CPU: one query token per sequence, reading each cached K/V value once,
+// straight from its block (no gather copy, no padding). Parallel over sequences. K blocks are stored
+// transposed ([kv_head][dim][token]) so scoring a block is a few vector FMAs per dimension.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -54,14 +54,102 @@ inline void axpy(float alpha, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+#if defined(__AVX512F__)
+// e^x for x <= 0 to ~1e-7 relative: 2^(x log2 e) as 2^round * 2^frac, a degree-6 polynomial for 2^frac.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// In place: x = softmax(x) over n values.
+inline void softmax(float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) m = std::max(m, x[t]);
+  int64_t t = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  for (; t + 16 <= n; t += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + t), mv));
+    _mm512_storeu_ps(x + t, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; t < n; ++t) {
+    x[t] = std::exp(x[t] - m);
+    sum += x[t];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+// Blocks of one sequence lie anywhere in the cache, which defeats the hardware prefetcher at every
+// block boundary; ask for the next block while this one is being used.
+template <typename T>
+inline void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
+
+// Scores of the tokens of one block against the `group` query heads that share one KV head.
+// kb is that KV head's K tile [head_dim][block_size]: token-contiguous, so each head dimension is one
+// vector FMA over all the block's tokens and no horizontal sums are needed.
+template <typename T>
+inline void block_scores(const T* kb, const float* qf, int64_t group, int64_t head_dim, int64_t block_size,
+                         float* out /* [group][block_size] */, float* tmp) {
+#if defined(__AVX512F__)
+  if (block_size == 16 && group <= 16) {
+    __m512 acc[16];
+    for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const __m512 k = load16(kb + d * 16);
+      for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(qf[g * head_dim + d]), k, acc[g]);
+    }
+    for (int64_t g = 0; g < group; ++g) _mm512_storeu_ps(out + g * 16, acc[g]);
+    return;
+  }
+#endif
+  std::fill(out, out + group * block_size, 0.f);
+  for (int64_t d = 0; d < head_dim; ++d) {
+    to_float(kb + d * block_size, tmp, block_size);
+    for (int64_t g = 0; g < group; ++g) {
+      const float qv = qf[g * head_dim + d];
+      float* og = out + g * block_size;
+      for (int64_t i = 0; i < block_size; ++i) og[i] += qv * tmp[i];
+    }
+  }
+}
+
+// k_cache: [blocks, kv_heads, head_dim, block_size]; v_cache: [blocks, block_size, kv_heads, head_dim].
 template <typename T>
 void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const at::Tensor& block_table, const at::Tensor& seq_lens, at::Tensor& out,
                              double scale) {
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(3);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_table.size(1);
-  const int64_t row_len = num_kv_heads * head_dim;  // one token's K (or V) for all KV heads
   const T* qp = q.data_ptr<T>();
   const int64_t q_stride = q.stride(0);
   const T* kp = k_cache.data_ptr<T>();
@@ -72,36 +160,40 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(num_heads * head_dim), acc(num_heads * head_dim), row(row_len), scores;
+    std::vector<float> qf(num_heads * head_dim), acc(num_heads * head_dim), row(num_kv_heads * head_dim), scores;
+    std::vector<float> tile(group * block_size), tmp(block_size);
     for (int64_t seq = begin; seq < end; ++seq) {
       const int64_t len = lens[seq];
+      const int64_t num_blocks = (len + block_size - 1) / block_size;
       const int64_t* blocks = table + seq * max_blocks;
       scores.resize(num_heads * len);
       to_float(qp + seq * q_stride, qf.data(), num_heads * head_dim);
       for (auto& x : qf) x *= fscale;
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t off = (blocks[t / block_size] * block_size + t % block_size) * row_len;
-        to_float(kp + off, row.data(), row_len);
-        for (int64_t h = 0; h < num_heads; ++h)
-          scores[h * len + t] = dot(qf.data() + h * head_dim, row.data() + (h / group) * head_dim, head_dim);
-      }
-      for (int64_t h = 0; h < num_heads; ++h) {
-        float* sh = scores.data() + h * len;
-        const float m = *std::max_element(sh, sh + len);
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          sh[t] = std::exp(sh[t] - m);
-          sum += sh[t];
+      for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
+        const float* qg = qf.data() + kvh * group * head_dim;
+        const int64_t tile_len = head_dim * block_size;
+        for (int64_t b = 0; b < num_blocks; ++b) {
+          if (b + 1 < num_blocks) prefetch(kp + (blocks[b + 1] * num_kv_heads + kvh) * tile_len, tile_len);
+          const T* kb = kp + (blocks[b] * num_kv_heads + kvh) * tile_len;
+          block_scores(kb, qg, group, head_dim, block_size, tile.data(), tmp.data());
+          const int64_t n = std::min(block_size, len - b * block_size);
+          for (int64_t g = 0; g < group; ++g)
+            std::copy(tile.data() + g * block_size, tile.data() + g * block_size + n,
+                      scores.data() + (kvh * group + g) * len + b * block_size);
         }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
       }
+      for (int64_t h = 0; h < num_heads; ++h) softmax(scores.data() + h * len, len);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t off = (blocks[t / block_size] * block_size + t % block_size) * row_len;
-        to_float(vp + off, row.data(), row_len);
-        for (int64_t h = 0; h < num_heads; ++h)
-          axpy(scores[h * len + t], row.data() + (h / group) * head_dim, acc.data() + h * head_dim, head_dim);
+      const int64_t row_len = num_kv_heads * head_dim;  // one token's V for all KV heads, contiguous
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        if (b + 1 < num_blocks) prefetch(vp + blocks[b + 1] * block_size * row_len, block_size * row_len);
+        const int64_t n = std::min(block_size, len - b * block_size);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t t = b * block_size + i;
+          to_float(vp + (blocks[b] * block_size + i) * row_len, row.data(), row_len);
+          for (int64_t h = 0; h < num_heads; ++h)
+            axpy(scores[h * len + t], row.data() + (h / group) * head_dim, acc.data() + h * head_dim, head_dim);
+        }
       }
       T* dst = op + seq * num_heads * head_dim;
       for (int64_t i = 0; i < num_heads * head_dim; ++i) dst[i] = static_cast<T>(acc[i]);
@@ -111,10 +203,11 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [seqs, heads, dim], caches [blocks, size, kv_heads, dim]");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "q must be [seqs, heads, dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and the KV cache must have one dtype");
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of KV heads");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "heads must be a multiple of KV heads");
+  TORCH_CHECK(k_cache.size(2) == q.size(2), "K cache must be [blocks, kv_heads, head_dim, block_size]");
   // Rows may be strided (q is a view into the fused qkv projection); within a row heads are dense.
   auto qc = (q.stride(2) == 1 && q.stride(1) == q.size(2)) ? q : q.contiguous();
   auto table = block_table.to(at::kLong).contiguous();

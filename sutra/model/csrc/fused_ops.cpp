@@ -51,12 +51,12 @@ void silu_and_mul_kernel(const T* in, T* out, int64_t rows, int64_t dim) {
 }
 
 // qkv: [T, (H + 2 * KVH) * D], rows may be strided. Rotates q and k in place (HF rotate-half layout)
-// with the cos/sin tables [max_pos, D / 2] at each token's position, and copies k and v into the
-// caches [blocks, block_size, KVH, D] at the token's flat slot.
+// with the cos/sin tables [max_pos, D / 2] at each token's position, and stores k and v at the
+// token's slot: K cache [blocks, KVH, D, block_size] (transposed), V cache [blocks, block_size, KVH, D].
 template <typename T>
 void rotary_cache_kernel(T* qkv, int64_t row_stride, const T* cos, const T* sin, const int64_t* positions,
                          const int64_t* slots, T* k_cache, T* v_cache, int64_t tokens, int64_t heads,
-                         int64_t kv_heads, int64_t dim) {
+                         int64_t kv_heads, int64_t dim, int64_t block_size) {
   const int64_t half = dim / 2;
   at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -73,7 +73,10 @@ void rotary_cache_kernel(T* qkv, int64_t row_stride, const T* cos, const T* sin,
         }
       }
       const int64_t kv_len = kv_heads * dim;
-      std::memcpy(k_cache + slots[t] * kv_len, row + heads * dim, kv_len * sizeof(T));
+      const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+      const T* k = row + heads * dim;
+      T* kb = k_cache + block * kv_len * block_size + offset;
+      for (int64_t i = 0; i < kv_len; ++i) kb[i * block_size] = k[i];
       std::memcpy(v_cache + slots[t] * kv_len, row + (heads + kv_heads) * dim, kv_len * sizeof(T));
     }
   });
@@ -120,7 +123,7 @@ void rotary_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& 
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
               "caches and rotary tables must be contiguous");
   TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "positions and slots are int64");
-  const int64_t kv_heads = k_cache.size(2), dim = k_cache.size(3);
+  const int64_t kv_heads = v_cache.size(2), dim = v_cache.size(3), block_size = v_cache.size(1);
   TORCH_CHECK(qkv.size(1) == (num_heads + 2 * kv_heads) * dim, "qkv width does not match the heads");
   auto pos = positions.contiguous();
   auto slot = slots.contiguous();
@@ -128,7 +131,7 @@ void rotary_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& 
     using T = decltype(tag);
     rotary_cache_kernel<T>(qkv.data_ptr<T>(), qkv.stride(0), cos.data_ptr<T>(), sin.data_ptr<T>(),
                            pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(), k_cache.data_ptr<T>(),
-                           v_cache.data_ptr<T>(), qkv.size(0), num_heads, kv_heads, dim);
+                           v_cache.data_ptr<T>(), qkv.size(0), num_heads, kv_heads, dim, block_size);
   });
 }
 
