@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-./.venv/bin/ruff check sutra tests benchmarks
-./.venv/bin/ruff format --check sutra tests benchmarks
+./.venv/bin/ruff check .
+./.venv/bin/ruff format --check .
 ./.venv/bin/python -m pytest -q "$@"
