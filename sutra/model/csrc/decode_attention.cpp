@@ -113,24 +113,87 @@ inline __m512 load16(const at::BFloat16* p) {
 inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 #endif
 
-// Scores of the tokens of one block against the `group` query heads that share one KV head.
-// kb is that KV head's K tile [head_dim][block_size]: token-contiguous, so each head dimension is one
-// vector FMA over all the block's tokens and no horizontal sums are needed.
+#if defined(__AVX512F__)
+// Scores of the 16 tokens of one block against the G query heads that share one KV head. kb is that
+// KV head's K tile [head_dim][16]: token-contiguous, so each head dimension is one vector FMA per
+// head over all the block's tokens, no horizontal sums; G is a template so the sums stay in registers.
+template <int G, typename T>
+inline void block_scores16(const T* kb, const float* qf, int64_t head_dim, float* out) {
+  __m512 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const __m512 k = load16(kb + d * 16);
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(qf[g * head_dim + d]), k, acc[g]);
+  }
+  for (int g = 0; g < G; ++g) _mm512_storeu_ps(out + g * 16, acc[g]);
+}
+
+// acc[g] += sum over the block's n tokens of p[g][t] * V[t] for one KV head, head_dim = 16 * V16.
+// rows points at token 0's V for this KV head; consecutive tokens are row_stride elements apart.
+template <int G, int V16, typename T>
+inline void block_values(const T* rows, int64_t row_stride, int64_t n, const float* const* p, float* acc) {
+  __m512 a[G][V16];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < V16; ++j) a[g][j] = _mm512_loadu_ps(acc + (g * V16 + j) * 16);
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 v[V16];
+    for (int j = 0; j < V16; ++j) v[j] = load16(rows + t * row_stride + j * 16);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g][t]);
+      for (int j = 0; j < V16; ++j) a[g][j] = _mm512_fmadd_ps(w, v[j], a[g][j]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < V16; ++j) _mm512_storeu_ps(acc + (g * V16 + j) * 16, a[g][j]);
+}
+
+template <typename T>
+using ScoresFn = void (*)(const T*, const float*, int64_t, float*);
+template <typename T>
+using ValuesFn = void (*)(const T*, int64_t, int64_t, const float* const*, float*);
+
+template <typename T>
+ScoresFn<T> scores_fn(int64_t group) {
+  switch (group) {
+    case 1: return block_scores16<1, T>;
+    case 2: return block_scores16<2, T>;
+    case 3: return block_scores16<3, T>;
+    case 4: return block_scores16<4, T>;
+    case 5: return block_scores16<5, T>;
+    case 6: return block_scores16<6, T>;
+    case 7: return block_scores16<7, T>;
+    case 8: return block_scores16<8, T>;
+    default: return nullptr;
+  }
+}
+
+template <int V16, typename T>
+ValuesFn<T> values_fn_for(int64_t group) {
+  switch (group) {
+    case 1: return block_values<1, V16, T>;
+    case 2: return block_values<2, V16, T>;
+    case 3: return block_values<3, V16, T>;
+    case 4: return block_values<4, V16, T>;
+    case 5: return block_values<5, V16, T>;
+    case 6: return block_values<6, V16, T>;
+    case 7: return block_values<7, V16, T>;
+    case 8: return block_values<8, V16, T>;
+    default: return nullptr;
+  }
+}
+
+template <typename T>
+ValuesFn<T> values_fn(int64_t group, int64_t head_dim) {
+  if (head_dim == 64) return values_fn_for<4, T>(group);
+  if (head_dim == 128) return values_fn_for<8, T>(group);
+  return nullptr;
+}
+#endif
+
+// Generic scores: any block size and group.
 template <typename T>
 inline void block_scores(const T* kb, const float* qf, int64_t group, int64_t head_dim, int64_t block_size,
                          float* out /* [group][block_size] */, float* tmp) {
-#if defined(__AVX512F__)
-  if (block_size == 16 && group <= 16) {
-    __m512 acc[16];
-    for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const __m512 k = load16(kb + d * 16);
-      for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(qf[g * head_dim + d]), k, acc[g]);
-    }
-    for (int64_t g = 0; g < group; ++g) _mm512_storeu_ps(out + g * 16, acc[g]);
-    return;
-  }
-#endif
   std::fill(out, out + group * block_size, 0.f);
   for (int64_t d = 0; d < head_dim; ++d) {
     to_float(kb + d * block_size, tmp, block_size);
@@ -159,9 +222,19 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
   T* op = out.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
 
+#if defined(__AVX512F__)
+  const ScoresFn<T> fast_scores = block_size == 16 ? scores_fn<T>(group) : nullptr;
+  const ValuesFn<T> fast_values = values_fn<T>(group, head_dim);
+#else
+  const void* fast_scores = nullptr;
+  const void* fast_values = nullptr;
+#endif
+  const int64_t row_len = num_kv_heads * head_dim;  // one token's V for all KV heads, contiguous
+
   at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(num_heads * head_dim), acc(num_heads * head_dim), row(num_kv_heads * head_dim), scores;
+    std::vector<float> qf(num_heads * head_dim), acc(num_heads * head_dim), row(row_len), scores;
     std::vector<float> tile(group * block_size), tmp(block_size);
+    std::vector<const float*> probs(group);
     for (int64_t seq = begin; seq < end; ++seq) {
       const int64_t len = lens[seq];
       const int64_t num_blocks = (len + block_size - 1) / block_size;
@@ -169,13 +242,17 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
       scores.resize(num_heads * len);
       to_float(qp + seq * q_stride, qf.data(), num_heads * head_dim);
       for (auto& x : qf) x *= fscale;
+      const int64_t tile_len = head_dim * block_size;
       for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
         const float* qg = qf.data() + kvh * group * head_dim;
-        const int64_t tile_len = head_dim * block_size;
         for (int64_t b = 0; b < num_blocks; ++b) {
           if (b + 1 < num_blocks) prefetch(kp + (blocks[b + 1] * num_kv_heads + kvh) * tile_len, tile_len);
           const T* kb = kp + (blocks[b] * num_kv_heads + kvh) * tile_len;
-          block_scores(kb, qg, group, head_dim, block_size, tile.data(), tmp.data());
+#if defined(__AVX512F__)
+          if (fast_scores) fast_scores(kb, qg, head_dim, tile.data());
+          else
+#endif
+            block_scores(kb, qg, group, head_dim, block_size, tile.data(), tmp.data());
           const int64_t n = std::min(block_size, len - b * block_size);
           for (int64_t g = 0; g < group; ++g)
             std::copy(tile.data() + g * block_size, tile.data() + g * block_size + n,
@@ -184,13 +261,22 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
       }
       for (int64_t h = 0; h < num_heads; ++h) softmax(scores.data() + h * len, len);
       std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t row_len = num_kv_heads * head_dim;  // one token's V for all KV heads, contiguous
       for (int64_t b = 0; b < num_blocks; ++b) {
         if (b + 1 < num_blocks) prefetch(vp + blocks[b + 1] * block_size * row_len, block_size * row_len);
         const int64_t n = std::min(block_size, len - b * block_size);
+        const T* block_rows = vp + blocks[b] * block_size * row_len;
+#if defined(__AVX512F__)
+        if (fast_values) {
+          for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
+            for (int64_t g = 0; g < group; ++g) probs[g] = scores.data() + (kvh * group + g) * len + b * block_size;
+            fast_values(block_rows + kvh * head_dim, row_len, n, probs.data(), acc.data() + kvh * group * head_dim);
+          }
+          continue;
+        }
+#endif
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = b * block_size + i;
-          to_float(vp + (blocks[b] * block_size + i) * row_len, row.data(), row_len);
+          to_float(block_rows + i * row_len, row.data(), row_len);
           for (int64_t h = 0; h < num_heads; ++h)
             axpy(scores[h * len + t], row.data() + (h / group) * head_dim, acc.data() + h * head_dim, head_dim);
         }
