@@ -95,7 +95,7 @@ class KVCacheManager:
         self._tables: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[int]] = {}  # chained hashes of the request's full blocks
         self._num_registered: dict[str, int] = {}  # how many of those are published in the cache
-        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_queries = 0  # tokens of admitted requests looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
     @property
@@ -136,9 +136,12 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits
+
+    def record_prefix_lookup(self, num_tokens: int, num_cached: int) -> None:
+        """Count an admitted request's prompt against the prefix cache's hit rate."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_cached
 
     def can_fit(self, num_tokens: int, cached: list[KVBlock] = ()) -> bool:
         """Whether a new request with this many tokens could get all its blocks now."""

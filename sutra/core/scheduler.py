@@ -131,6 +131,7 @@ class Scheduler:
                 request.num_computed_tokens = 0
                 break
             self.policy.pop()
+            self.kv.record_prefix_lookup(request.num_tokens, num_cached)
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING

@@ -121,6 +121,9 @@ def test_prefix_cache_hit_starts_further_on():
     scheduler.add_request(third)
     out = step(scheduler, runner)
     assert third.num_cached_tokens == 48 and out.num_scheduled_tokens[third.request_id] == 16
+    kv = scheduler.kv
+    assert kv.prefix_hits == 64 + 48
+    assert kv.prefix_queries == first.num_prompt_tokens + second.num_prompt_tokens + third.num_prompt_tokens
     run_to_completion(scheduler, runner)
     assert scheduler.kv.num_free_blocks == scheduler.kv.pool.num_blocks
 
