@@ -51,7 +51,7 @@ class LLMEngine:
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int]) -> None:
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -91,7 +91,7 @@ class LLMEngine:
         if request_id in self._tracked:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt)
-        self.validate(prompt_ids, params)
+        self.validate(prompt_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         output = RequestOutput(

@@ -79,8 +79,8 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         encoded = [self.engine.encode_prompt(p) for p in prompts]
-        for ids, p in zip(encoded, params, strict=True):  # reject the batch before queueing any of it
-            self.engine.validate(ids, p)
+        for ids in encoded:  # reject the batch before queueing any of it
+            self.engine.validate(ids)
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for rid, prompt, ids, p in zip(request_ids, prompts, encoded, params, strict=True):
             self.engine.add_request(rid, prompt, p, prompt_token_ids=ids)
