@@ -112,8 +112,9 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _full_block_hashes(self, request: Request, num_tokens: int) -> list[int]:
-        """Hashes of the request's full blocks within its first num_tokens tokens (memoised)."""
+    def _full_block_hashes(self, request: Request, num_tokens: int) -> tuple[list[int], int]:
+        """The request's memoised chained block hashes, extended to cover its full blocks within the
+        first num_tokens tokens, and how many blocks that is (the memo may hold more)."""
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size
         num_full = num_tokens // bs
@@ -122,7 +123,7 @@ class KVCacheManager:
             hashes.append(
                 hash_block(hashes[-1] if hashes else None, tuple(request.token_ids[i * bs : (i + 1) * bs]))
             )
-        return hashes[:num_full]
+        return hashes, num_full
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """The longest run of cached blocks matching the request's tokens. At least one token is
@@ -131,7 +132,8 @@ class KVCacheManager:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
-        for block_hash in self._full_block_hashes(request, max_blocks * self.block_size):
+        hashes, num_full = self._full_block_hashes(request, max_blocks * self.block_size)
+        for block_hash in hashes[:num_full]:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
@@ -166,11 +168,11 @@ class KVCacheManager:
         if self.enable_prefix_caching:
             # Blocks filled by this step are published now: the step writes their KV before any
             # later step can read them.
-            hashes = self._full_block_hashes(request, total)
+            hashes, num_full = self._full_block_hashes(request, total)
             start = self._num_registered.get(request.request_id, 0)
-            for i in range(start, len(hashes)):
+            for i in range(start, num_full):
                 self.pool.register(table[i], hashes[i])
-            self._num_registered[request.request_id] = len(hashes)
+            self._num_registered[request.request_id] = max(start, num_full)
         return True
 
     def free(self, request: Request) -> None:

@@ -129,28 +129,13 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    out = q.new_empty(q.shape)
     d = meta.num_decodes
-    kernels = cpu_kernels() if q.device.type == "cpu" else None
-    if d and kernels is not None:
-        o = kernels.decode_attention(
-            q[:d], k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens, scale
-        )
-        if not meta.prefills:
-            return o.view(num_tokens, num_heads * head_dim)
-        out[:d] = o
-    elif d:
-        table = meta.decode_block_table
-        ctx = table.shape[1] * v_cache.shape[1]
-        kb, vb = gather_kv(k_cache, v_cache, table.view(-1))
-        kb = kb.view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
-        vb = vb.view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
-        # Fold the query heads of one KV head into the query-length axis: one GEMM-shaped call.
-        qd = q[:d].view(d, num_kv_heads, group, head_dim)
-        o = F.scaled_dot_product_attention(qd, kb, vb, attn_mask=meta.decode_mask, scale=scale)
-        if not meta.prefills:
-            return o.reshape(num_tokens, num_heads * head_dim)
-        out[:d] = o.reshape(d, num_heads, head_dim)
+    decoded = _decode_attention(q[:d], k_cache, v_cache, meta, scale) if d else None
+    if not meta.prefills:
+        return decoded.reshape(num_tokens, num_heads * head_dim)
+    out = q.new_empty(q.shape)
+    if d:
+        out[:d] = decoded
     for p in meta.prefills:
         qs = q[p.start : p.end]
         n = p.end - p.start
@@ -167,3 +152,25 @@ def paged_attention(
         )
         out[p.start : p.end] = o.permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
     return out.view(num_tokens, num_heads * head_dim)
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The 1-token slices, batched: [num_decodes, num_heads, head_dim]."""
+    d, num_heads, head_dim = q.shape
+    kernels = cpu_kernels() if q.device.type == "cpu" else None
+    if kernels is not None:
+        return kernels.decode_attention(
+            q, k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens, scale
+        )
+    num_kv_heads = v_cache.shape[2]
+    table = meta.decode_block_table
+    ctx = table.shape[1] * v_cache.shape[1]
+    kb, vb = gather_kv(k_cache, v_cache, table.view(-1))
+    kb = kb.view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
+    vb = vb.view(d, ctx, num_kv_heads, head_dim).transpose(1, 2)
+    # Fold the query heads of one KV head into the query-length axis: one GEMM-shaped call.
+    qd = q.view(d, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(qd, kb, vb, attn_mask=meta.decode_mask, scale=scale)
+    return o.reshape(d, num_heads, head_dim)
