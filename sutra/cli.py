@@ -1,4 +1,4 @@
-"""`sutra generate | chat`: the command line on top of the offline engine."""
+"""`sutra generate | chat | serve | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -6,10 +6,14 @@ import argparse
 import sys
 from collections.abc import Iterator
 
+from sutra.bench.cli import add_bench_parser
 from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sutra.core.policies import POLICIES
+from sutra.core.policies.config_file import apply_policy_file
 from sutra.engine.engine import LLMEngine
 from sutra.errors import SutraError
 from sutra.sampling_params import SamplingParams
+from sutra.server.launcher import add_serve_args, cmd_serve
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +34,33 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scheduling-mode", default="sarathi", choices=["sarathi", "prefill_first", "no_chunking"]
     )
+    g.add_argument(
+        "--scheduling-policy",
+        default="fcfs",
+        choices=sorted(POLICIES),
+        help="who goes first: fcfs; priority (the request's priority, then arrival; may preempt); "
+        "vtc (per-client fairness); priority-vtc (vtc within each priority); lcf and rpm (baselines)",
+    )
+    g.add_argument(
+        "--policy-config",
+        default=None,
+        metavar="FILE",
+        help="JSON or TOML with scheduler policy options, e.g. client_weights, vtc_output_weight",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    scheduler = SchedulerConfig(
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        mode=args.scheduling_mode,
+        policy=args.scheduling_policy,
+    )
+    if args.policy_config:
+        try:
+            apply_policy_file(scheduler, args.policy_config)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --policy-config {args.policy_config}: {e}") from None
     return EngineConfig(
         model=ModelConfig(
             model=args.model,
@@ -47,11 +75,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             enable_prefix_caching=not args.no_prefix_caching,
         ),
-        scheduler=SchedulerConfig(
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_num_seqs=args.max_num_seqs,
-            mode=args.scheduling_mode,
-        ),
+        scheduler=scheduler,
     )
 
 
@@ -137,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=lambda args: cmd_serve(args, engine_config(args)))
+    add_bench_parser(sub)
     return parser
 
 

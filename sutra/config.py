@@ -33,7 +33,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # the Sarathi-Serve token budget per iteration
     max_num_seqs: int = 128
     mode: SchedulingMode = "sarathi"
+    # Who goes first: fcfs, vtc, lcf, rpm, priority or priority-vtc (sutra/core/policies).
     policy: str = "fcfs"
+    # Per-client share for vtc/lcf (and rpm's limit multiplier); clients not listed weigh 1.
+    client_weights: dict[str, float] = field(default_factory=dict)
+    vtc_prompt_weight: float = 1.0  # w_p: the cost of one prompt token (vtc, lcf)
+    vtc_output_weight: float = 2.0  # w_q: the cost of one generated token (vtc, lcf)
+    length_prediction: bool = False  # vtc, lcf: charge a predicted output length at admission
+    rpm_limit: int = 30  # rpm: requests one client may start per minute
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -42,6 +49,30 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.mode not in ("sarathi", "prefill_first", "no_chunking"):
             raise ValueError(f"mode must be sarathi, prefill_first or no_chunking, got {self.mode!r}")
+        from sutra.core.policies import POLICIES  # here: the policies import this module
+
+        def is_number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if not isinstance(self.client_weights, dict):
+            raise ValueError(f"client_weights must map client names to weights, got {self.client_weights!r}")
+        for client, weight in self.client_weights.items():
+            if not isinstance(client, str):
+                raise ValueError(f"client_weights keys must be client names (str), got {client!r}")
+            if not is_number(weight) or not 0 < weight < float("inf"):
+                raise ValueError(f"client_weights[{client!r}] must be a finite number > 0, got {weight!r}")
+        for name in ("vtc_prompt_weight", "vtc_output_weight"):
+            value = getattr(self, name)
+            if not is_number(value) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.vtc_prompt_weight + self.vtc_output_weight <= 0:
+            raise ValueError("vtc_prompt_weight and vtc_output_weight must not both be 0")
+        if not isinstance(self.length_prediction, bool):
+            raise ValueError(f"length_prediction must be true or false, got {self.length_prediction!r}")
+        if not is_number(self.rpm_limit) or not isinstance(self.rpm_limit, int) or self.rpm_limit < 1:
+            raise ValueError(f"rpm_limit must be an integer >= 1 (per minute), got {self.rpm_limit!r}")
 
 
 @dataclass

@@ -62,3 +62,12 @@ def tiny_qwen2_hf_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_hf_token
 
     config = Qwen2Config(**TINY_SHAPE, tie_word_embeddings=True)
     return _save_tiny(Qwen2ForCausalLM, config, smollm2_hf_tokenizer, tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def sutra_server() -> Any:
+    """`sutra serve` on the default model in float32 (so greedy text can be checked against transformers)."""
+    from tests.server_process import run_server
+
+    with run_server("--dtype", "float32", "--num-kv-blocks", "512") as server:
+        yield server

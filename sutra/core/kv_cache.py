@@ -80,6 +80,12 @@ class BlockPool:
             block.block_hash = block_hash
             self._cached[block_hash] = block
 
+    def unregister(self, block: KVBlock) -> None:
+        """Withdraw a block from the prefix cache (its KV will never be written)."""
+        if block.block_hash is not None and self._cached.get(block.block_hash) is block:
+            del self._cached[block.block_hash]
+        block.block_hash = None
+
     @property
     def num_cached_blocks(self) -> int:
         return len(self._cached)
@@ -177,7 +183,12 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Return a request's blocks; tail first, so a shared prefix outlives its private suffix."""
-        for block in reversed(self._tables.pop(request.request_id, [])):
+        table = self._tables.pop(request.request_id, [])
+        # A request preempted after its slice was allocated in this iteration never computes that
+        # slice: blocks published for it hold no KV and must not serve later prefix hits.
+        for block in table[request.num_computed_tokens // self.block_size :]:
+            self.pool.unregister(block)
+        for block in reversed(table):
             self.pool.release(block)
         self._hashes.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)

@@ -12,9 +12,20 @@ Modes (the baselines are the same code with one switch, so benchmarks compare in
   the running decodes wait for it.
 In the two baselines a prompt longer than the leftover budget is admitted only into an iteration
 that has admitted no other prompt yet, so a long prompt cannot starve.
+
+Preemption for a waiting request: before anything is scheduled, if the next waiting request could not
+start this iteration (no free seat, too few free KV blocks, or no token budget left after the running
+requests) and the policy says it may preempt some running requests (Policy.may_preempt: a strictly
+more urgent priority class), the least entitled of those are preempted by recompute, as few as make it
+fit and none if even all of them would not. Only the head of the queue makes room, so a burst of
+urgent arrivals evicts gradually instead of flushing the batch. Victims are taken before any slice is
+allocated, so no block is freed between its allocation and the step that writes it. Policies that
+never preempt (FCFS, VTC) make this a no-op.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from sutra.config import SchedulerConfig
 from sutra.core.kv_cache import KVCacheManager
@@ -30,7 +41,7 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.policy = policy or make_policy(config.policy)
+        self.policy = policy if policy is not None else make_policy(config)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.running: list[Request] = []
         self._runner_blocks: dict[str, int] = {}  # requests whose state the runner holds -> its block count
@@ -73,6 +84,7 @@ class Scheduler:
         scheduled: dict[Request, int] = {}
         budget = self.config.max_num_batched_tokens
 
+        self._preempt_for_waiting(out)
         if self.config.mode == "prefill_first":
             budget = self._admit_waiting(scheduled, budget)
             if scheduled:
@@ -84,12 +96,14 @@ class Scheduler:
             self._admit_waiting(scheduled, budget - sum(scheduled.values()))
         return self._emit(out, scheduled)
 
-    def _schedule_running(self, scheduled: dict[Request, int], budget: int, out: SchedulerOutput) -> bool:
-        ordered = self.policy.running_order(self.running)
+    def _running_in_order(self, running: list[Request]) -> list[Request]:
+        ordered = self.policy.running_order(running)
         # Decodes go before partial prefills, so no decode ever waits behind a prompt.
-        ordered = [r for r in ordered if not r.is_prefilling] + [r for r in ordered if r.is_prefilling]
+        return [r for r in ordered if not r.is_prefilling] + [r for r in ordered if r.is_prefilling]
+
+    def _schedule_running(self, scheduled: dict[Request, int], budget: int, out: SchedulerOutput) -> bool:
         preempted = False
-        for request in ordered:
+        for request in self._running_in_order(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_uncomputed_tokens, budget)
@@ -142,12 +156,65 @@ class Scheduler:
             self.policy.on_scheduled(request, num_new)
         return budget
 
+    # ---- preemption for a waiting request ------------------------------------------------------
+    def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
+        head = self.policy.peek()
+        if head is None or not any(self.policy.may_preempt(head, r) for r in self.running):
+            return
+        if self._can_start(head, []):
+            return
+        candidates = [
+            r for r in reversed(self.policy.running_order(self.running)) if self.policy.may_preempt(head, r)
+        ]
+        if not self._can_start(head, candidates):
+            return  # even all of them would not make room: preempt none
+        # The fewest victims, least entitled first. More victims free more, so bisect; the check
+        # after it covers the rare case where a freed budget token lets a prefill take a block.
+        lo, hi = 1, len(candidates)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._can_start(head, candidates[:mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        if not self._can_start(head, candidates[:lo]):
+            lo = len(candidates)
+        for victim in candidates[:lo]:
+            self._preempt(victim, out)
+
+    def _can_start(self, head: Request, evicted: list[Request]) -> bool:
+        """Whether `head` would be admitted this iteration if `evicted` were preempted first: a free
+        seat, budget left after the running requests' slices, and KV for its whole prompt beside the
+        blocks those slices take (the same checks and order as _schedule_running/_admit_waiting)."""
+        gone = set(evicted)
+        staying = [r for r in self.running if r not in gone]
+        if len(staying) >= self.config.max_num_seqs:
+            return False
+        budget = self.config.max_num_batched_tokens
+        growth = 0  # blocks the running slices will take
+        if self.config.mode != "prefill_first":  # there, an iteration with prompts runs only prompts
+            for request in self._running_in_order(staying):
+                num_new = min(request.num_uncomputed_tokens, budget)
+                if num_new <= 0:
+                    continue
+                budget -= num_new
+                held = len(self.kv.block_ids(request.request_id))
+                growth += max(0, self.kv.blocks_needed(request.num_computed_tokens + num_new) - held)
+            if budget <= 0:
+                return False
+        # Blocks the evicted requests alone hold come free; cached ones stay reusable by the head.
+        released = Counter(b for r in evicted for b in self.kv.block_ids(r.request_id))
+        blocks = self.kv.pool.blocks
+        freed = sum(1 for b, n in released.items() if blocks[b].ref_count == n)
+        cached = self.kv.find_cached_prefix(head)
+        reused_free = sum(1 for b in cached if b.ref_count == released.get(b.block_id, 0))
+        needed = self.kv.blocks_needed(head.num_tokens) - len(cached)
+        return needed + growth <= self.kv.num_free_blocks + freed - reused_free
+
     def _pick_victim(self, needy: Request) -> Request:
-        """The least entitled running request other than `needy`; `needy` itself if it is alone."""
-        for candidate in reversed(self.policy.running_order(self.running)):
-            if candidate is not needy:
-                return candidate
-        return needy
+        """The least entitled running request, which is `needy` itself when nothing ranks below it:
+        a request never evicts a more entitled one (under priorities that would invert them)."""
+        return self.policy.running_order(self.running)[-1]
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Preemption by recompute: drop the KV, requeue at the front; outputs so far are kept."""
@@ -221,6 +288,7 @@ class Scheduler:
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.policy.remove(request)
         request.status = status
+        self.policy.on_finished(request)
         self.kv.free(request)
         del self.requests[request.request_id]
         if self._runner_blocks.pop(request.request_id, None) is not None:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from sutra.config import EngineConfig
+from sutra.core.estimator import CompletionEstimator
 from sutra.core.kv_cache import KVCacheManager
 from sutra.core.output import RunnerOutput
 from sutra.core.request import Request, RequestStatus
@@ -43,6 +44,7 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.estimator = CompletionEstimator()
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
@@ -139,6 +141,22 @@ class LLMEngine:
             self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
         self._finish_all(request_id, "abort")
 
+    def estimate_finishes(self, request_ids: list[str]) -> dict[str, float]:
+        """Seconds from now until each request finishes (all its n samples), from the current queue,
+        the policy's order and the step-latency model fitted online (one simulation for all)."""
+        children = [
+            (rid, self.scheduler.requests[child])
+            for rid in request_ids
+            if (tracked := self._tracked.get(rid)) is not None
+            for child in tracked.child_ids
+            if child in self.scheduler.requests
+        ]
+        times = self.estimator.estimate_finishes([r for _, r in children], self.scheduler)
+        estimates: dict[str, float] = {}
+        for (rid, _), seconds in zip(children, times, strict=True):
+            estimates[rid] = max(estimates.get(rid, 0.0), seconds)
+        return estimates
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked)
 
@@ -150,9 +168,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler iteration; return the outputs of the requests that made progress."""
         sched_out = self.scheduler.schedule()
+        started = time.monotonic()
+        for new in sched_out.new_requests:
+            metrics = self._tracked[self._child_to_parent[new.request_id][0]].output.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = started
         runner_out = self.runner.execute(sched_out)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         now = time.monotonic()
+        if sched_out.num_scheduled_tokens:
+            self.estimator.observe(
+                sched_out.total_num_scheduled_tokens, len(sched_out.num_scheduled_tokens), now - started
+            )
         touched: dict[str, RequestOutput] = {}
         for request in updated:
             parent_id, index = self._child_to_parent[request.request_id]

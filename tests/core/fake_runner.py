@@ -7,6 +7,7 @@ import itertools
 from sutra.config import SchedulerConfig
 from sutra.core.kv_cache import KVCacheManager
 from sutra.core.output import RunnerOutput, SchedulerOutput
+from sutra.core.policies import Policy
 from sutra.core.request import Request
 from sutra.core.scheduler import Scheduler
 from sutra.sampling_params import SamplingParams
@@ -31,10 +32,17 @@ def make_scheduler(
     mode: str = "sarathi",
     prefix_caching: bool = True,
     max_model_len: int = 1 << 20,
+    policy: str | Policy = "fcfs",
+    **options,
 ) -> Scheduler:
+    """`policy` is a registered name (built from the config, with `options` as SchedulerConfig
+    fields) or a ready Policy (e.g. one given a test clock)."""
     kv = KVCacheManager(num_blocks, block_size, prefix_caching)
-    cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, mode=mode)
-    return Scheduler(cfg, kv, max_model_len=max_model_len)
+    name = policy if isinstance(policy, str) else "fcfs"
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=budget, max_num_seqs=max_seqs, mode=mode, policy=name, **options
+    )
+    return Scheduler(cfg, kv, max_model_len=max_model_len, policy=None if isinstance(policy, str) else policy)
 
 
 class FakeRunner:

@@ -25,6 +25,7 @@ def test_cached_blocks_are_evicted_lru():
     kv = KVCacheManager(num_blocks=4, block_size=2)
     first = make_request(tokens=[1, 2, 3, 4, 5])
     assert kv.allocate(first, 5)
+    first.num_computed_tokens = 5  # the step ran
     kv.free(first)
     assert kv.pool.num_cached_blocks == 2  # two full blocks published, all blocks free again
     assert kv.num_free_blocks == 4
@@ -37,6 +38,20 @@ def test_cached_blocks_are_evicted_lru():
     other = make_request(tokens=[7, 8, 9, 10, 11, 12, 13, 14])
     assert kv.allocate(other, 8)
     assert kv.pool.num_cached_blocks == 4 and kv.find_cached_prefix(again) == []
+
+
+def test_blocks_of_a_slice_that_never_ran_are_not_cached():
+    """Preempted in the iteration that allocated its slice, a request never writes those blocks."""
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    victim = make_request(tokens=[1, 2, 3, 4, 5, 6, 7])
+    assert kv.allocate(victim, 4)
+    victim.num_computed_tokens = 4  # first slice computed: blocks [1,2] and [3,4] hold KV
+    assert kv.allocate(victim, 3)  # second slice allocated and published ...
+    assert kv.pool.num_cached_blocks == 3
+    kv.free(victim)  # ... then preempted before it ran
+    twin = make_request(tokens=[1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert len(kv.find_cached_prefix(twin)) == 2  # [5,6] was never written: no hit on it
+    assert kv.pool.num_cached_blocks == 2 and kv.num_free_blocks == 8
 
 
 def test_chained_hash_depends_on_prefix():

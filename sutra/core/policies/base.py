@@ -31,12 +31,26 @@ class Policy(ABC):
     @abstractmethod
     def __len__(self) -> int: ...
 
+    def waiting_order(self) -> list[Request]:
+        """The waiting requests in the order they would be admitted if nothing else arrived (a
+        snapshot for completion-time estimates; it changes no state)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its waiting order")
+
     def running_order(self, running: list[Request]) -> list[Request]:
         """Running requests from most to least entitled; the last one is preempted first."""
         return running
 
+    def may_preempt(self, waiting: Request, running: Request) -> bool:
+        """Whether `waiting` may evict `running` (by recompute) to start at once when the engine is
+        full. False by default: only a policy with a strict ranking across requests (priority)
+        says yes, so FCFS and fairness policies never preempt for a newcomer."""
+        return False
+
     def on_scheduled(self, request: Request, num_tokens: int) -> None:
-        """Hook: the request computes num_tokens this iteration."""
+        """Hook: the request computes num_tokens this iteration, starting at num_computed_tokens."""
 
     def on_generated(self, request: Request, num_tokens: int) -> None:
         """Hook: the request produced num_tokens output tokens."""
+
+    def on_finished(self, request: Request) -> None:
+        """Hook: the request left the engine (finished or aborted), waiting or running."""

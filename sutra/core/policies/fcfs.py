@@ -31,5 +31,8 @@ class FCFSPolicy(Policy):
     def __len__(self) -> int:
         return len(self._queue)
 
+    def waiting_order(self) -> list[Request]:
+        return list(self._queue)
+
     def running_order(self, running: list[Request]) -> list[Request]:
         return sorted(running, key=lambda r: r.arrival_time)

@@ -1,0 +1,238 @@
+"""Virtual Token Counter (VTC) fair scheduling, and least-counter-first (LCF), its no-lift baseline.
+
+Fairness is defined on a token cost, w_p per prompt token plus w_q per generated token (defaults 1
+and 2, the reference's), so backlogged clients get equal service, or service in proportion to their
+weights. Each client has a counter of the (weighted) service it received; admission takes the head of
+the queue of the backlogged client with the smallest counter (FCFS within a client). Ties go to the
+client whose head request arrived first.
+
+Counter lift (the VTC-artifact rule, slora/server/router/vtc_req_queue.py, `append`): when a client's
+waiting queue goes from empty to non-empty, its counter becomes
+max(own counter, min counter over the *other* clients with a non-empty waiting queue); when no other
+client waits, there is no lift. A client that was idle therefore banks no credit, yet one that was
+under-served while backlogged keeps its lead. Only a new request lifts: a preempted request going back
+to the queue does not, because its client was not idle. LCF is the same code without the lift, so an
+idle client returns with a low counter and starves the others until it catches up.
+
+Charging, with chunked prefill: prompt tokens are charged as their chunks are scheduled (on_scheduled),
+not all at admission. The counter then tracks service actually handed out, a long prompt chunked over
+many iterations raises its client's counter as it runs, and one code path serves every scheduling mode.
+Each request keeps a high-water mark of prompt positions charged, so a recompute after preemption is
+never charged twice (the client did not cause it). Cost is defined on the request's tokens, as in the
+reference, so prefix-cache hits are charged like computed tokens: a client's share does not depend on
+what others left in the cache. Generated tokens are charged w_q each as they come (on_generated).
+
+Length prediction (optional, the artifact's vtc_pred_len variant): at admission the client is charged
+w_q times the predicted output length, then only tokens beyond the prediction as they come, and the
+over-charge is refunded when the request ends. The predictor is the artifact's: a per-client moving
+average of finished requests' output lengths with window 5 (avg = (avg * 4 + new) / 5, starting at the
+first length), clamped to the request's max_tokens; a client with no finished request yet is predicted 0.
+
+Weighted VTC divides every charge by the client's weight (clients not listed weigh 1). Preemption
+victims: running requests are ordered by (client counter, arrival), so the least entitled, the latest
+request of the client with the highest counter, is preempted first.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sutra.core.policies.base import Policy
+from sutra.core.request import Request, RequestStatus
+
+ANONYMOUS = "anonymous"  # the client of requests that name none
+
+
+def client_key(request: Request) -> str:
+    return request.client if request.client is not None else ANONYMOUS
+
+
+@dataclass
+class _Charge:
+    """What one request has been charged so far."""
+
+    prompt_tokens: int = 0  # prompt positions charged (a high-water mark)
+    predicted: float = 0.0  # output tokens charged in advance (length prediction)
+
+
+class VTCPolicy(Policy):
+    def __init__(
+        self,
+        prompt_weight: float = 1.0,
+        output_weight: float = 2.0,
+        client_weights: Mapping[str, float] | None = None,
+        length_prediction: bool = False,
+        prediction_window: int = 5,
+        lift: bool = True,
+    ) -> None:
+        if prompt_weight < 0 or output_weight < 0 or prompt_weight + output_weight <= 0:
+            raise ValueError(
+                f"VTC token weights must be >= 0 and not both 0, got {prompt_weight}, {output_weight}"
+            )
+        for client, weight in (client_weights or {}).items():
+            if not weight > 0:
+                raise ValueError(f"client weight must be > 0, got {weight!r} for {client!r}")
+        self.prompt_weight = prompt_weight
+        self.output_weight = output_weight
+        self.client_weights = dict(client_weights or {})
+        self.length_prediction = length_prediction
+        self.prediction_window = prediction_window
+        self.lift = lift
+        self.counters: dict[str, float] = {}  # per client: weighted service received (plus lifts)
+        self._queues: dict[str, deque[Request]] = {}  # backlogged clients only: scans stay short
+        self._num_waiting = 0
+        self._charges: dict[str, _Charge] = {}  # admitted, unfinished requests by id
+        self._mean_output_len: dict[str, float] = {}  # per client, for length prediction
+
+    def weight(self, client: str) -> float:
+        return self.client_weights.get(client, 1.0)
+
+    def _charge(self, client: str, cost: float) -> None:
+        self.counters[client] = self.counters.get(client, 0.0) + cost / self.weight(client)
+
+    # ---- the waiting queue ---------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        client = client_key(request)
+        self.counters.setdefault(client, 0.0)
+        queue = self._queues.get(client)
+        if queue is None:  # the client's waiting queue was empty
+            if self.lift:
+                backlogged = [self.counters[c] for c in self._queues]
+                if backlogged:
+                    self.counters[client] = max(self.counters[client], min(backlogged))
+            queue = self._queues[client] = deque()
+        queue.append(request)
+        self._num_waiting += 1
+
+    def requeue(self, request: Request) -> None:
+        client = client_key(request)
+        self.counters.setdefault(client, 0.0)
+        self._queues.setdefault(client, deque()).appendleft(request)
+        self._num_waiting += 1
+
+    def _next_client(self) -> str | None:
+        best: str | None = None
+        best_key: tuple[float, float] | None = None
+        for client, queue in self._queues.items():
+            key = (self.counters[client], queue[0].arrival_time)
+            if best_key is None or key < best_key:
+                best, best_key = client, key
+        return best
+
+    def peek(self) -> Request | None:
+        client = self._next_client()
+        return self._queues[client][0] if client is not None else None
+
+    def pop(self) -> Request:
+        client = self._next_client()
+        if client is None:
+            raise IndexError("pop from an empty waiting queue")
+        queue = self._queues[client]
+        request = queue.popleft()
+        if not queue:
+            del self._queues[client]
+        self._num_waiting -= 1
+        if request.request_id not in self._charges:  # first admission, not a resume
+            charge = self._charges[request.request_id] = _Charge()
+            if self.length_prediction:
+                charge.predicted = self.predicted_output_len(request)
+                self._charge(client, self.output_weight * charge.predicted)
+        return request
+
+    def remove(self, request: Request) -> None:
+        client = client_key(request)
+        queue = self._queues[client]
+        queue.remove(request)
+        if not queue:
+            del self._queues[client]
+        self._num_waiting -= 1
+
+    def __len__(self) -> int:
+        return self._num_waiting
+
+    def waiting_order(self) -> list[Request]:
+        """Simulated admissions: each pick charges the request's remaining prompt and its expected
+        output (predicted, else max_tokens) to a copy of the counters."""
+        heap = [(self.counters[c], q[0].arrival_time, c, 0) for c, q in self._queues.items()]
+        heapq.heapify(heap)
+        order: list[Request] = []
+        while heap:
+            counter, _, client, i = heapq.heappop(heap)
+            queue = self._queues[client]
+            request = queue[i]
+            order.append(request)
+            charged = self._charges.get(request.request_id, _Charge())
+            cost = self.prompt_weight * (request.num_prompt_tokens - charged.prompt_tokens)
+            cost += self.output_weight * max(0, self.expected_output_len(request) - request.num_output_tokens)
+            if i + 1 < len(queue):
+                counter += cost / self.weight(client)
+                heapq.heappush(heap, (counter, queue[i + 1].arrival_time, client, i + 1))
+        return order
+
+    # ---- entitlement and accounting --------------------------------------------------------------
+    def running_order(self, running: list[Request]) -> list[Request]:
+        return sorted(running, key=lambda r: (self.counters.get(client_key(r), 0.0), r.arrival_time))
+
+    def on_scheduled(self, request: Request, num_tokens: int) -> None:
+        charge = self._charges.setdefault(request.request_id, _Charge())
+        end = min(request.num_computed_tokens + num_tokens, request.num_prompt_tokens)
+        if end > charge.prompt_tokens:
+            self._charge(client_key(request), self.prompt_weight * (end - charge.prompt_tokens))
+            charge.prompt_tokens = end
+
+    def on_generated(self, request: Request, num_tokens: int) -> None:
+        charge = self._charges.setdefault(request.request_id, _Charge())
+        after = request.num_output_tokens
+        before = after - num_tokens
+        beyond = max(0.0, after - charge.predicted) - max(0.0, before - charge.predicted)
+        if beyond > 0:
+            self._charge(client_key(request), self.output_weight * beyond)
+
+    def on_finished(self, request: Request) -> None:
+        charge = self._charges.pop(request.request_id, None)
+        if charge is None:
+            return
+        client = client_key(request)
+        if charge.predicted > request.num_output_tokens:  # refund the over-charge
+            self._charge(client, -self.output_weight * (charge.predicted - request.num_output_tokens))
+        if self.length_prediction and request.status in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+        ):
+            # An aborted request's length says nothing about the client's next one.
+            old = self._mean_output_len.get(client)
+            new = float(request.num_output_tokens)
+            window = self.prediction_window
+            self._mean_output_len[client] = new if old is None else (old * (window - 1) + new) / window
+
+    # ---- length prediction ---------------------------------------------------------------------
+    def predicted_output_len(self, request: Request) -> float:
+        """The client's moving-average output length, at most max_tokens; 0 with no history."""
+        mean = self._mean_output_len.get(client_key(request), 0.0)
+        return min(mean, float(request.sampling_params.max_tokens))
+
+    def expected_output_len(self, request: Request) -> int:
+        """Output length to plan with: the prediction when enabled (and known), else max_tokens."""
+        if self.length_prediction and client_key(request) in self._mean_output_len:
+            return max(1, round(self.predicted_output_len(request)))
+        return request.sampling_params.max_tokens
+
+
+class LCFPolicy(VTCPolicy):
+    """Least counter first: VTC's counters and admission without the lift (the reference's LCF
+    baseline). An idle client banks credit and, on return, starves everyone until it catches up."""
+
+    def __init__(
+        self,
+        prompt_weight: float = 1.0,
+        output_weight: float = 2.0,
+        client_weights: Mapping[str, float] | None = None,
+        length_prediction: bool = False,
+        prediction_window: int = 5,
+    ) -> None:
+        super().__init__(
+            prompt_weight, output_weight, client_weights, length_prediction, prediction_window, lift=False
+        )

@@ -1,0 +1,264 @@
+"""What the completion and chat handlers share: server state, request submission, streaming plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from sutra.engine.async_engine import AsyncEngine, CompletionDelta, RequestDelta
+from sutra.errors import InvalidRequestError
+from sutra.sampling_params import SamplingParams
+from sutra.server.errors import APIError, to_api_error
+from sutra.server.metrics import ServerMetrics
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    model_name: str
+    metrics: ServerMetrics
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    def client_of(self, http_request: Request, user: str | None) -> str | None:
+        """Who is served, for fairness and metrics: the API key's tenant, else `user`, else nobody."""
+        return getattr(http_request.state, "tenant", None) or user or None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
+    """None means as many as the context allows (OpenAI chat semantics)."""
+    room = max_model_len - prompt_len
+    if requested is None:
+        return room
+    if requested < 1:
+        raise InvalidRequestError(f"{param} must be >= 1, got {requested}", param=param)
+    if prompt_len + requested > max_model_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
+            f"Please reduce the length of the prompt or {param}.",
+            param=param,
+        )
+    return requested
+
+
+@dataclass
+class Submitted:
+    """One engine request per prompt of the HTTP request; index offset for its n choices."""
+
+    request_id: str
+    prompt_len: int
+    first_choice: int
+    num_choices: int
+
+
+async def submit_all(
+    state: ServerState,
+    base_id: str,
+    prompts: list[list[int]],
+    make_params: Callable[[int], SamplingParams],  # prompt length -> params
+    client: str | None,
+    priority: int,
+) -> list[Submitted]:
+    """Validate every prompt first, so a bad one rejects the batch before anything is queued."""
+    params_list: list[SamplingParams] = []
+    for ids in prompts:
+        state.engine.engine.validate(ids)
+        params_list.append(make_params(len(ids)))
+    submitted: list[Submitted] = []
+    try:
+        for i, (ids, params) in enumerate(zip(prompts, params_list, strict=True)):
+            rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+            state.engine.submit(rid, ids, params, client=client, priority=priority)
+            submitted.append(Submitted(rid, len(ids), i * params.n, params.n))
+    except Exception:
+        for s in submitted:
+            state.engine.abort(s.request_id)
+        raise
+    return submitted
+
+
+ESTIMATE_HEADER = "x-sutra-estimated-completion-seconds"
+
+
+async def estimate_headers(state: ServerState, submitted: list[Submitted]) -> dict[str, str]:
+    """The engine's completion-time estimate for the whole HTTP request, as a response header."""
+    estimates = [await state.engine.estimated_finish(s.request_id) for s in submitted]
+    known = [e for e in estimates if e is not None]
+    return {ESTIMATE_HEADER: f"{max(known):.3f}"} if known else {}
+
+
+async def merged_deltas(
+    engine: AsyncEngine, submitted: list[Submitted]
+) -> AsyncIterator[tuple[Submitted, RequestDelta]]:
+    """Deltas of several requests as they come; leaving early aborts the unfinished ones."""
+    if len(submitted) == 1:
+        async for delta in engine.stream(submitted[0].request_id):
+            yield submitted[0], delta
+        return
+    queue: asyncio.Queue[tuple[Submitted, RequestDelta] | BaseException | None] = asyncio.Queue()
+
+    async def pump(s: Submitted) -> None:
+        try:
+            async for delta in engine.stream(s.request_id):
+                queue.put_nowait((s, delta))
+        except Exception as e:
+            queue.put_nowait(e)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(s)) for s in submitted]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for s in submitted:
+            engine.abort(s.request_id)
+
+
+@contextlib.asynccontextmanager
+async def abort_on_disconnect(http_request: Request, engine: AsyncEngine, request_ids: list[str]):
+    """A client that goes away aborts its requests, which frees their KV blocks."""
+
+    async def watch() -> None:
+        while True:
+            message = await http_request.receive()
+            if message["type"] == "http.disconnect":
+                for rid in request_ids:
+                    engine.abort(rid)
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+@dataclass
+class ChoiceAccumulator:
+    """A whole choice assembled from deltas, for non-streaming responses."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, delta: CompletionDelta) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        if delta.logprobs:
+            self.logprobs += delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+async def collect_choices(
+    state: ServerState, http_request: Request, submitted: list[Submitted]
+) -> tuple[list[ChoiceAccumulator], int]:
+    """Whole choices in index order, and the prompt tokens served from the prefix cache."""
+    choices: dict[int, ChoiceAccumulator] = {}
+    cached = 0
+    async with abort_on_disconnect(http_request, state.engine, [s.request_id for s in submitted]):
+        async for sub, delta in merged_deltas(state.engine, submitted):
+            for c in delta.completions:
+                choices.setdefault(sub.first_choice + c.index, ChoiceAccumulator()).add(c)
+            if delta.finished:
+                cached += delta.metrics.num_cached_tokens
+    return [choices[i] for i in sorted(choices)], cached
+
+
+async def sse_stream(
+    state: ServerState,
+    http_request: Request,
+    request_id: str,
+    submitted: list[Submitted],
+    *,
+    object_name: str,
+    include_usage: bool,
+    to_choice: Callable[[Submitted, CompletionDelta], dict],
+    preamble: list[dict] | None = None,
+) -> AsyncIterator[str]:
+    """Server-sent events of OpenAI chunks; errors after the headers went out become an error event."""
+    created = int(time.time())
+    completion_tokens = cached = 0
+
+    def chunk(choices: list[dict], usage_block: dict | None = None) -> str:
+        payload = {
+            "id": request_id,
+            "object": object_name,
+            "created": created,
+            "model": state.model_name,
+            "choices": choices,
+        }
+        if include_usage:  # null on every chunk but the last, as OpenAI sends it
+            payload["usage"] = usage_block
+        return sse(payload)
+
+    try:
+        if preamble:
+            yield chunk(preamble)
+        async with abort_on_disconnect(http_request, state.engine, [s.request_id for s in submitted]):
+            async for sub, delta in merged_deltas(state.engine, submitted):
+                choices = []
+                for c in delta.completions:
+                    if c.text or c.token_ids or c.finish_reason:
+                        completion_tokens += len(c.token_ids)
+                        choices.append(to_choice(sub, c))
+                if delta.finished:
+                    cached += delta.metrics.num_cached_tokens
+                if choices:
+                    yield chunk(choices)
+        if include_usage:
+            prompt_tokens = sum(s.prompt_len * s.num_choices for s in submitted)
+            yield chunk([], usage(prompt_tokens, completion_tokens, cached))
+    except Exception as e:
+        yield to_api_error(e).sse()
+    yield SSE_DONE

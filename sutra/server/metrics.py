@@ -1,0 +1,181 @@
+"""Prometheus metrics of a serving engine, updated by the engine loop after every step.
+
+Names follow vLLM's (`vllm:time_to_first_token_seconds` -> `sutra:time_to_first_token_seconds`) so
+existing dashboards need only the prefix changed. Each server gets its own registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from sutra.engine.async_engine import AsyncEngine
+from sutra.engine.engine import LLMEngine
+from sutra.outputs import RequestOutput
+
+# `*_created` timestamps double the output and no dashboard reads them (vLLM turns them off too).
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+@dataclass
+class _Progress:
+    num_tokens: int = 0
+    last_token_time: float = 0.0
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = registry = CollectorRegistry()
+        labels = ["model_name"]
+        self._labels = {"model_name": model_name}
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
+        self.ttft = histogram(
+            "sutra:time_to_first_token_seconds", "Time from arrival to the first token.", _LATENCY_BUCKETS
+        )
+        self.itl = histogram(
+            "sutra:inter_token_latency_seconds", "Time between consecutive output tokens.", _ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "sutra:e2e_request_latency_seconds", "Time from arrival to the last token.", _REQUEST_BUCKETS
+        )
+        self.queue_time = histogram(
+            "sutra:request_queue_time_seconds", "Time from arrival to first scheduling.", _REQUEST_BUCKETS
+        )
+        self.prompt_tokens = Counter(
+            "sutra:prompt_tokens", "Prompt tokens of finished requests.", labels, registry=registry
+        )
+        self.generation_tokens = Counter(
+            "sutra:generation_tokens", "Generated tokens.", labels, registry=registry
+        )
+        self.preemptions = Counter(
+            "sutra:num_preemptions", "Requests preempted (recomputed later).", labels, registry=registry
+        )
+        self.finished = Counter(
+            "sutra:request_success",
+            "Finished requests by finish reason.",
+            [*labels, "finished_reason"],
+            registry=registry,
+        )
+        self.running = Gauge("sutra:num_requests_running", "Requests running.", labels, registry=registry)
+        self.waiting = Gauge("sutra:num_requests_waiting", "Requests waiting.", labels, registry=registry)
+        self.kv_usage = Gauge(
+            "sutra:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", labels, registry=registry
+        )
+        self.kv_free_blocks = Gauge(
+            "sutra:kv_cache_free_blocks", "KV blocks not held by any request.", labels, registry=registry
+        )
+        self.kv_total_blocks = Gauge(
+            "sutra:kv_cache_total_blocks", "KV blocks in the pool.", labels, registry=registry
+        )
+        self.prefix_hit_rate = Gauge(
+            "sutra:prefix_cache_hit_rate",
+            "Prompt tokens found in the prefix cache / prompt tokens looked up, since start.",
+            labels,
+            registry=registry,
+        )
+        client_labels = [*labels, "client"]
+        self.client_tokens = Counter(
+            "sutra:client_generation_tokens", "Generated tokens per client.", client_labels, registry=registry
+        )
+        self.client_prompt_tokens = Counter(
+            "sutra:client_prompt_tokens", "Prompt tokens per client.", client_labels, registry=registry
+        )
+        self.client_queue_time = Histogram(
+            "sutra:client_request_queue_time_seconds",
+            "Time from arrival to first scheduling, per client.",
+            client_labels,
+            buckets=_REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.estimate_error = histogram(
+            "sutra:completion_estimate_error_seconds",
+            "|actual - estimated| time from admission to finish, for finished requests.",
+            _REQUEST_BUCKETS,
+        )
+        self.estimate_relative_error = histogram(
+            "sutra:completion_estimate_relative_error",
+            "|actual - estimated| / actual time from admission to finish.",
+            (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0),
+        )
+        self._seen_preemptions = 0
+        self._progress: dict[str, _Progress] = {}
+
+    # ---- EngineListener --------------------------------------------------------------------
+    def on_step(self, engine: AsyncEngine, outputs: list[RequestOutput], seconds: float) -> None:
+        lab = self._labels
+        for out in outputs:
+            rid, m = out.request_id, out.metrics
+            client = engine.client_of(rid) or "anonymous"
+            progress = self._progress.get(rid)
+            if progress is None:
+                progress = self._progress[rid] = _Progress()
+                if m.queue_time is not None:
+                    self.queue_time.labels(**lab).observe(m.queue_time)
+                    self.client_queue_time.labels(**lab, client=client).observe(m.queue_time)
+                self.client_prompt_tokens.labels(**lab, client=client).inc(len(out.prompt_token_ids))
+            num_tokens = sum(len(c.token_ids) for c in out.outputs)
+            new_tokens = num_tokens - progress.num_tokens
+            if new_tokens > 0 and m.last_token_time is not None:
+                if progress.num_tokens == 0:
+                    if m.time_to_first_token is not None:
+                        self.ttft.labels(**lab).observe(m.time_to_first_token)
+                else:
+                    self.itl.labels(**lab).observe(m.last_token_time - progress.last_token_time)
+                progress.num_tokens, progress.last_token_time = num_tokens, m.last_token_time
+                self.generation_tokens.labels(**lab).inc(new_tokens)
+                self.client_tokens.labels(**lab, client=client).inc(new_tokens)
+            if out.finished:
+                del self._progress[rid]
+                self.prompt_tokens.labels(**lab).inc(len(out.prompt_token_ids))
+                if m.finished_time is not None:
+                    self.e2e.labels(**lab).observe(m.finished_time - m.arrival_time)
+                    self._observe_estimate(engine.estimate_of(rid), m.finished_time)
+                for c in out.outputs:
+                    self.finished.labels(**lab, finished_reason=c.finish_reason or "abort").inc()
+        self.observe_state(engine.engine)
+
+    def _observe_estimate(self, estimate: tuple[float, float] | None, finished_time: float) -> None:
+        if estimate is None:
+            return
+        estimated, made_at = estimate
+        actual = finished_time - made_at
+        error = abs(actual - estimated)
+        self.estimate_error.labels(**self._labels).observe(error)
+        if actual > 0:
+            self.estimate_relative_error.labels(**self._labels).observe(error / actual)
+
+    def on_abort(self, engine: AsyncEngine, request_id: str) -> None:
+        self._progress.pop(request_id, None)
+        self.finished.labels(**self._labels, finished_reason="abort").inc()
+
+    def observe_state(self, engine: LLMEngine) -> None:
+        lab = self._labels
+        scheduler, kv = engine.scheduler, engine.kv
+        preemptions = scheduler.num_preemptions
+        self.preemptions.labels(**lab).inc(preemptions - self._seen_preemptions)
+        self._seen_preemptions = preemptions
+        self.running.labels(**lab).set(len(scheduler.running))
+        self.waiting.labels(**lab).set(scheduler.num_waiting)
+        self.kv_usage.labels(**lab).set(kv.usage)
+        self.kv_free_blocks.labels(**lab).set(kv.num_free_blocks)
+        self.kv_total_blocks.labels(**lab).set(kv.pool.num_blocks)
+        if kv.prefix_queries:
+            self.prefix_hit_rate.labels(**lab).set(kv.prefix_hits / kv.prefix_queries)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,196 @@
+"""The server through the official `openai` client, sync and async, streaming and not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from tests.engine.reference import hf_greedy, hf_model
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The capital of Japan is"
+QUESTION = [{"role": "user", "content": "What is the capital of Japan?"}]
+
+
+@pytest.fixture(scope="module")
+def client(sutra_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{sutra_server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def aclient(sutra_server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{sutra_server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model(client, sutra_server):
+    models = client.models.list().data
+    assert [m.id for m in models] == [sutra_server.model] == ["SmolLM2-135M-Instruct"]
+
+
+def test_greedy_completion_matches_transformers(client, sutra_server, smollm2_hf_tokenizer):
+    """Token-identical to Hugging Face transformers' greedy decoding on the same (float32) weights."""
+    prompt_ids = smollm2_hf_tokenizer.encode(PROMPT)
+    expected_ids, _ = hf_greedy(hf_model(), prompt_ids, 24)
+    out = client.completions.create(
+        model=sutra_server.model, prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].text == smollm2_hf_tokenizer.decode(expected_ids)
+    assert out.usage.prompt_tokens == len(prompt_ids)
+    assert out.usage.completion_tokens == 24
+    assert out.usage.total_tokens == len(prompt_ids) + 24
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_token_id_prompt_and_batch_of_prompts(client, sutra_server, smollm2_hf_tokenizer):
+    ids = smollm2_hf_tokenizer.encode(PROMPT)
+    by_ids = client.completions.create(model=sutra_server.model, prompt=ids, max_tokens=6, temperature=0)
+    by_text = client.completions.create(model=sutra_server.model, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    batch = client.completions.create(
+        model=sutra_server.model,
+        prompt=[PROMPT, "Once upon a time"],
+        max_tokens=6,
+        temperature=0,
+        n=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == batch.choices[1].text == by_text.choices[0].text  # greedy: n copies
+    assert batch.choices[2].text == batch.choices[3].text != batch.choices[0].text
+    prompt_lens = len(ids) + len(smollm2_hf_tokenizer.encode("Once upon a time"))
+    assert batch.usage.completion_tokens == 4 * 6
+    assert batch.usage.prompt_tokens == 2 * prompt_lens
+
+
+def test_chat_greedy_answer(client, sutra_server):
+    out = client.chat.completions.create(
+        model=sutra_server.model, messages=QUESTION, max_tokens=20, temperature=0
+    )
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == "The capital of Japan is Tokyo."
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == 8  # the 7 tokens of the answer and the end-of-turn token
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_streamed_text_equals_whole_text_for_a_seed(client, sutra_server, kind):
+    kwargs = dict(model=sutra_server.model, max_tokens=40, temperature=0.9, top_p=0.95, seed=1234)
+    if kind == "completions":
+        whole = client.completions.create(prompt=PROMPT, **kwargs)
+        chunks = list(
+            client.completions.create(
+                prompt=PROMPT, stream=True, stream_options={"include_usage": True}, **kwargs
+            )
+        )
+        streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+        whole_text = whole.choices[0].text
+    else:
+        whole = client.chat.completions.create(messages=QUESTION, **kwargs)
+        chunks = list(
+            client.chat.completions.create(
+                messages=QUESTION, stream=True, stream_options={"include_usage": True}, **kwargs
+            )
+        )
+        assert chunks[0].choices[0].delta.role == "assistant"
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        whole_text = whole.choices[0].message.content
+    assert streamed == whole_text and len(whole_text) > 0
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+
+
+def test_stop_string_and_seeded_samples(client, sutra_server):
+    out = client.completions.create(
+        model=sutra_server.model, prompt=PROMPT, max_tokens=20, temperature=0, stop=[" Alps"]
+    )
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == " Tokyo.\n\nThe Japanese"
+    assert out.choices[0].model_extra["stop_reason"] == " Alps"
+    streamed = client.completions.create(
+        model=sutra_server.model, prompt=PROMPT, max_tokens=20, temperature=0, stop=[" Alps"], stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text  # the stop never leaks
+    a, b = (
+        client.completions.create(
+            model=sutra_server.model, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=7, n=2
+        )
+        for _ in range(2)
+    )
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text  # n samples are different streams
+
+
+def test_logprobs_in_both_apis(client, sutra_server):
+    out = client.completions.create(
+        model=sutra_server.model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3
+    )
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == out.choices[0].text
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3 and logprob <= 0
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-4) and top[token] == pytest.approx(logprob)
+    chat = client.chat.completions.create(
+        model=sutra_server.model,
+        messages=QUESTION,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(e.top_logprobs) == 2 for e in content)
+    assert "".join(e.token for e in content) == chat.choices[0].message.content
+    assert bytes(content[0].bytes).decode() == content[0].token
+
+
+def test_concurrent_async_requests_all_complete(aclient, sutra_server):
+    async def one(i: int):
+        if i % 2:
+            return await aclient.completions.create(
+                model=sutra_server.model,
+                prompt=f"Count to {i}:",
+                max_tokens=12,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+        stream = await aclient.chat.completions.create(
+            model=sutra_server.model,
+            messages=[{"role": "user", "content": f"Say {i}"}],
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        return [chunk async for chunk in stream]
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(12)))
+
+    results = asyncio.run(main())
+    for i, result in enumerate(results):
+        usage = result.usage if i % 2 else result[-1].usage
+        assert usage.completion_tokens == 12
+    sutra_server.wait_idle()
+    assert sutra_server.metric("sutra:kv_cache_free_blocks") == sutra_server.metric(
+        "sutra:kv_cache_total_blocks"
+    )
+
+
+def test_user_field_is_the_client_in_metrics(client, sutra_server):
+    before = _client_tokens(sutra_server, "alice")
+    client.completions.create(
+        model=sutra_server.model, prompt=PROMPT, max_tokens=4, user="alice", extra_body={"ignore_eos": True}
+    )
+    assert _client_tokens(sutra_server, "alice") == before + 4
+
+
+def _client_tokens(server, client_name: str) -> float:
+    return server.metric("sutra:client_generation_tokens_total", default=0.0, client=client_name)
