@@ -19,6 +19,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int = 16
+    min_tokens: int = 0  # end-of-sequence and stop tokens/strings are held off until this many
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -50,6 +51,12 @@ class SamplingParams:
             self.frequency_penalty,
         )
         self._check(self.max_tokens >= 1, "max_tokens", "must be >= 1", self.max_tokens)
+        self._check(
+            0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must be in [0, max_tokens={self.max_tokens}]",
+            self.min_tokens,
+        )
         self._check(
             self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]", self.logprobs
         )

@@ -302,5 +302,7 @@ class AsyncEngine:
             if not stream.admitted.done():
                 stream.admitted.set_result(None)
             self.engine.abort_request(request_id)
+            for listener in self.listeners:
+                listener.on_abort(self, request_id)
         self._streams.clear()
         self._pending_adds.clear()

@@ -25,6 +25,9 @@ class IncrementalDetokenizer:
         )
         if not new_text:
             return None
+        if len(output.token_ids) < self.params.min_tokens:
+            output.text += new_text  # stop strings count only from min_tokens on, as in vLLM
+            return None
         searched_from = max(0, len(output.text) - self._stop_tail + 1)
         output.text += new_text
         found = [

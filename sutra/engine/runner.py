@@ -70,6 +70,7 @@ class ModelRunner:
         else:
             self.model = LlamaModel(loaded.arch, loaded.weights, self.dtype, self.device, positions)
         self.sampler = Sampler()
+        self.eos_token_ids = tuple(loaded.tokenizer.eos_token_ids)
         self.requests: dict[str, RunnerRequest] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -152,9 +153,15 @@ class ModelRunner:
         st = self.requests[rid]
         if st.generator is not None:
             st.generator.manual_seed(step_seed(st.params.seed, len(st.token_ids) - st.num_prompt_tokens))
+        num_output = len(st.token_ids) - st.num_prompt_tokens
+        banned: tuple[int, ...] = ()
+        if num_output < st.params.min_tokens:
+            eos = () if st.params.ignore_eos else self.eos_token_ids
+            banned = (*eos, *st.params.stop_token_ids)
         return SamplingRequest(
             params=st.params,
             prompt_token_ids=st.token_ids[: st.num_prompt_tokens],
             output_token_ids=st.token_ids[st.num_prompt_tokens :],
             generator=st.generator,
+            banned_token_ids=banned,
         )

@@ -31,6 +31,7 @@ class SamplingRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None
+    banned_token_ids: tuple[int, ...] = ()  # may not be sampled now (stop tokens before min_tokens)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
         raw = logits.float()
-        penalized = apply_penalties(raw, requests)
+        penalized = ban_tokens(apply_penalties(raw, requests), requests, raw)
         tokens = self._choose(penalized, requests)
         return SamplerOutput(tokens.tolist(), compute_logprobs(raw, tokens, [r.params for r in requests]))
 
@@ -151,6 +152,19 @@ def apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> to
         presence = _per_row([r.params.presence_penalty for r in requests], logits)[rows]
         frequency = _per_row([r.params.frequency_penalty for r in requests], logits)[rows]
         logits[rows, ids] -= presence + frequency * counts.to(logits.dtype)
+    return logits
+
+
+def ban_tokens(logits: torch.Tensor, requests: list[SamplingRequest], raw: torch.Tensor) -> torch.Tensor:
+    """-inf for each row's banned tokens; a copy when `logits` is still the raw tensor, whose
+    distribution logprobs report."""
+    rows = [i for i, r in enumerate(requests) if r.banned_token_ids]
+    if not rows:
+        return logits
+    if logits is raw:
+        logits = logits.clone()
+    row_ids, ids = _token_pairs([list(requests[i].banned_token_ids) for i in rows], rows, logits)
+    logits[row_ids, ids] = float("-inf")
     return logits
 
 

@@ -41,12 +41,24 @@ def test_counter_lift_rule():
     policy.counters["b"] = 3.0
     policy.add(make_request(8, client="b"))
     assert policy.counters["b"] == 3
-    # A client that only has running requests counts for nothing: d is not lifted past it.
+    # A client with only running requests is active too: d is lifted to e's counter, so it cannot
+    # jump e with a stale counter just because e's queue happens to be empty.
     solo = VTCPolicy()
     solo.add(make_request(8, client="e"))
-    _admit(solo, 8, outputs=50)
+    running = _admit(solo, 8, outputs=50)
     solo.add(make_request(8, client="d"))
-    assert solo.counters["e"] == 108 and solo.counters["d"] == 0
+    assert solo.counters["e"] == 108 and solo.counters["d"] == 108
+    # Once e has nothing waiting or running it is idle and lifts no one.
+    solo.on_finished(running)
+    solo.add(make_request(8, client="f"))
+    assert solo.counters["f"] == 108  # d still waits, at 108
+    idle = VTCPolicy()
+    done = make_request(8, client="g")
+    idle.add(done)
+    _admit(idle, 8, outputs=50)
+    idle.on_finished(done)
+    idle.add(make_request(8, client="h"))
+    assert idle.counters["h"] == 0
 
 
 def test_lcf_never_lifts_and_requeue_never_lifts():

@@ -56,6 +56,24 @@ def test_greedy_ties_pick_lowest_id_and_top_k_one_is_greedy() -> None:
 # ---- penalties -----------------------------------------------------------------------------------------
 
 
+def test_banned_tokens_are_never_chosen_but_logprobs_keep_the_raw_distribution() -> None:
+    logits = log_probs([0.1, 0.6, 0.3]).expand(2, -1).contiguous()
+    banned = SamplingRequest(SamplingParams(temperature=0.0, logprobs=1), [], [], None, banned_token_ids=(1,))
+    free = req(temperature=0.0, logprobs=1)
+    out = Sampler()(logits, [banned, free])
+    assert out.token_ids == [2, 1]
+    assert out.logprobs[0].logprob == pytest.approx(math.log(0.3), abs=1e-5)
+    assert out.logprobs[0].top[0][0] == 1  # the banned token is still the raw top-1
+    sampled = Sampler()(
+        logits,
+        [
+            SamplingRequest(SamplingParams(seed=s), [], [], torch.Generator().manual_seed(s), (1, 2))
+            for s in (1, 2)
+        ],
+    )
+    assert sampled.token_ids == [0, 0]
+
+
 def test_repetition_penalty_divides_positive_multiplies_negative() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, -1.0]])
     got = apply_penalties(logits, [req(prompt=[0], output=[1, 1], repetition_penalty=2.0)])

@@ -50,6 +50,11 @@ def _assert_healthy(server) -> None:
         ({"prompt": "hi", "temperature": -1}, "temperature", "temperature must be >= 0"),
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens must be >= 1, got 0"),
         ({"prompt": "hi", "n": 0}, "n", "n must be >= 1"),
+        (
+            {"prompt": "hi", "max_tokens": 4, "min_tokens": 5},
+            "min_tokens",
+            "min_tokens must be in [0, max_tokens=4]",
+        ),
         ({"prompt": "hi", "logprobs": 50}, "logprobs", "logprobs must be in [0, 20]"),
         ({"prompt": "hi", "max_tokens": "many"}, "max_tokens", "valid integer"),
         ({"max_tokens": 4}, "prompt", "Field required"),

@@ -75,6 +75,19 @@ def test_chat_greedy_answer(client, sutra_server):
     assert out.usage.completion_tokens == 8  # the 7 tokens of the answer and the end-of-turn token
 
 
+def test_min_tokens_holds_off_the_end_of_turn(client, sutra_server):
+    out = client.chat.completions.create(
+        model=sutra_server.model,
+        messages=QUESTION,
+        max_tokens=14,
+        temperature=0,
+        extra_body={"min_tokens": 14},
+    )
+    # Unconstrained the answer ends after 8 tokens (test_chat_greedy_answer); here it must go on.
+    assert out.usage.completion_tokens == 14 and out.choices[0].finish_reason == "length"
+    assert out.choices[0].message.content.startswith("The capital of Japan is Tokyo.")
+
+
 @pytest.mark.parametrize("kind", ["completions", "chat"])
 def test_streamed_text_equals_whole_text_for_a_seed(client, sutra_server, kind):
     kwargs = dict(model=sutra_server.model, max_tokens=40, temperature=0.9, top_p=0.95, seed=1234)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sutra.core.policies.base import Policy
 from sutra.core.policies.fcfs import FCFSPolicy
@@ -32,22 +32,21 @@ def _fcfs(config: SchedulerConfig, clock: Clock) -> Policy:
     return FCFSPolicy()
 
 
+def _counter_options(config: SchedulerConfig) -> dict[str, Any]:
+    return {
+        "prompt_weight": config.vtc_prompt_weight,
+        "output_weight": config.vtc_output_weight,
+        "client_weights": config.client_weights,
+        "length_prediction": config.length_prediction,
+    }
+
+
 def _vtc(config: SchedulerConfig, clock: Clock) -> Policy:
-    return VTCPolicy(
-        prompt_weight=config.vtc_prompt_weight,
-        output_weight=config.vtc_output_weight,
-        client_weights=config.client_weights,
-        length_prediction=config.length_prediction,
-    )
+    return VTCPolicy(**_counter_options(config))
 
 
 def _lcf(config: SchedulerConfig, clock: Clock) -> Policy:
-    return LCFPolicy(
-        prompt_weight=config.vtc_prompt_weight,
-        output_weight=config.vtc_output_weight,
-        client_weights=config.client_weights,
-        length_prediction=config.length_prediction,
-    )
+    return LCFPolicy(**_counter_options(config))
 
 
 def _rpm(config: SchedulerConfig, clock: Clock) -> Policy:

@@ -6,13 +6,17 @@ weights. Each client has a counter of the (weighted) service it received; admiss
 the queue of the backlogged client with the smallest counter (FCFS within a client). Ties go to the
 client whose head request arrived first.
 
-Counter lift (the VTC-artifact rule, slora/server/router/vtc_req_queue.py, `append`): when a client's
-waiting queue goes from empty to non-empty, its counter becomes
-max(own counter, min counter over the *other* clients with a non-empty waiting queue); when no other
-client waits, there is no lift. A client that was idle therefore banks no credit, yet one that was
-under-served while backlogged keeps its lead. Only a new request lifts: a preempted request going back
-to the queue does not, because its client was not idle. LCF is the same code without the lift, so an
-idle client returns with a low counter and starves the others until it catches up.
+Counter lift: when a client's waiting queue goes from empty to non-empty, its counter becomes
+max(own counter, min counter over the *other active* clients), active meaning with a request waiting
+or running; when no other client is active, there is no lift. A client that was idle therefore banks
+no credit, yet one that was under-served while backlogged keeps its lead. Only a new request lifts: a
+preempted request going back to the queue does not, because its client was not idle. (The
+VTC-artifact, slora/server/router/vtc_req_queue.py `append`, takes the minimum over clients with a
+non-empty waiting queue only. It admits only every few decode steps, so active clients' queues are
+rarely empty there; this scheduler admits every iteration, so a client under its share usually has an
+empty queue while it is served, and a waiting-only rule would let a returning client jump it with a
+stale counter, which is LCF's failure.) LCF is the same code without the lift, so an idle client
+returns with a low counter and starves the others until it catches up.
 
 Charging, with chunked prefill: prompt tokens are charged as their chunks are scheduled (on_scheduled),
 not all at admission. The counter then tracks service actually handed out, a long prompt chunked over
@@ -39,6 +43,7 @@ import heapq
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sutra.core.policies.base import Policy
 from sutra.core.request import Request, RequestStatus
@@ -84,6 +89,7 @@ class VTCPolicy(Policy):
         self.counters: dict[str, float] = {}  # per client: weighted service received (plus lifts)
         self._queues: dict[str, deque[Request]] = {}  # backlogged clients only: scans stay short
         self._num_waiting = 0
+        self._num_active: dict[str, int] = {}  # per client: requests waiting or running
         self._charges: dict[str, _Charge] = {}  # admitted, unfinished requests by id
         self._mean_output_len: dict[str, float] = {}  # per client, for length prediction
 
@@ -100,12 +106,13 @@ class VTCPolicy(Policy):
         queue = self._queues.get(client)
         if queue is None:  # the client's waiting queue was empty
             if self.lift:
-                backlogged = [self.counters[c] for c in self._queues]
-                if backlogged:
-                    self.counters[client] = max(self.counters[client], min(backlogged))
+                active = [self.counters[c] for c in self._num_active if c != client]
+                if active:
+                    self.counters[client] = max(self.counters[client], min(active))
             queue = self._queues[client] = deque()
         queue.append(request)
         self._num_waiting += 1
+        self._num_active[client] = self._num_active.get(client, 0) + 1
 
     def requeue(self, request: Request) -> None:
         client = client_key(request)
@@ -192,10 +199,15 @@ class VTCPolicy(Policy):
             self._charge(client_key(request), self.output_weight * beyond)
 
     def on_finished(self, request: Request) -> None:
+        client = client_key(request)
+        left = self._num_active.get(client, 0) - 1
+        if left > 0:
+            self._num_active[client] = left
+        else:
+            self._num_active.pop(client, None)
         charge = self._charges.pop(request.request_id, None)
         if charge is None:
             return
-        client = client_key(request)
         if charge.predicted > request.num_output_tokens:  # refund the over-charge
             self._charge(client, -self.output_weight * (charge.predicted - request.num_output_tokens))
         if self.length_prediction and request.status in (
@@ -225,14 +237,5 @@ class LCFPolicy(VTCPolicy):
     """Least counter first: VTC's counters and admission without the lift (the reference's LCF
     baseline). An idle client banks credit and, on return, starves everyone until it catches up."""
 
-    def __init__(
-        self,
-        prompt_weight: float = 1.0,
-        output_weight: float = 2.0,
-        client_weights: Mapping[str, float] | None = None,
-        length_prediction: bool = False,
-        prediction_window: int = 5,
-    ) -> None:
-        super().__init__(
-            prompt_weight, output_weight, client_weights, length_prediction, prediction_window, lift=False
-        )
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options, lift=False)
