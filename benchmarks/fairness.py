@@ -185,10 +185,12 @@ def run_policy(wl: dict[str, Any], policy: str, args: argparse.Namespace) -> dic
     elapsed = time.monotonic() - t0
     others = (common.cpu_jiffies()[0] - busy0) / os.sysconf("SC_CLK_TCK") - (time.process_time() - cpu0)
     sched.schedule = inner  # type: ignore[method-assign]
+    preemptions = sched.num_preemptions
     del engine
     gc.collect()
     other = max(0.0, others) / (elapsed * (os.cpu_count() or 1))
     run = {"policy": policy, "elapsed_s": elapsed, "other_cpu_fraction": other, "steps": steps}
+    run["preemptions"] = preemptions
     return run | {"requests": reqs, "service": service, "demand": demand, "output_tokens": out_tok}
 
 
@@ -228,6 +230,7 @@ def metrics(run: dict[str, Any], wl: dict[str, Any], args: argparse.Namespace) -
         "service_diff": {"max": float(diff.max()), "avg": float(diff.mean()), "var": float(diff.var())},
         "abs_diff": {"final": float(absdiff[-1]), "max": float(absdiff.max())},
         "output_tok_s": float(sum(x.sum() for x in run["output_tokens"].values()) / dur),
+        "preemptions": run["preemptions"],
         "requests_s": sum(pc["finished"] for pc in per_client.values()) / dur,
         "steps": run["steps"],
         "other_cpu_fraction": run["other_cpu_fraction"],
@@ -335,7 +338,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{exp}] {pol}: {args.duration:.0f} s ...", flush=True)
             m = metrics(run_policy(wl, pol, args), wl, args)
             entry["policies"][pol] = m
-            print(f"  diff avg {m['service_diff']['avg']:.1f}, out {m['output_tok_s']:.1f} tok/s", flush=True)
+            print(
+                f"  diff avg {m['service_diff']['avg']:.1f}, out {m['output_tok_s']:.1f} tok/s, "
+                f"{m['preemptions']} preemptions",
+                flush=True,
+            )
         ps = entry["policies"]
         for vtc in ("vtc", "vtc-pred"):
             if vtc not in ps or "fcfs" not in ps:
