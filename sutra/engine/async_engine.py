@@ -79,7 +79,7 @@ class _Add:
 class EngineListener(Protocol):
     """Told about every step and abort, on the event loop (metrics, estimates); must be cheap."""
 
-    def on_step(self, engine: AsyncEngine, outputs: list[RequestOutput], seconds: float) -> None: ...
+    def on_step(self, engine: AsyncEngine, outputs: list[RequestOutput]) -> None: ...
 
     def on_abort(self, engine: AsyncEngine, request_id: str) -> None: ...
 
@@ -220,18 +220,14 @@ class AsyncEngine:
             self._apply_pending()
             if not self.engine.has_unfinished_requests():
                 continue
-            started = time.monotonic()
             try:
                 outputs = await loop.run_in_executor(self._executor, self.engine.step)
-            except asyncio.CancelledError:
-                raise
             except Exception as e:  # a bug in a step must not take the server down
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(EngineDeadError(f"the engine step failed: {e}"))
                 continue
-            seconds = time.monotonic() - started
             for listener in self.listeners:
-                listener.on_step(self, outputs, seconds)
+                listener.on_step(self, outputs)
             self._publish(outputs)
 
     def _apply_pending(self) -> None:

@@ -55,7 +55,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
 
     request_id = new_id("chatcmpl")
     client = state.client_of(http_request, body.user)
-    submitted = await submit_all(state, request_id, [prompt], make_params, client, body.priority)
+    submitted = submit_all(state, request_id, [prompt], make_params, client, body.priority)
     tok = engine.tokenizer
     headers = await estimate_headers(state, submitted)
     if body.stream:
@@ -77,7 +77,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
             request_id,
             submitted,
             object_name="chat.completion.chunk",
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            include_usage=body.include_usage,
             to_choice=to_choice,
             preamble=[
                 {"index": i, "delta": role, "logprobs": None, "finish_reason": None} for i in range(body.n)

@@ -73,7 +73,7 @@ class Submitted:
     num_choices: int
 
 
-async def submit_all(
+def submit_all(
     state: ServerState,
     base_id: str,
     prompts: list[list[int]],

@@ -51,7 +51,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
 
     request_id = new_id("cmpl")
     client = state.client_of(http_request, body.user)
-    submitted = await submit_all(state, request_id, prompts, make_params, client, body.priority)
+    submitted = submit_all(state, request_id, prompts, make_params, client, body.priority)
     tok = engine.tokenizer
     headers = await estimate_headers(state, submitted)
     if body.stream:
@@ -70,7 +70,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
             request_id,
             submitted,
             object_name="text_completion",
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            include_usage=body.include_usage,
             to_choice=to_choice,
         )
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -73,11 +72,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        phrase = (
-            HTTPStatus(exc.status_code).phrase if exc.status_code in HTTPStatus._value2member_map_ else ""
-        )
+        # Starlette fills detail with the status phrase when none is given.
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail or phrase), type=type_).response()
+        return APIError(exc.status_code, str(exc.detail), type=type_).response()
 
     @app.exception_handler(APIError)
     async def _on_api(_: Request, exc: APIError) -> JSONResponse:

@@ -116,7 +116,7 @@ class ServerMetrics:
         self._progress: dict[str, _Progress] = {}
 
     # ---- EngineListener --------------------------------------------------------------------
-    def on_step(self, engine: AsyncEngine, outputs: list[RequestOutput], seconds: float) -> None:
+    def on_step(self, engine: AsyncEngine, outputs: list[RequestOutput]) -> None:
         lab = self._labels
         for out in outputs:
             rid, m = out.request_id, out.metrics

@@ -44,6 +44,11 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     priority: int = 0
 
+    @property
+    def include_usage(self) -> bool:
+        """A final chunk with usage is wanted (streaming only)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def _unsupported(self) -> None:
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
