@@ -6,12 +6,15 @@ block_size, num_kv_heads, head_dim].
 Decodes (query length 1) run in one batched call: on CPU a C++ kernel that reads each cached row
 once from its block (cpu_kernels.py); elsewhere, or without a compiler, a torch path that gathers
 whole blocks (index_select over block ids, ~10x faster than gathering token slots) and folds the
-query heads that share a KV head into one SDPA call. Prefill chunks run one SDPA call each.
+query heads that share a KV head into one SDPA call. Prefill chunks run one call each: in bf16 on
+CPUs with AVX512-BF16 a C++ kernel that reads the context from the paged cache (3x torch's SDPA),
+otherwise SDPA.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +36,8 @@ class PrefillSlice:
     start: int  # token range [start, end) in the flattened batch
     end: int
     context_len: int  # cached tokens + this chunk
-    block_ids: torch.Tensor | None  # blocks holding the context; None when the chunk is all of it
-    mask: torch.Tensor | None  # [query_len, context_len] allow-mask; None means plain causal
+    block_ids: torch.Tensor  # the blocks holding the context, this chunk's own tokens included
+    mask: torch.Tensor | None  # [query_len, context_len] allow-mask; None when the chunk is all of it
 
 
 @dataclass
@@ -72,9 +75,9 @@ def build_metadata(slices: list[SeqSlice], block_size: int, device: torch.device
     start = num_decodes
     for s in slices[num_decodes:]:
         ctx = s.num_computed + s.query_len
-        block_ids = mask_ = None
+        block_ids = torch.tensor(s.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
+        mask_ = None
         if s.num_computed > 0:
-            block_ids = torch.tensor(s.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
             q_pos = torch.arange(s.num_computed, ctx, device=device)
             mask_ = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
         prefills.append(PrefillSlice(start, start + s.query_len, ctx, block_ids, mask_))
@@ -136,10 +139,16 @@ def paged_attention(
     out = q.new_empty(q.shape)
     if d:
         out[:d] = decoded
+    kernels = _bf16_prefill_kernels(q, k_cache)
     for p in meta.prefills:
         qs = q[p.start : p.end]
         n = p.end - p.start
-        if p.block_ids is None:
+        if kernels is not None:
+            out[p.start : p.end] = kernels.prefill_attention(
+                qs, k_cache, v_cache, p.block_ids, p.context_len, scale
+            )
+            continue
+        if p.mask is None:
             ks, vs = k[p.start : p.end], v[p.start : p.end]
         else:
             ks, vs = gather_kv(k_cache, v_cache, p.block_ids)
@@ -152,6 +161,17 @@ def paged_attention(
         )
         out[p.start : p.end] = o.permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
     return out.view(num_tokens, num_heads * head_dim)
+
+
+def _bf16_prefill_kernels(q: torch.Tensor, k_cache: torch.Tensor) -> ModuleType | None:
+    """The C++ kernels when the bf16 prefill kernel covers these shapes, else None."""
+    _, num_kv_heads, head_dim, block_size = k_cache.shape
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or block_size % 16 or head_dim % 32:
+        return None
+    if q.shape[1] // num_kv_heads > 12:  # more query heads per KV head than the kernel's registers
+        return None
+    kernels = cpu_kernels()
+    return kernels if kernels is not None and kernels.prefill_attention_supported() else None
 
 
 def _decode_attention(

@@ -10,7 +10,10 @@ from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "fused_ops.cpp")]
+SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("decode_attention.cpp", "fused_ops.cpp", "prefill_attention.cpp", "small_batch_linear.cpp")
+]
 
 
 @functools.cache
@@ -25,7 +28,9 @@ def cpu_kernels() -> ModuleType | None:
         return load(
             name="sutra_cpu_kernels",
             sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-ffast-math"],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            # at::parallel_for is a header template: without OpenMP here it runs serially.
+            extra_ldflags=["-fopenmp"],
             build_directory=str(cache),
             verbose=False,
         )

@@ -11,19 +11,19 @@ import torch.nn.functional as F
 
 from sutra.model.arch import ModelArch
 from sutra.model.attention import AttentionMetadata, paged_attention
-from sutra.model.linear import Linear
+from sutra.model.linear import SMALL_BATCH_MAX_BYTES, Linear
 from sutra.model.ops import select_ops
 from sutra.model.rope import RotaryEmbedding
 
 
 class LlamaLayer:
-    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], small_batch: bool) -> None:
         self.input_norm = weights["input_layernorm"]
         self.post_norm = weights["post_attention_layernorm"]
-        self.qkv = Linear(weights["qkv"], weights.get("qkv_bias"))
-        self.o = Linear(weights["o"])
-        self.gate_up = Linear(weights["gate_up"])
-        self.down = Linear(weights["down"])
+        self.qkv = Linear(weights["qkv"], weights.get("qkv_bias"), small_batch)
+        self.o = Linear(weights["o"], small_batch=small_batch)
+        self.gate_up = Linear(weights["gate_up"], small_batch=small_batch)
+        self.down = Linear(weights["down"], small_batch=small_batch)
 
 
 class LlamaModel:
@@ -42,10 +42,12 @@ class LlamaModel:
         self.device = device
         self.scale = arch.head_dim**-0.5
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        small_batch = sum(t.numel() * t.element_size() for t in w.values()) <= SMALL_BATCH_MAX_BYTES
         self.embed = w["model.embed_tokens.weight"]
-        self.lm_head = Linear(self.embed if arch.tie_word_embeddings else w["lm_head.weight"])
+        lm_head = self.embed if arch.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = Linear(lm_head, small_batch=small_batch)
         self.norm = w["model.norm.weight"]
-        self.layers = [self._fuse_layer(w, i) for i in range(arch.num_layers)]
+        self.layers = [self._fuse_layer(w, i, small_batch) for i in range(arch.num_layers)]
         self.ops = select_ops(device)
         self.rope = RotaryEmbedding(
             arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype, device
@@ -59,7 +61,7 @@ class LlamaModel:
         gen = torch.Generator(device=device).manual_seed(seed)
         return cls(arch, random_weights(arch, gen, dtype, device), dtype, device, max_positions)
 
-    def _fuse_layer(self, w: dict[str, torch.Tensor], i: int) -> LlamaLayer:
+    def _fuse_layer(self, w: dict[str, torch.Tensor], i: int, small_batch: bool) -> LlamaLayer:
         p = f"model.layers.{i}."
         fused = {
             "input_layernorm": w.pop(p + "input_layernorm.weight"),
@@ -71,7 +73,7 @@ class LlamaModel:
         }
         if p + "self_attn.q_proj.bias" in w:
             fused["qkv_bias"] = torch.cat([w.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-        return LlamaLayer(fused)
+        return LlamaLayer(fused, small_batch)
 
     def forward(
         self,

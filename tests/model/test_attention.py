@@ -105,3 +105,68 @@ def test_bf16_decode_kernel_matches_torch_path(monkeypatch):
     monkeypatch.setattr(attention, "cpu_kernels", lambda: None)
     slow = paged_attention(q, k, v, k_cache, v_cache, meta, DIM**-0.5)
     torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
+
+
+def _needs_bf16_prefill_kernel() -> None:
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("the C++ CPU kernels could not be compiled here (see the logged warning)")
+    if not kernels.prefill_attention_supported():
+        pytest.skip("the bf16 prefill kernel needs a CPU with AVX512-BF16")
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,block,shapes",
+    [
+        (9, 3, 64, 16, [(0, 37), (20, 1), (0, 1), (45, 19)]),  # SmolLM2's grouping; chunks after cache
+        (4, 4, 32, 16, [(0, 16), (16, 16), (3, 40)]),  # no grouping, tile-aligned contexts
+        (16, 2, 128, 32, [(0, 70), (33, 5)]),  # 8 query heads per KV head, head_dim 128, 32-token blocks
+        (12, 1, 64, 16, [(10, 30)]),  # 12 query heads on one KV head
+    ],
+)
+def test_bf16_prefill_kernel_matches_fp32_reference(heads, kv_heads, dim, block, shapes):
+    """The AVX512-BF16 prefill kernel, reached through paged_attention, against fp32 attention on the
+    same bf16 values: within bf16 rounding of the output."""
+    _needs_bf16_prefill_kernel()
+    torch.manual_seed(0)
+    k_shape, v_shape = kv_cache_shapes(64, block, kv_heads, dim)
+    k_cache = torch.zeros(k_shape, dtype=torch.bfloat16)
+    v_cache = torch.zeros(v_shape, dtype=torch.bfloat16)
+    free = list(range(64))
+    random.Random(0).shuffle(free)
+    slices, full_k, full_v = [], [], []
+    for cached, new in shapes:
+        blocks = [free.pop() for _ in range(-(-(cached + new) // block))]
+        ks = torch.randn(cached + new, kv_heads, dim, dtype=torch.bfloat16)
+        vs = torch.randn(cached + new, kv_heads, dim, dtype=torch.bfloat16)
+        slots = torch.tensor(
+            [blocks[p // block] * block + p % block for p in range(cached)], dtype=torch.long
+        )
+        write_kv(ks[:cached], vs[:cached], k_cache, v_cache, slots)
+        slices.append(SeqSlice(blocks, cached, new))
+        full_k.append(ks)
+        full_v.append(vs)
+    # A 1-token chunk after cached context counts as a decode; keep the batch order the runner uses.
+    order = sorted(range(len(shapes)), key=lambda i: shapes[i][1] != 1)
+    slices = [slices[i] for i in order]
+    shapes, full_k, full_v = (
+        [shapes[i] for i in order],
+        [full_k[i] for i in order],
+        [full_v[i] for i in order],
+    )
+    q = torch.randn(sum(n for _, n in shapes), heads, dim, dtype=torch.bfloat16)
+    k_new = torch.cat([ks[c:] for ks, (c, _) in zip(full_k, shapes, strict=True)])
+    v_new = torch.cat([vs[c:] for vs, (c, _) in zip(full_v, shapes, strict=True)])
+    meta = build_metadata(slices, block, torch.device("cpu"))
+    write_kv(k_new, v_new, k_cache, v_cache, meta.slot_mapping)
+    out = paged_attention(q, k_new, v_new, k_cache, v_cache, meta, dim**-0.5).float()
+    group, start = heads // kv_heads, 0
+    for (cached, new), ks, vs in zip(shapes, full_k, full_v, strict=True):
+        qs = q[start : start + new].float()
+        kk, vv = ks.float().repeat_interleave(group, 1), vs.float().repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", qs, kk) * dim**-0.5
+        q_pos = torch.arange(cached, cached + new)[:, None]
+        scores = scores.masked_fill(torch.arange(cached + new)[None, :] > q_pos, float("-inf"))
+        expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(new, heads * dim)
+        torch.testing.assert_close(out[start : start + new], expected, rtol=2e-2, atol=2e-2)
+        start += new
