@@ -103,14 +103,15 @@ def run_policy(wl: dict[str, Any], policy: str, args: argparse.Namespace) -> dic
     from sutra.engine.engine import LLMEngine
     from sutra.sampling_params import SamplingParams
 
-    weights = wl["weights"] if policy in ("vtc", "vtc-pred", "lcf") else {}
+    weights = wl["weights"] if policy in ("vtc", "vtc-plain", "lcf") else {}
     config = EngineConfig(
         ModelConfig(dtype="bfloat16", num_threads=args.threads),
         CacheConfig(num_blocks=args.num_blocks),
         SchedulerConfig(
-            # vtc-pred: VTC charging a predicted output length at admission (the paper's variant).
-            policy="vtc" if policy == "vtc-pred" else policy,
-            length_prediction=policy == "vtc-pred",
+            # vtc charges a predicted output length at admission (the default); vtc-plain charges
+            # output only as it is generated, as the paper's base algorithm and its LCF baseline do.
+            policy="vtc" if policy == "vtc-plain" else policy,
+            length_prediction=policy == "vtc",
             max_num_seqs=args.max_num_seqs,
             client_weights=weights,
             rpm_limit=wl["rpm_limit"],
@@ -304,7 +305,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiments", default="overload,onoff,weighted")
-    p.add_argument("--policies", default="vtc,fcfs,lcf,rpm")
+    p.add_argument("--policies", default="vtc,vtc-plain,fcfs,lcf,rpm")
     p.add_argument("--duration", type=float, default=120.0, help="seconds per experiment and policy")
     p.add_argument("--window", type=float, default=20.0, help="metric window, seconds")
     p.add_argument("--warmup", type=float, default=20.0, help="seconds left out of the fairness metrics")
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         entry = {"clients": wl["clients"], "rpm_limit": wl["rpm_limit"], "U": u, "bound_2U": 2 * u}
         entry["policies"] = {}
         for pol in policies:
-            if exp == "weighted" and pol not in ("vtc", "vtc-pred", "fcfs"):
+            if exp == "weighted" and pol not in ("vtc", "vtc-plain", "fcfs"):
                 continue
             print(f"[{exp}] {pol}: {args.duration:.0f} s ...", flush=True)
             m = metrics(run_policy(wl, pol, args), wl, args)
@@ -344,10 +345,10 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         ps = entry["policies"]
-        for vtc in ("vtc", "vtc-pred"):
+        for vtc in ("vtc", "vtc-plain"):
             if vtc not in ps or "fcfs" not in ps:
                 continue
-            suffix = "" if vtc == "vtc" else "_pred"
+            suffix = "" if vtc == "vtc" else "_plain"
             entry.setdefault("ratios", {}).update(
                 {
                     f"fcfs_over_vtc{suffix}_service_diff_avg": ps["fcfs"]["service_diff"]["avg"]

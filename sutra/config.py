@@ -39,7 +39,8 @@ class SchedulerConfig:
     client_weights: dict[str, float] = field(default_factory=dict)
     vtc_prompt_weight: float = 1.0  # w_p: the cost of one prompt token (vtc, lcf)
     vtc_output_weight: float = 2.0  # w_q: the cost of one generated token (vtc, lcf)
-    length_prediction: bool = False  # vtc, lcf: charge a predicted output length at admission
+    # vtc, lcf: charge a predicted output length at admission (VTC's variant; steadier shares).
+    length_prediction: bool = True
     rpm_limit: int = 30  # rpm: requests one client may start per minute
 
     def __post_init__(self) -> None:

@@ -154,34 +154,40 @@ def test_weights_give_proportional_service():
         assert rates[c] / rates["w1"] == pytest.approx(w, rel=0.10)
 
 
-def _on_off(policy: str) -> tuple[dict[int, int], list[str]]:
+def _on_off(policy: str, length_prediction: bool) -> tuple[dict[int, int], list[str]]:
     """A is backlogged; B sends for 200 iterations, is off until 1000, then is backlogged again.
-    Returns A's admissions per 100-iteration window after B's return, and the owners of the first
-    requests admitted after it."""
-    scheduler = make_scheduler(num_blocks=4000, max_seqs=16, policy=policy, prefix_caching=False)
+    Returns A's admissions per 100-iteration window after B's return, and the owners of the
+    requests admitted after it, in order."""
+    scheduler = make_scheduler(
+        num_blocks=4000, max_seqs=16, policy=policy, prefix_caching=False, length_prediction=length_prediction
+    )
     a = Client("A", backlog=4)
     b = Client("B", backlog=4, active=lambda it: it < 200 or it >= 1000)
     a_admits: dict[int, int] = {}
-    first: list[str] = []
+    owners_after: list[str] = []
 
     def on_step(it: int, out) -> None:
         if it < 1000:
             return
+        # No preemption here: every new request is a first admission.
         owners = [scheduler.requests[new.request_id].client for new in out.new_requests]
-        if owners and not first:
-            first.extend(owners)  # no preemption here: every new request is a first admission
+        owners_after.extend(owners)
         window = (it - 1000) // 100
         a_admits[window] = a_admits.get(window, 0) + owners.count("A")
 
     run(scheduler, [a, b], 1600, on_step=on_step)
-    return a_admits, first
+    return a_admits, owners_after
 
 
-def test_on_off_client_no_banked_credit_vtc_vs_lcf():
-    vtc_admits, vtc_first = _on_off("vtc")
-    lcf_admits, lcf_first = _on_off("lcf")
-    # Both serve the returning client at once: the first seats that free up go to B.
-    assert vtc_first[0] == "B" and lcf_first[0] == "B"
+@pytest.mark.parametrize("length_prediction", [False, True])
+def test_on_off_client_no_banked_credit_vtc_vs_lcf(length_prediction):
+    vtc_admits, vtc_order = _on_off("vtc", length_prediction)
+    lcf_admits, lcf_order = _on_off("lcf", length_prediction=False)
+    # Both serve the returning client at once. Plain VTC gives B the first seat that frees up; with
+    # length prediction A's counter already covers its running requests' output, B is lifted to a
+    # tie with it, the older head request (A's) takes one seat and B the next.
+    assert vtc_order.index("B") == (1 if length_prediction else 0), vtc_order[:4]
+    assert lcf_order[0] == "B"
     # VTC: no banked credit, A keeps being admitted in every window (about half of ~48).
     assert all(n >= 15 for n in vtc_admits.values()), vtc_admits
     # LCF: B's banked credit (its counter stayed low while it was away) starves A for the

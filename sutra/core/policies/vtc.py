@@ -26,7 +26,8 @@ never charged twice (the client did not cause it). Cost is defined on the reques
 reference, so prefix-cache hits are charged like computed tokens: a client's share does not depend on
 what others left in the cache. Generated tokens are charged w_q each as they come (on_generated).
 
-Length prediction (optional, the artifact's vtc_pred_len variant): at admission the client is charged
+Length prediction (the artifact's vtc_pred_len variant; the engine's default, SchedulerConfig, while
+the class defaults to the plain algorithm): at admission the client is charged
 w_q times the predicted output length, then only tokens beyond the prediction as they come, and the
 over-charge is refunded when the request ends. The predictor is the artifact's: a per-client moving
 average of finished requests' output lengths with window 5 (avg = (avg * 4 + new) / 5, starting at the
