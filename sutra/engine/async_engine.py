@@ -217,7 +217,11 @@ class AsyncEngine:
             if not (self._pending_adds or self._pending_aborts or self.engine.has_unfinished_requests()):
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            self._apply_pending()
+            added = self._apply_pending()
+            if added:
+                # The estimate replays the scheduler over the whole queue: off the event loop.
+                estimates = await loop.run_in_executor(self._executor, self._estimates, added)
+                self._publish_estimates(added, estimates)
             if not self.engine.has_unfinished_requests():
                 continue
             try:
@@ -230,7 +234,8 @@ class AsyncEngine:
                 listener.on_step(self, outputs)
             self._publish(outputs)
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self) -> list[str]:
+        """Hands queued adds and aborts to the engine; returns the ids it took."""
         adds, self._pending_adds = self._pending_adds, []
         aborts, self._pending_aborts = self._pending_aborts, []
         added: list[str] = []
@@ -254,18 +259,21 @@ class AsyncEngine:
                 stream.admitted.set_result(None)
         for request_id in aborts:
             self.engine.abort_request(request_id)
-        if added:
-            self._estimate(added)
+        return added
 
-    def _estimate(self, request_ids: list[str]) -> None:
-        now = time.monotonic()
+    def _estimates(self, request_ids: list[str]) -> dict[str, float]:
         try:
-            estimates = self.engine.estimate_finishes(request_ids)
+            return self.engine.estimate_finishes(request_ids)
         except Exception:  # an estimate is a courtesy; never let it fail a request
             logger.exception("completion estimate failed")
-            estimates = {}
+            return {}
+
+    def _publish_estimates(self, request_ids: list[str], estimates: dict[str, float]) -> None:
+        now = time.monotonic()
         for rid in request_ids:
-            stream = self._streams[rid]
+            stream = self._streams.get(rid)
+            if stream is None or stream.admitted.done():
+                continue  # aborted (or failed) while the estimate ran
             seconds = estimates.get(rid)
             stream.estimate = None if seconds is None else (seconds, now)
             stream.admitted.set_result(seconds)

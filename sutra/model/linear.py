@@ -9,6 +9,8 @@ The second copy doubles the weights' memory, so models only get it below SMALL_B
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +29,7 @@ def _packed_supported(weight: torch.Tensor) -> bool:
     )
 
 
-def small_batch_kernels(weight: torch.Tensor):  # -> the kernels module, or None
+def small_batch_kernels(weight: torch.Tensor) -> ModuleType | None:
     """The C++ kernels if they can run this weight's small batches."""
     out_features, in_features = weight.shape
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or out_features % 16 or in_features % 8:
