@@ -8,9 +8,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -40,36 +38,17 @@ void add_rms_norm_kernel(T* x, T* residual, const T* weight, int64_t rows, int64
 }
 
 #if defined(__AVX512BF16__)
-inline __m512 bf16_to_f32(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline __m512 round_to_bf16(__m512 x) {  // round-to-nearest-even to bf16 and back, as torch rounds
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-
-// e^x to ~1e-7 relative over the float range used here: 2^round * a degree-6 polynomial of 2^frac.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
+using simd::exp512;
+using simd::load16;
+using simd::round_to_bf16;
+using simd::store16;
 
 // 16 outputs of bf16 SwiGLU, rounding where unfused torch rounds (after silu, after the product).
 inline void silu_and_mul16(const at::BFloat16* g, const at::BFloat16* u, at::BFloat16* o) {
-  const __m512 gv = bf16_to_f32(g);
+  const __m512 gv = load16(g);
   const __m512 one = _mm512_set1_ps(1.f);
   const __m512 silu = round_to_bf16(_mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, bf16_to_f32(u))));
+  store16(o, _mm512_mul_ps(silu, load16(u)));
 }
 #endif
 
@@ -113,12 +92,12 @@ void rotary_cache_kernel(T* qkv, int64_t row_stride, const T* cos, const T* sin,
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<T, at::BFloat16>)
           for (; i + 16 <= half; i += 16) {
-            const __m512 x1 = bf16_to_f32(x + i), x2 = bf16_to_f32(x + i + half);
-            const __m512 ci = bf16_to_f32(c + i), si = bf16_to_f32(s + i);
+            const __m512 x1 = load16(x + i), x2 = load16(x + i + half);
+            const __m512 ci = load16(c + i), si = load16(s + i);
             const __m512 r1 = _mm512_fmsub_ps(x1, ci, _mm512_mul_ps(x2, si));
             const __m512 r2 = _mm512_fmadd_ps(x2, ci, _mm512_mul_ps(x1, si));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i), (__m256i)_mm512_cvtneps_pbh(r1));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i + half), (__m256i)_mm512_cvtneps_pbh(r2));
+            store16(x + i, r1);
+            store16(x + i + half, r2);
           }
 #endif
         for (; i < half; ++i) {

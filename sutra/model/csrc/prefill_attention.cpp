@@ -21,9 +21,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -32,6 +30,7 @@ constexpr int kMaxRowHeads = 12;
 #if defined(__AVX512BF16__)
 
 using bf16 = at::BFloat16;
+using simd::exp512;
 
 inline __m512i load_pair_broadcast(const bf16* p) {
   int32_t bits;
@@ -87,22 +86,6 @@ constexpr std::array<ValuesFn, sizeof...(RH)> values_table(std::integer_sequence
   return {slice_values<RH + 1>...};
 }
 
-// e^x for x <= 0, as in decode_attention.cpp.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // probs[0, n) = bf16(exp(scale * (s - max))) over the first `visible` scores, zero after; returns
 // the sum of the rounded probabilities, so normalizing afterwards matches what was multiplied in.
 inline float softmax_numerators(const float* s, int64_t visible, int64_t n, float scale, bf16* probs) {
@@ -117,7 +100,7 @@ inline float softmax_numerators(const float* s, int64_t visible, int64_t n, floa
     const __m256bh rounded = _mm512_cvtneps_pbh(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + t), (__m256i)rounded);
     // Sum what was rounded: widen bf16 back to fp32.
-    acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)rounded), 16)));
+    acc = _mm512_add_ps(acc, simd::widen_bf16((__m256i)rounded));
   }
   return _mm512_reduce_add_ps(acc);
 }
@@ -237,7 +220,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
           const int64_t i = r / group, g = r % group;
           bf16* dst = op + ((row0 + i) * num_heads + h * group + g) * head_dim + s * 16;
           const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * 16), _mm512_set1_ps(1.f / sums[r]));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(o));
+          simd::store16(dst, o);
         }
       }
     }

@@ -11,9 +11,7 @@
 
 #include <cstring>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -57,14 +55,10 @@ void tiles_kernel(const at::BFloat16* x, int64_t k, const at::BFloat16* packed, 
         }
       }
     }
-    __m512 b = _mm512_setzero_ps();
-    if (bias != nullptr)
-      b = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + tile * 16))), 16));
+    const __m512 b = bias != nullptr ? simd::load16(bias + tile * 16) : _mm512_setzero_ps();
     for (int m = 0; m < M; ++m) {
       const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * n + tile * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sum, b)));
+      simd::store16(y + m * n + tile * 16, _mm512_add_ps(sum, b));
     }
   }
 }
