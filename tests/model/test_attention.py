@@ -34,6 +34,27 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: in
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(q.shape[0], HEADS * DIM)
 
 
+def _sequences(
+    shapes: list[tuple[int, int]], free: list[int], k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> tuple[list[SeqSlice], list[torch.Tensor], list[torch.Tensor]]:
+    """For each (cached, new) shape: blocks from `free`, random K/V for all its tokens, and the cached
+    part already written to the cache, as earlier steps would have. Returns the slices and full K/V."""
+    block = v_cache.shape[1]
+    slices, full_k, full_v = [], [], []
+    for cached, new in shapes:
+        blocks = [free.pop() for _ in range(-(-(cached + new) // block))]
+        ks = torch.randn(cached + new, *v_cache.shape[2:], dtype=v_cache.dtype)
+        vs = torch.randn(cached + new, *v_cache.shape[2:], dtype=v_cache.dtype)
+        slots = torch.tensor(
+            [blocks[p // block] * block + p % block for p in range(cached)], dtype=torch.long
+        )
+        write_kv(ks[:cached], vs[:cached], k_cache, v_cache, slots)
+        slices.append(SeqSlice(blocks, cached, new))
+        full_k.append(ks)
+        full_v.append(vs)
+    return slices, full_k, full_v
+
+
 @pytest.fixture(params=["torch", "cpu_kernel"])
 def backend(request, monkeypatch):
     """Both decode paths: the C++ kernel (compiled on first use) and the pure-torch one."""
@@ -55,18 +76,7 @@ def test_mixed_batch_matches_dense_reference(seed, block, backend):
     rng.shuffle(free)
     # (cached tokens, new tokens): decodes first, then a fresh prompt and chunks after cached context.
     shapes = [(rng.randrange(0, 20), 1) for _ in range(3)] + [(0, 9), (7, 5), (12, 1 + rng.randrange(1, 6))]
-    slices, full_k, full_v = [], [], []
-    for cached, new in shapes:
-        blocks = [free.pop() for _ in range(-(-(cached + new) // block))]
-        ks, vs = torch.randn(cached + new, KV_HEADS, DIM), torch.randn(cached + new, KV_HEADS, DIM)
-        # Earlier steps wrote the cached part.
-        slots = torch.tensor(
-            [blocks[pos // block] * block + pos % block for pos in range(cached)], dtype=torch.long
-        )
-        write_kv(ks[:cached], vs[:cached], k_cache, v_cache, slots)
-        slices.append(SeqSlice(blocks, cached, new))
-        full_k.append(ks)
-        full_v.append(vs)
+    slices, full_k, full_v = _sequences(shapes, free, k_cache, v_cache)
     q = torch.randn(sum(n for _, n in shapes), HEADS, DIM)
     k_new = torch.cat([ks[c:] for ks, (c, _) in zip(full_k, shapes, strict=True)])
     v_new = torch.cat([vs[c:] for vs, (c, _) in zip(full_v, shapes, strict=True)])
@@ -134,18 +144,7 @@ def test_bf16_prefill_kernel_matches_fp32_reference(heads, kv_heads, dim, block,
     v_cache = torch.zeros(v_shape, dtype=torch.bfloat16)
     free = list(range(64))
     random.Random(0).shuffle(free)
-    slices, full_k, full_v = [], [], []
-    for cached, new in shapes:
-        blocks = [free.pop() for _ in range(-(-(cached + new) // block))]
-        ks = torch.randn(cached + new, kv_heads, dim, dtype=torch.bfloat16)
-        vs = torch.randn(cached + new, kv_heads, dim, dtype=torch.bfloat16)
-        slots = torch.tensor(
-            [blocks[p // block] * block + p % block for p in range(cached)], dtype=torch.long
-        )
-        write_kv(ks[:cached], vs[:cached], k_cache, v_cache, slots)
-        slices.append(SeqSlice(blocks, cached, new))
-        full_k.append(ks)
-        full_v.append(vs)
+    slices, full_k, full_v = _sequences(shapes, free, k_cache, v_cache)
     # A 1-token chunk after cached context counts as a decode; keep the batch order the runner uses.
     order = sorted(range(len(shapes)), key=lambda i: shapes[i][1] != 1)
     slices = [slices[i] for i in order]
