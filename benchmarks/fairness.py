@@ -25,7 +25,10 @@ Workloads (lengths 128 in / 128 out; the paper's are 256 / 256 on an A10G):
   then on and off in turns. Under LCF B banks credit while away and starves A on return; VTC lifts
   B's counter so it is served at once, sharing equally, with no banked credit.
 - weighted: clients w1..w4 with weights 1:2:3:4 (client_weights), each at 2 requests/s; service
-  rates should be 1:2:3:4 under VTC. Run for vtc and fcfs only (the others are not weighted policies).
+  rates should be 1:2:3:4 under VTC. Run for vtc, vtc-plain and fcfs only (the others are not
+  weighted policies).
+Policies: vtc as the engine runs it (charging a predicted output length at admission), vtc-plain
+(the paper's base algorithm, charging output as it is generated), and the baselines fcfs, lcf, rpm.
 RPM's limit is the light client's send rate per minute (120 here), so A is never limited and B is
 held to A's rate: the engine then serves FCFS among what RPM lets through.
 
