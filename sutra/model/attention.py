@@ -13,6 +13,7 @@ otherwise SDPA.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -37,7 +38,16 @@ class PrefillSlice:
     end: int
     context_len: int  # cached tokens + this chunk
     block_ids: torch.Tensor  # the blocks holding the context, this chunk's own tokens included
-    mask: torch.Tensor | None  # [query_len, context_len] allow-mask; None when the chunk is all of it
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor | None:
+        """[query_len, context_len] allow-mask for the SDPA path; None when the chunk is all of its
+        context (plain causal). Built on first use, once per step: the C++ kernel needs none."""
+        if self.context_len == self.end - self.start:
+            return None
+        device = self.block_ids.device
+        q_pos = torch.arange(self.context_len - (self.end - self.start), self.context_len, device=device)
+        return torch.arange(self.context_len, device=device)[None, :] <= q_pos[:, None]
 
 
 @dataclass
@@ -76,11 +86,7 @@ def build_metadata(slices: list[SeqSlice], block_size: int, device: torch.device
     for s in slices[num_decodes:]:
         ctx = s.num_computed + s.query_len
         block_ids = torch.tensor(s.block_ids[: -(-ctx // block_size)], dtype=torch.long, device=device)
-        mask_ = None
-        if s.num_computed > 0:
-            q_pos = torch.arange(s.num_computed, ctx, device=device)
-            mask_ = torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
-        prefills.append(PrefillSlice(start, start + s.query_len, ctx, block_ids, mask_))
+        prefills.append(PrefillSlice(start, start + s.query_len, ctx, block_ids))
         start += s.query_len
     return AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
@@ -165,13 +171,15 @@ def paged_attention(
 
 def _bf16_prefill_kernels(q: torch.Tensor, k_cache: torch.Tensor) -> ModuleType | None:
     """The C++ kernels when the bf16 prefill kernel covers these shapes, else None."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return None
     _, num_kv_heads, head_dim, block_size = k_cache.shape
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or block_size % 16 or head_dim % 32:
-        return None
-    if q.shape[1] // num_kv_heads > 12:  # more query heads per KV head than the kernel's registers
-        return None
     kernels = cpu_kernels()
-    return kernels if kernels is not None and kernels.prefill_attention_supported() else None
+    if kernels is None or not kernels.prefill_attention_supports(
+        q.shape[1], num_kv_heads, head_dim, block_size
+    ):
+        return None
+    return kernels
 
 
 def _decode_attention(

@@ -31,11 +31,12 @@ def _packed_supported(weight: torch.Tensor) -> bool:
 
 def small_batch_kernels(weight: torch.Tensor) -> ModuleType | None:
     """The C++ kernels if they can run this weight's small batches."""
-    out_features, in_features = weight.shape
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or out_features % 16 or in_features % 8:
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
     kernels = cpu_kernels()
-    return kernels if kernels is not None and kernels.small_batch_linear_supported() else None
+    if kernels is None or not kernels.small_batch_linear_supports(*weight.shape):
+        return None
+    return kernels
 
 
 class Linear:

@@ -121,7 +121,7 @@ def _needs_bf16_prefill_kernel() -> None:
     kernels = cpu_kernels()
     if kernels is None:
         pytest.skip("the C++ CPU kernels could not be compiled here (see the logged warning)")
-    if not kernels.prefill_attention_supported():
+    if not kernels.prefill_attention_supports(9, 3, 64, 16):
         pytest.skip("the bf16 prefill kernel needs a CPU with AVX512-BF16")
 
 

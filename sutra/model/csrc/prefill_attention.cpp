@@ -107,9 +107,12 @@ inline float softmax_numerators(const float* s, int64_t visible, int64_t n, floa
 
 #endif  // __AVX512BF16__
 
-bool supported() {
+// Whether this build runs these shapes: AVX512-BF16, up to kMaxRowHeads query heads per KV head,
+// whole pairs and 16-dim slices of head_dim, 16-key tiles that never straddle a block.
+bool supports(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size) {
 #if defined(__AVX512BF16__)
-  return true;
+  return num_kv_heads > 0 && num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxRowHeads &&
+         head_dim % 32 == 0 && block_size % 16 == 0;
 #else
   return false;
 #endif
@@ -128,9 +131,9 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
   const int64_t n = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(3);
+  TORCH_CHECK(supports(num_heads, num_kv_heads, head_dim, block_size), "prefill_attention does not cover heads ",
+              num_heads, "/", num_kv_heads, ", head_dim ", head_dim, ", block size ", block_size);
   const int64_t group = num_heads / num_kv_heads;
-  TORCH_CHECK(num_heads % num_kv_heads == 0 && group <= kMaxRowHeads, "unsupported head grouping");
-  TORCH_CHECK(head_dim % 32 == 0 && block_size % 16 == 0, "head_dim must be a multiple of 32, blocks of 16");
   TORCH_CHECK(n >= 1 && n <= context_len, "the chunk must lie inside its context");
   auto blocks_t = block_ids.to(at::kLong).contiguous();
   TORCH_CHECK(blocks_t.numel() * block_size >= context_len, "too few blocks for the context");
@@ -232,6 +235,6 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
 }  // namespace
 
 void register_prefill_attention(pybind11::module& m) {
-  m.def("prefill_attention_supported", &supported, "whether this build has the AVX512-BF16 prefill kernel");
+  m.def("prefill_attention_supports", &supports, "whether prefill_attention covers (heads, kv_heads, head_dim, block)");
   m.def("prefill_attention", &prefill_attention, "paged causal prefill attention, bf16 (CPU)");
 }

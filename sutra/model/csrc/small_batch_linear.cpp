@@ -18,9 +18,11 @@ namespace {
 constexpr int64_t kMaxRows = 4;
 constexpr int64_t kChains = 4;  // independent sums per output tile, to hide the instruction's latency
 
-bool small_batch_linear_supported() {
+// Whether this build runs a [out_features, in_features] weight: AVX512-BF16, whole 16-output tiles,
+// inputs in whole steps of the kChains pairs summed side by side.
+bool small_batch_linear_supports(int64_t out_features, int64_t in_features) {
 #if defined(__AVX512BF16__)
-  return true;
+  return out_features % 16 == 0 && in_features % (2 * kChains) == 0;
 #else
   return false;
 #endif
@@ -29,7 +31,7 @@ bool small_batch_linear_supported() {
 at::Tensor pack_small_batch_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "weight must be a bf16 [N, K] matrix");
   const int64_t n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(n % 16 == 0 && k % (2 * kChains) == 0, "weight shape must be [16a, 8b]");
+  TORCH_CHECK(small_batch_linear_supports(n, k), "small_batch_linear does not cover a [", n, ", ", k, "] weight");
   auto w = weight.contiguous();
   // [N/16, 16, K/2, 2] -> [N/16, K/2, 16, 2]
   return w.view({n / 16, 16, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
@@ -102,7 +104,7 @@ at::Tensor small_batch_linear(const at::Tensor& x, const at::Tensor& packed, con
 }  // namespace
 
 void register_small_batch_linear(pybind11::module& m) {
-  m.def("small_batch_linear_supported", &small_batch_linear_supported, "whether the AVX512-BF16 path is built");
+  m.def("small_batch_linear_supports", &small_batch_linear_supports, "whether a [N, K] weight is covered");
   m.def("pack_small_batch_weight", &pack_small_batch_weight, "repack a bf16 [N, K] weight into 16-output tiles");
   m.def("small_batch_linear", &small_batch_linear, "x @ W.T (+ bias) for 1 to 4 bf16 rows");
 }
