@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sutra.core.batch_rules import BatchRules
 from sutra.core.request import Request, RequestStatus
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ def estimate_finishes(
     max_waiting: int = 10_000,
 ) -> list[float]:
     """estimate_finish for several requests from one simulation (a burst of arrivals costs one)."""
-    cfg = scheduler.config
+    rules = scheduler.rules
     running = [
         _Sim(r, r.num_uncomputed_tokens, _outputs_left(r, scheduler, output_len))
         for r in scheduler.policy.running_order(scheduler.running)
@@ -202,15 +203,15 @@ def estimate_finishes(
         if not pending:
             break
         decodes = [s for s in running if s.uncomputed == 1]
-        stable = len(decodes) == len(running) and len(decodes) <= cfg.max_num_batched_tokens
-        if stable and (not waiting or len(running) >= cfg.max_num_seqs):
+        stable = len(decodes) == len(running) and len(decodes) <= rules.max_num_batched_tokens
+        if stable and (not waiting or not rules.has_seat(len(running))):
             # Only decodes and nothing admissible: the batch stays the same until one finishes.
             k = min(s.outputs_left for s in running)
             elapsed += k * model.predict(len(running), len(running))
             for s in running:
                 s.outputs_left -= k
         else:
-            batch = _next_batch(running, waiting, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.mode)
+            batch = _next_batch(running, waiting, rules)
             elapsed += model.predict(sum(n for _, n in batch), len(batch))
             for s, n in batch:
                 s.uncomputed -= n
@@ -220,40 +221,48 @@ def estimate_finishes(
         record([s for s in running if s.outputs_left == 0], elapsed)
         running = [s for s in running if s.outputs_left > 0]
     # Out of simulation budget: a target's own remaining work at a full batch's pace.
-    full_step = model.predict(cfg.max_num_batched_tokens, cfg.max_num_seqs)
+    full_step = model.predict(rules.max_num_batched_tokens, rules.max_num_seqs)
     for t in targets:
         if id(t.request) in pending:
-            steps_left = t.outputs_left + -(-t.uncomputed // cfg.max_num_batched_tokens)
+            steps_left = t.outputs_left + -(-t.uncomputed // rules.max_num_batched_tokens)
             finish[id(t.request)] = elapsed + steps_left * full_step
     return [finish[id(t.request)] for t in targets]
 
 
-def _next_batch(
-    running: list[_Sim], waiting: deque[_Sim], budget: int, max_seqs: int, mode: str
-) -> list[tuple[_Sim, int]]:
-    """One iteration's slices under the scheduler's rules; admitted requests move to `running`."""
+def _next_batch(running: list[_Sim], waiting: deque[_Sim], rules: BatchRules) -> list[tuple[_Sim, int]]:
+    """One iteration's slices, in the order Scheduler.schedule cuts them; admitted requests move to
+    `running`."""
     batch: list[tuple[_Sim, int]] = []
-    admit_first = mode == "prefill_first"
-    if not admit_first:
-        for s in [s for s in running if s.uncomputed == 1] + [s for s in running if s.uncomputed > 1]:
-            n = min(s.uncomputed, budget)
-            if n > 0:
-                batch.append((s, n))
-                budget -= n
+    budget = rules.max_num_batched_tokens
+    if rules.prompts_pause_decodes:
+        budget = _admit(running, waiting, rules, budget, batch)
+        if batch:
+            return batch
+    for s in rules.decodes_first(running, lambda s: s.uncomputed > 1):
+        n = rules.running_slice(s.uncomputed, budget)
+        if n > 0:
+            batch.append((s, n))
+            budget -= n
+    if not rules.prompts_pause_decodes:
+        _admit(running, waiting, rules, budget, batch)
+    return batch
+
+
+def _admit(
+    running: list[_Sim], waiting: deque[_Sim], rules: BatchRules, budget: int, batch: list[tuple[_Sim, int]]
+) -> int:
+    """Admit from the head of `waiting` while seats and budget last; returns the budget left."""
     admitted_any = False
-    while waiting and budget > 0 and len(running) < max_seqs:
-        s = waiting[0]
-        n = min(s.uncomputed, budget) if mode == "sarathi" else s.uncomputed
-        if n > budget and admitted_any:
+    while waiting and budget > 0 and rules.has_seat(len(running)):
+        n = rules.admission_slice(waiting[0].uncomputed, budget, admitted_any)
+        if n is None:
             break
-        waiting.popleft()
+        s = waiting.popleft()
         running.append(s)
         batch.append((s, n))
         budget -= n
         admitted_any = True
-    if admit_first and not batch:  # no prompt to run: the decodes go
-        return _next_batch(running, waiting, budget, max_seqs, "sarathi")
-    return batch
+    return budget
 
 
 class CompletionEstimator:

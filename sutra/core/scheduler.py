@@ -10,8 +10,8 @@ Modes (the baselines are the same code with one switch, so benchmarks compare in
 - no_chunking: Orca-like hybrid batches, but a prompt is admitted only whole.
 - prefill_first: vLLM-v0-like; an iteration with prompts to admit runs only prompts (whole), and
   the running decodes wait for it.
-In the two baselines a prompt longer than the leftover budget is admitted only into an iteration
-that has admitted no other prompt yet, so a long prompt cannot starve.
+The rules of a batch (seats, budget, slice sizes, order, modes) are BatchRules (batch_rules.py),
+shared with the preemption check below and with the completion estimator's replay.
 
 Preemption for a waiting request: before anything is scheduled, if the next waiting request could not
 start this iteration (no free seat, too few free KV blocks, or no token budget left after the running
@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import Counter
 
 from sutra.config import SchedulerConfig
+from sutra.core.batch_rules import BatchRules
 from sutra.core.kv_cache import KVCacheManager
 from sutra.core.output import CachedRequestData, NewRequestData, RunnerOutput, SchedulerOutput
 from sutra.core.policies import Policy, make_policy
@@ -39,6 +40,7 @@ class Scheduler:
         self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, policy: Policy | None = None
     ) -> None:
         self.config = config
+        self.rules = BatchRules.from_config(config)
         self.kv = kv
         self.max_model_len = max_model_len
         self.policy = policy if policy is not None else make_policy(config)
@@ -82,31 +84,29 @@ class Scheduler:
         out = SchedulerOutput(finished_request_ids=self._finished_for_runner)
         self._finished_for_runner = []
         scheduled: dict[Request, int] = {}
-        budget = self.config.max_num_batched_tokens
+        budget = self.rules.max_num_batched_tokens
 
         self._preempt_for_waiting(out)
-        if self.config.mode == "prefill_first":
+        if self.rules.prompts_pause_decodes:
             budget = self._admit_waiting(scheduled, budget)
             if scheduled:
                 return self._emit(out, scheduled)
 
         preempted = self._schedule_running(scheduled, budget, out)
-        if not preempted and self.config.mode != "prefill_first":
+        if not preempted and not self.rules.prompts_pause_decodes:
             # Admitting while memory is short would only preempt again next iteration.
             self._admit_waiting(scheduled, budget - sum(scheduled.values()))
         return self._emit(out, scheduled)
 
     def _running_in_order(self, running: list[Request]) -> list[Request]:
-        ordered = self.policy.running_order(running)
-        # Decodes go before partial prefills, so no decode ever waits behind a prompt.
-        return [r for r in ordered if not r.is_prefilling] + [r for r in ordered if r.is_prefilling]
+        return self.rules.decodes_first(self.policy.running_order(running), lambda r: r.is_prefilling)
 
     def _schedule_running(self, scheduled: dict[Request, int], budget: int, out: SchedulerOutput) -> bool:
         preempted = False
         for request in self._running_in_order(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_uncomputed_tokens, budget)
+            num_new = self.rules.running_slice(request.num_uncomputed_tokens, budget)
             if num_new <= 0:
                 continue
             while not self.kv.allocate(request, num_new):
@@ -124,19 +124,15 @@ class Scheduler:
 
     def _admit_waiting(self, scheduled: dict[Request, int], budget: int) -> int:
         admitted_any = False
-        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while budget > 0 and self.rules.has_seat(len(self.running)):
             request = self.policy.peek()
             if request is None:
                 break
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
-            remaining = request.num_tokens - num_cached
-            if self.config.mode == "sarathi":
-                num_new = min(remaining, budget)
-            else:
-                num_new = remaining
-                if num_new > budget and admitted_any:
-                    break
+            num_new = self.rules.admission_slice(request.num_tokens - num_cached, budget, admitted_any)
+            if num_new is None:
+                break
             # Admit only when the whole prompt's KV fits, so a chunked prompt never stalls half way.
             if not self.kv.can_fit(request.num_tokens, cached):
                 break
@@ -185,16 +181,16 @@ class Scheduler:
     def _can_start(self, head: Request, evicted: list[Request]) -> bool:
         """Whether `head` would be admitted this iteration if `evicted` were preempted first: a free
         seat, budget left after the running requests' slices, and KV for its whole prompt beside the
-        blocks those slices take (the same checks and order as _schedule_running/_admit_waiting)."""
+        blocks those slices take (the same rules and order as schedule())."""
         gone = set(evicted)
         staying = [r for r in self.running if r not in gone]
-        if len(staying) >= self.config.max_num_seqs:
+        if not self.rules.has_seat(len(staying)):
             return False
-        budget = self.config.max_num_batched_tokens
+        budget = self.rules.max_num_batched_tokens
         growth = 0  # blocks the running slices will take
-        if self.config.mode != "prefill_first":  # there, an iteration with prompts runs only prompts
+        if not self.rules.prompts_pause_decodes:  # there, an iteration with prompts runs only prompts
             for request in self._running_in_order(staying):
-                num_new = min(request.num_uncomputed_tokens, budget)
+                num_new = self.rules.running_slice(request.num_uncomputed_tokens, budget)
                 if num_new <= 0:
                     continue
                 budget -= num_new

@@ -1,0 +1,67 @@
+"""The rules that shape one iteration's batch, in one place.
+
+Three parts of the engine build batches: the scheduler (for real, allocating KV), its admission check
+for preemption (a dry run: would the head of the queue start if these requests were gone?), and the
+completion estimator (a replay of many iterations without KV). They differ in what they track, not in
+the rules, so the rules live here:
+
+- slots: at most `max_num_seqs` running requests;
+- budget: at most `max_num_batched_tokens` tokens per iteration;
+- order: running decodes first (one token each), then partial prefills, then new requests;
+- slices: a running request takes min(its uncomputed tokens, leftover budget); a new request's first
+  slice depends on the mode (see `admission_slice`);
+- prefill_first: an iteration that admits prompts runs only prompts; the decodes wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sutra.config import SchedulerConfig, SchedulingMode
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BatchRules:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    mode: SchedulingMode = "sarathi"
+
+    @classmethod
+    def from_config(cls, config: SchedulerConfig) -> BatchRules:
+        return cls(config.max_num_batched_tokens, config.max_num_seqs, config.mode)
+
+    @property
+    def prompts_pause_decodes(self) -> bool:
+        """prefill_first: an iteration with prompts to admit runs them alone (vLLM v0's stall)."""
+        return self.mode == "prefill_first"
+
+    def has_seat(self, num_running: int) -> bool:
+        return num_running < self.max_num_seqs
+
+    @staticmethod
+    def decodes_first(running: Iterable[T], is_prefilling: Callable[[T], bool]) -> list[T]:
+        """Running requests in the order their slices are cut: decodes before partial prefills (each
+        group keeps the given order), so no decode ever waits behind a prompt."""
+        running = list(running)
+        return [r for r in running if not is_prefilling(r)] + [r for r in running if is_prefilling(r)]
+
+    @staticmethod
+    def running_slice(num_uncomputed: int, budget: int) -> int:
+        """Tokens a running request computes this iteration; <= 0 means none."""
+        return min(num_uncomputed, budget)
+
+    def admission_slice(self, num_remaining: int, budget: int, admitted_any: bool) -> int | None:
+        """Tokens a waiting request's first slice takes, or None if it must wait for a later iteration.
+
+        sarathi chunks the prompt to the leftover budget. The baselines take it whole; one longer than
+        the leftover budget is admitted only into an iteration that has admitted no other prompt yet,
+        so a long prompt cannot starve (it runs over budget, alone among the new prompts)."""
+        if self.mode == "sarathi":
+            return min(num_remaining, budget)
+        if num_remaining > budget and admitted_any:
+            return None
+        return num_remaining
