@@ -15,5 +15,13 @@ class InvalidRequestError(SutraError, ValueError):
         self.param = param
 
 
+def prompt_too_long(num_tokens: int, max_model_len: int, param: str = "prompt") -> InvalidRequestError:
+    return InvalidRequestError(
+        f"the prompt has {num_tokens} tokens but the model's context length is {max_model_len} "
+        f"(at least one token must be left to generate)",
+        param=param,
+    )
+
+
 class ModelLoadError(SutraError):
     """The model could not be found or is not a kind the engine supports."""

@@ -137,26 +137,41 @@ class AsyncEngine:
         priority: int = 0,
     ) -> None:
         """Validate and queue a request; raises InvalidRequestError or EngineOverloadedError at once."""
-        self.engine.validate(prompt_token_ids)
-        if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
+        self.submit_many([(request_id, prompt_token_ids, params)], client=client, priority=priority)
+
+    def submit_many(
+        self,
+        requests: list[tuple[str, list[int], SamplingParams]],
+        *,
+        client: str | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Validate and queue (request id, prompt token ids, params) triples, all or none: if one is
+        invalid, or they do not all fit under the waiting bound, nothing is queued."""
+        for request_id, prompt_token_ids, _ in requests:
+            self.engine.validate(prompt_token_ids)
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+        if (
+            self.max_waiting_requests is not None
+            and self.num_waiting + len(requests) > self.max_waiting_requests
+        ):
             raise EngineOverloadedError(
                 f"the server has {self.num_waiting} requests waiting (limit {self.max_waiting_requests}); "
                 "retry later"
             )
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self._streams[request_id] = _Stream(
-            queue=asyncio.Queue(),
-            params=params,
-            client=client,
-            sent_text=[0] * params.n,
-            sent_tokens=[0] * params.n,
-            holdback=max((len(s) for s in params.stop), default=1) - 1,
-            admitted=asyncio.get_running_loop().create_future(),
-        )
-        self._pending_adds.append(
-            _Add(request_id, prompt_token_ids, params, client, priority, time.monotonic())
-        )
+        now = time.monotonic()
+        for request_id, prompt_token_ids, params in requests:
+            self._streams[request_id] = _Stream(
+                queue=asyncio.Queue(),
+                params=params,
+                client=client,
+                sent_text=[0] * params.n,
+                sent_tokens=[0] * params.n,
+                holdback=max((len(s) for s in params.stop), default=1) - 1,
+                admitted=asyncio.get_running_loop().create_future(),
+            )
+            self._pending_adds.append(_Add(request_id, prompt_token_ids, params, client, priority, now))
         self._wakeup.set()
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:

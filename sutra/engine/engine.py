@@ -14,7 +14,7 @@ from sutra.core.request import Request, RequestStatus
 from sutra.core.scheduler import Scheduler
 from sutra.engine.detokenizer import IncrementalDetokenizer
 from sutra.engine.runner import ModelRunner
-from sutra.errors import InvalidRequestError
+from sutra.errors import InvalidRequestError, prompt_too_long
 from sutra.model.loader import load_model
 from sutra.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sutra.sampling_params import SamplingParams
@@ -58,11 +58,7 @@ class LLMEngine:
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens but the model's context length is {self.max_model_len} "
-                f"(at least one token must be left to generate)",
-                param="prompt",
-            )
+            raise prompt_too_long(n, self.max_model_len)
         bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
         if bad:
             raise InvalidRequestError(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from sutra.engine.async_engine import AsyncEngine, CompletionDelta, RequestDelta
-from sutra.errors import InvalidRequestError
+from sutra.errors import InvalidRequestError, prompt_too_long
 from sutra.sampling_params import SamplingParams
 from sutra.server.errors import APIError, to_api_error
 from sutra.server.metrics import ServerMetrics
@@ -47,8 +47,11 @@ def new_id(prefix: str) -> str:
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
-    """None means as many as the context allows (OpenAI chat semantics)."""
+    """None means as many as the context allows (OpenAI chat semantics). A prompt that leaves no room
+    is the prompt's error, whatever max_tokens says."""
     room = max_model_len - prompt_len
+    if room < 1:
+        raise prompt_too_long(prompt_len, max_model_len)
     if requested is None:
         return room
     if requested < 1:
@@ -81,22 +84,16 @@ def submit_all(
     client: str | None,
     priority: int,
 ) -> list[Submitted]:
-    """Validate every prompt first, so a bad one rejects the batch before anything is queued."""
-    params_list: list[SamplingParams] = []
-    for ids in prompts:
-        state.engine.engine.validate(ids)
-        params_list.append(make_params(len(ids)))
-    submitted: list[Submitted] = []
-    try:
-        for i, (ids, params) in enumerate(zip(prompts, params_list, strict=True)):
-            rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-            state.engine.submit(rid, ids, params, client=client, priority=priority)
-            submitted.append(Submitted(rid, len(ids), i * params.n, params.n))
-    except Exception:
-        for s in submitted:
-            state.engine.abort(s.request_id)
-        raise
-    return submitted
+    """Queue one engine request per prompt, all or none: a bad prompt rejects the whole batch."""
+    params_list = [make_params(len(ids)) for ids in prompts]
+    rids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
+    state.engine.submit_many(
+        list(zip(rids, prompts, params_list, strict=True)), client=client, priority=priority
+    )
+    return [
+        Submitted(rid, len(ids), i * params.n, params.n)
+        for i, (rid, ids, params) in enumerate(zip(rids, prompts, params_list, strict=True))
+    ]
 
 
 ESTIMATE_HEADER = "x-sutra-estimated-completion-seconds"

@@ -10,6 +10,7 @@ import pytest
 from sutra.config import CacheConfig, EngineConfig, ModelConfig
 from sutra.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, _Stream
 from sutra.engine.engine import LLMEngine
+from sutra.errors import InvalidRequestError
 from sutra.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sutra.sampling_params import SamplingParams
 
@@ -98,6 +99,25 @@ def test_waiting_bound_refuses_at_submit(engine):
         with pytest.raises(EngineOverloadedError, match="limit 1"):
             aengine.submit("y", [1, 2, 3], SamplingParams(max_tokens=1))
         aengine.abort("x")
+        await aengine.shutdown()
+
+    _run(main())
+
+
+def test_submit_many_queues_all_or_none(engine):
+    async def main():
+        aengine = AsyncEngine(engine, max_waiting_requests=3)
+        one = SamplingParams(max_tokens=1)
+        aengine.submit("x", [1, 2, 3], one)  # loop not started: it stays waiting
+        with pytest.raises(EngineOverloadedError, match="limit 3"):
+            aengine.submit_many([("a", [4], one), ("b", [5], one), ("c", [6], one)])
+        with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+            aengine.submit_many([("a", [4], one), ("b", [engine.arch.vocab_size], one)])
+        assert aengine.num_waiting == 1
+        aengine.submit_many([("a", [4], one), ("b", [5], one)])
+        assert aengine.num_waiting == 3
+        for rid in ("x", "a", "b"):
+            aengine.abort(rid)
         await aengine.shutdown()
 
     _run(main())
