@@ -12,6 +12,7 @@ import torch
 
 from sutra.config import EngineConfig
 from sutra.core.output import RunnerOutput, SchedulerOutput
+from sutra.model import hugepages
 from sutra.model.attention import SeqSlice, build_metadata, kv_cache_shapes
 from sutra.model.llama import LlamaModel
 from sutra.model.loader import LoadedModel
@@ -82,10 +83,11 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.arch
         k_shape, v_shape = kv_cache_shapes(num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        self.kv_caches = []  # drop the old cache before mapping the new one
         self.kv_caches = [
             (
-                torch.zeros(k_shape, dtype=self.dtype, device=self.device),
-                torch.zeros(v_shape, dtype=self.dtype, device=self.device),
+                hugepages.zeros(k_shape, self.dtype, self.device),
+                hugepages.zeros(v_shape, self.dtype, self.device),
             )
             for _ in range(a.num_layers)
         ]
