@@ -7,8 +7,10 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from sutra import LLM, SamplingParams
+from sutra.model import attention, ops
 from tests.engine.reference import hf_greedy, hf_model
 
 pytestmark = pytest.mark.slow
@@ -112,3 +114,21 @@ def test_tiny_random_llama_hf_dir_matches_hf(tiny_llama_hf_dir):
     outs = llm.generate(prompts, params, use_tqdm=False)
     for out, (ref_tokens, _) in zip(outs, reference, strict=True):
         assert out.outputs[0].token_ids == ref_tokens
+
+
+def test_torch_paths_match_hf(monkeypatch, prompts, reference):
+    """The pure-torch model paths (torch ops, gathered-block decode attention, SDPA prefill) that run
+    wherever the C++ CPU kernels do not, on CUDA among them, match HF token for token too."""
+    monkeypatch.setattr(attention, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(ops, "cpu_kernels", lambda: None)
+    llm = LLM(dtype="float32", num_kv_blocks=2048)
+    assert isinstance(llm.engine.runner.model.ops, ops.TorchOps)
+    _assert_matches(_greedy(llm, prompts), reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_hf(prompts, reference):
+    llm = LLM(dtype="float32", device="cuda", num_kv_blocks=2048)
+    assert llm.engine.runner.device.type == "cuda"
+    _assert_matches(_greedy(llm, prompts), reference)
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_blocks
