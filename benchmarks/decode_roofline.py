@@ -55,7 +55,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(device: torch.device, fn: Any, reps: int) -> float:
+def best_seconds(device: torch.device, fn: Any, reps: int) -> float:
+    """The fastest of `reps` timed calls: a peak rate is what a roofline needs (STREAM reports the
+    best time too); slower calls measured other processes as much as the device."""
     fn()
     times = []
     for _ in range(reps):
@@ -64,7 +66,7 @@ def median_seconds(device: torch.device, fn: Any, reps: int) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, reps: int = 5) -> float:
@@ -72,16 +74,16 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, reps: int = 5
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n**3 / median_seconds(device, lambda: a @ b, reps)
+    return 2 * n**3 / best_seconds(device, lambda: a @ b, reps)
 
 
-def measure_bandwidth(device: torch.device, size_bytes: int = 1 << 30, reps: int = 9) -> dict[str, float]:
+def measure_bandwidth(device: torch.device, size_bytes: int = 1 << 30, reps: int = 15) -> dict[str, float]:
     """Device memory bandwidth: a read-only reduction and a copy (read + write) of one array."""
     x = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
 
-    read = size_bytes / median_seconds(device, lambda: x.sum(), reps)
-    copy = 2 * size_bytes / median_seconds(device, lambda: y.copy_(x), reps)
+    read = size_bytes / best_seconds(device, lambda: x.sum(), reps)
+    copy = 2 * size_bytes / best_seconds(device, lambda: y.copy_(x), reps)
     # A reduction underuses a GPU (one pass, little parallel slack); a copy saturates it. On a CPU the
     # read-only figure is the one a weight-streaming decode sees.
     return {"read_bytes_per_s": read, "copy_bytes_per_s": copy, "bound_bytes_per_s": max(read, copy)}
