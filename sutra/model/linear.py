@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from sutra.model.cpu_kernels import cpu_kernels
 
-SMALL_BATCH = 4
+SMALL_BATCH = 8  # the kernel's kMaxRows
 SMALL_BATCH_MAX_BYTES = 2 << 30
 
 
