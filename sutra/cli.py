@@ -25,6 +25,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="greedy and seeded outputs bit-identical whatever the batch mates, chunk sizes and "
+        "prefix-cache hits (CPU; costs throughput, see README)",
+    )
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
@@ -68,6 +74,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             device=args.device,
             max_model_len=args.max_model_len,
             num_threads=args.num_threads,
+            batch_invariant=args.batch_invariant,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

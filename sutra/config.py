@@ -18,6 +18,13 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0  # random-weight init
     num_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
+    # Greedy and seeded outputs bit-identical whatever the batch mates, chunk sizes and prefix-cache
+    # hits (one fixed reduction order per row in every op; CPU with the C++ kernels only).
+    batch_invariant: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
 
 
 @dataclass
@@ -42,6 +49,11 @@ class SchedulerConfig:
     # vtc, lcf: charge a predicted output length at admission (VTC's variant; steadier shares).
     length_prediction: bool = True
     rpm_limit: int = 30  # rpm: requests one client may start per minute
+    # Per-client state (vtc/lcf counters and length histories, rpm windows, priority classes) of
+    # clients with nothing waiting or running: forgotten after this long idle where that cannot
+    # change a decision, and never more than max_idle_clients kept (the longest idle goes first).
+    client_idle_ttl_s: float = 600.0
+    max_idle_clients: int = 4096
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -74,6 +86,12 @@ class SchedulerConfig:
             raise ValueError(f"length_prediction must be true or false, got {self.length_prediction!r}")
         if not is_number(self.rpm_limit) or not isinstance(self.rpm_limit, int) or self.rpm_limit < 1:
             raise ValueError(f"rpm_limit must be an integer >= 1 (per minute), got {self.rpm_limit!r}")
+        ttl = self.client_idle_ttl_s
+        if not is_number(ttl) or not 0 <= ttl < float("inf"):
+            raise ValueError(f"client_idle_ttl_s must be a finite number of seconds >= 0, got {ttl!r}")
+        cap = self.max_idle_clients
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+            raise ValueError(f"max_idle_clients must be an integer >= 0, got {cap!r}")
 
 
 @dataclass

@@ -23,5 +23,10 @@ def prompt_too_long(num_tokens: int, max_model_len: int, param: str = "prompt") 
     )
 
 
+class RequestFailedError(SutraError):
+    """The engine could not compute one request (an internal fault, not the request's values). That
+    request ends with this error; the requests batched with it carry on."""
+
+
 class ModelLoadError(SutraError):
     """The model could not be found or is not a kind the engine supports."""

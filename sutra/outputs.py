@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sutra.errors import SutraError
 from sutra.model.sampling import TokenLogprobs
 
 
@@ -13,7 +14,7 @@ class CompletionOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
     @property
@@ -48,3 +49,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     metrics: RequestMetrics
     finished: bool = False
+    # Why the request failed while running (finished is then True). InvalidRequestError: its own
+    # values left nothing to compute; RequestFailedError: an internal fault. Other requests go on.
+    error: SutraError | None = None

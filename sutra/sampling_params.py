@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 from sutra.errors import InvalidRequestError
+
+MAX_N = 128  # samples per request (OpenAI's limit): each one is a sequence in the batch
+# Hotter than this samples little but noise; the bound also keeps logits / temperature well inside
+# float32 (a temperature that rounds to inf there turns banned tokens' -inf into NaN).
+MAX_TEMPERATURE = 100.0
+# Dividing or multiplying logits by a tiny or huge factor overflows float32 into inf, then NaN.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+_INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens")
+
+
+def _is_finite_real(value: object) -> bool:
+    try:
+        return isinstance(value, Real) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass
@@ -30,13 +55,25 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self._check_types()
         self._check(self.n >= 1, "n", "must be >= 1", self.n)
+        self._check(self.n <= MAX_N, "n", f"must be <= {MAX_N}", self.n)
         self._check(self.temperature >= 0.0, "temperature", "must be >= 0", self.temperature)
+        self._check(
+            self.temperature <= MAX_TEMPERATURE,
+            "temperature",
+            f"must be <= {MAX_TEMPERATURE:g}",
+            self.temperature,
+        )
         self._check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
         self._check(self.top_k >= -1, "top_k", "must be -1 (off), 0 (off) or >= 1", self.top_k)
         self._check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]", self.min_p)
+        lo, hi = REPETITION_PENALTY_RANGE
         self._check(
-            self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0", self.repetition_penalty
+            lo <= self.repetition_penalty <= hi,
+            "repetition_penalty",
+            f"must be in [{lo:g}, {hi:g}]",
+            self.repetition_penalty,
         )
         self._check(
             -2.0 <= self.presence_penalty <= 2.0,
@@ -64,10 +101,35 @@ class SamplingParams:
             all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop
         )
 
+    def _check_types(self) -> None:
+        """Every number a real one: NaN slips through range checks (every comparison is False), and
+        infinity, or a float beyond float32's range, turns the sampler's arithmetic into NaN."""
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            self._check(_is_finite_real(value), name, "must be a finite number", value)
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            self._check(isinstance(value, Integral), name, "must be an integer", value)
+        for name in ("seed", "logprobs"):
+            value = getattr(self, name)
+            self._check(
+                value is None or isinstance(value, Integral), name, "must be an integer or null", value
+            )
+        self._check(
+            isinstance(self.stop_token_ids, (list, tuple))
+            and all(isinstance(t, Integral) for t in self.stop_token_ids),
+            "stop_token_ids",
+            "must be a list of integer token ids",
+            self.stop_token_ids,
+        )
+
     @staticmethod
     def _check(ok: bool, name: str, rule: str, value: object) -> None:
         if not ok:
-            raise InvalidRequestError(f"{name} {rule}, got {value!r}", param=name)
+            shown = repr(value)
+            if len(shown) > 80:  # a whole-vocabulary list or a 400-digit number
+                shown = shown[:77] + "..."
+            raise InvalidRequestError(f"{name} {rule}, got {shown}", param=name)
 
     @property
     def greedy(self) -> bool:

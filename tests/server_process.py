@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -20,6 +24,19 @@ class ServerHandle:
     model: str
     api_key: str | None
     process: subprocess.Popen
+    log_path: Path | None = None  # the server's stdout and stderr after startup
+    stopped: bool = False  # a test stopped it on purpose
+
+    def log(self) -> str:
+        return "" if self.log_path is None else self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Send a signal (SIGTERM drains); wait_exit() then says how the process ended."""
+        self.stopped = True
+        self.process.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        return self.process.wait(timeout=timeout)
 
     def metric(self, name: str, default: float | None = None, **labels: str) -> float:
         """One sample from /metrics (labels given must match; model_name is implied). A labelled
@@ -72,10 +89,19 @@ def run_server(
                 break
         else:
             raise TimeoutError(f"sutra serve did not start:\n{''.join(lines)}")
-        # Keep draining output so the server never blocks on a full pipe.
-        drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=subprocess.DEVNULL)
-        yield ServerHandle(base_url=match.group(2), model=match.group(1), api_key=api_key, process=process)
-        assert process.poll() is None, "the server died during the tests"
+        # Keep draining output so the server never blocks on a full pipe; keep it for tests to read.
+        fd, log_name = tempfile.mkstemp(prefix="sutra-serve-", suffix=".log")
+        with os.fdopen(fd, "w") as log_file:
+            drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=log_file)
+        handle = ServerHandle(
+            base_url=match.group(2),
+            model=match.group(1),
+            api_key=api_key,
+            process=process,
+            log_path=Path(log_name),
+        )
+        yield handle
+        assert handle.stopped or process.poll() is None, "the server died during the tests"
     finally:
         process.terminate()
         try:
@@ -84,3 +110,4 @@ def run_server(
             process.kill()
         with contextlib.suppress(NameError):
             drain.wait(timeout=5)
+            os.unlink(log_name)

@@ -1,12 +1,20 @@
 """Paged KV block manager: a block pool with reference counts, per-request block tables and an
 automatic prefix cache keyed by chained block hashes, with LRU eviction of unreferenced cached blocks.
 
+Block hashes are SHA-256, chained from a root that names the model (its fingerprint, dtype and block
+size), and from the request's `cache_salt` if it has one: they are the same in every process and on
+every machine (instances can compare them), a collision is not a practical concern (unlike Python's
+`hash`), and requests with different salts never share a block, so one tenant cannot learn another's
+prompts from cache hits.
+
 It tracks block ids only; the tensors live with the model runner. A request's KV can therefore be
 exported and imported by block id (`block_ids`), which migration, hand-off and offload build on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -17,12 +25,24 @@ from sutra.core.request import Request
 class KVBlock:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None  # set once the block is full and registered in the prefix cache
+    block_hash: bytes | None = None  # set once the block is full and registered in the prefix cache
 
 
-def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Chained hash: a block's identity covers every token before it, not only its own."""
-    return hash((parent_hash, token_ids))
+def prefix_cache_root(model_fingerprint: str = "", dtype: str = "", block_size: int = 0) -> bytes:
+    """The hash every request's chain starts from: KV is only reusable for the same model and dtype."""
+    return hashlib.sha256(f"sutra-prefix-cache/1|{model_fingerprint}|{dtype}|{block_size}".encode()).digest()
+
+
+def salted_root(root: bytes, cache_salt: str | None) -> bytes:
+    """Requests with different salts start different chains, so they never share a block."""
+    if cache_salt is None:
+        return root
+    return hashlib.sha256(root + b"|salt|" + cache_salt.encode("utf-8", "surrogatepass")).digest()
+
+
+def hash_block(parent_hash: bytes, token_ids: list[int]) -> bytes:
+    """Chained hash: a block's identity covers every token before it (and the root), not only its own."""
+    return hashlib.sha256(parent_hash + struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
 
 
 class BlockPool:
@@ -35,7 +55,7 @@ class BlockPool:
         # Unreferenced blocks, cached or not. Freed blocks go to the back, so the least recently
         # used cached blocks are reused (evicted) first.
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
-        self._cached: dict[int, KVBlock] = {}
+        self._cached: dict[bytes, KVBlock] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -45,7 +65,7 @@ class BlockPool:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
-    def lookup(self, block_hash: int) -> KVBlock | None:
+    def lookup(self, block_hash: bytes) -> KVBlock | None:
         return self._cached.get(block_hash)
 
     def take(self, n: int) -> list[KVBlock]:
@@ -74,7 +94,7 @@ class BlockPool:
         if block.ref_count == 0:
             self._free[block.block_id] = block
 
-    def register(self, block: KVBlock, block_hash: int) -> None:
+    def register(self, block: KVBlock, block_hash: bytes) -> None:
         """Publish a full block in the prefix cache (first writer wins for a duplicate hash)."""
         if block.block_hash is None and block_hash not in self._cached:
             block.block_hash = block_hash
@@ -92,14 +112,21 @@ class BlockPool:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        hash_root: bytes | None = None,  # prefix_cache_root(...) of the model; a generic one if None
+    ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.hash_root = hash_root if hash_root is not None else prefix_cache_root(block_size=block_size)
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[KVBlock]] = {}
-        self._hashes: dict[str, list[int]] = {}  # chained hashes of the request's full blocks
+        self._hashes: dict[str, list[bytes]] = {}  # chained hashes of the request's full blocks
         self._num_registered: dict[str, int] = {}  # how many of those are published in the cache
         self.prefix_queries = 0  # tokens of admitted requests looked up in the prefix cache
         self.prefix_hits = 0  # of which found
@@ -118,7 +145,7 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _full_block_hashes(self, request: Request, num_tokens: int) -> tuple[list[int], int]:
+    def _full_block_hashes(self, request: Request, num_tokens: int) -> tuple[list[bytes], int]:
         """The request's memoised chained block hashes, extended to cover its full blocks within the
         first num_tokens tokens, and how many blocks that is (the memo may hold more)."""
         hashes = self._hashes.setdefault(request.request_id, [])
@@ -126,9 +153,8 @@ class KVCacheManager:
         num_full = num_tokens // bs
         while len(hashes) < num_full:
             i = len(hashes)
-            hashes.append(
-                hash_block(hashes[-1] if hashes else None, tuple(request.token_ids[i * bs : (i + 1) * bs]))
-            )
+            parent = hashes[-1] if hashes else salted_root(self.hash_root, request.cache_salt)
+            hashes.append(hash_block(parent, request.token_ids[i * bs : (i + 1) * bs]))
         return hashes, num_full
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sutra.errors import SutraError
 from sutra.sampling_params import SamplingParams
 
 
@@ -51,3 +52,11 @@ class RunnerOutput:
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, object] = field(default_factory=dict)  # request id -> TokenLogprobs
+    # Requests this step could not compute, and why; they got no token and must be ended.
+    failed: dict[str, SutraError] = field(default_factory=dict)
+
+    def merge(self, other: RunnerOutput) -> None:
+        """Add the results of another run of the same step (disjoint requests)."""
+        self.sampled_token_ids.update(other.sampled_token_ids)
+        self.logprobs.update(other.logprobs)
+        self.failed.update(other.failed)

@@ -39,6 +39,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     client: str | None = None
     priority: int = 0
+    cache_salt: str | None = None  # requests share prefix-cache blocks only with the same salt
     status: RequestStatus = RequestStatus.WAITING
     # Tokens whose KV is in the cache. A decode is a 1-token slice; a prefill chunk is a longer one.
     num_computed_tokens: int = 0

@@ -21,6 +21,12 @@ fit and none if even all of them would not. Only the head of the queue makes roo
 urgent arrivals evicts gradually instead of flushing the batch. Victims are taken before any slice is
 allocated, so no block is freed between its allocation and the step that writes it. Policies that
 never preempt (FCFS, VTC) make this a no-op.
+
+A request never holds more than `max_request_tokens` tokens (the context length, or what the whole
+KV pool holds if that is less): at that size it ends with "length", as at the context length.
+Otherwise a request alone in the engine that outgrew the pool would preempt itself, be readmitted
+and grow into the same wall forever. The engine rejects up front any request whose prompt plus
+max_tokens exceeds it, so this cap only ever applies to requests that bypass that check.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class Scheduler:
         self.rules = BatchRules.from_config(config)
         self.kv = kv
         self.max_model_len = max_model_len
+        self.max_request_tokens = min(max_model_len, kv.pool.num_blocks * kv.block_size)
         self.policy = policy if policy is not None else make_policy(config)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.running: list[Request] = []
@@ -67,6 +74,17 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is not None:
             self._finish(request, status)
+
+    def preempt_request(self, request_id: str) -> None:
+        """Send a running request back to recompute from scratch: the slice it was given in the last
+        schedule() is void (it read KV that was never written). Call before update_from_output."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:
+            return
+        note = SchedulerOutput()
+        self._preempt(request, note)
+        # The runner drops a preempted request's state exactly as a finished one's.
+        self._finished_for_runner.extend(note.preempted_request_ids)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -274,7 +292,7 @@ class Scheduler:
         if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
             request.stop_token_id = token
             return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_request_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -4,6 +4,10 @@ One engine loop task owns the LLMEngine. Requests and aborts from handlers are q
 between steps; each step runs in one dedicated thread (torch releases the GIL, so the event loop keeps
 serving HTTP meanwhile). After a step the loop turns each request's progress into a delta and hands it
 to that request's asyncio queue, so handlers never read engine state while a step mutates it.
+
+No single event can stop the loop: a failing step fails the requests in it, a failing add, delta or
+abort fails that request alone, and a failing listener is logged and skipped. Should the loop end
+anyway, every waiting stream gets an error at once and the engine reports itself dead (`dead_reason`).
 """
 
 from __future__ import annotations
@@ -13,24 +17,35 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sutra.engine.engine import LLMEngine
-from sutra.errors import SutraError
+from sutra.errors import InvalidRequestError, SutraError
 from sutra.model.sampling import TokenLogprobs
 from sutra.outputs import RequestMetrics, RequestOutput
 from sutra.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# After a step that could schedule nothing (every waiting client throttled, nothing fits), the loop
+# sleeps until an add or abort arrives, or this long, so that a reopening rate window is noticed.
+IDLE_POLL_S = 0.05
+# Streams that ended in an error before their reader arrived, kept for it (bounded: a reader that
+# never comes must not leak them).
+_MAX_UNDELIVERED = 256
+
 
 class EngineOverloadedError(SutraError):
     """The waiting queue is over its bound; the client should retry later."""
 
 
+class EngineDrainingError(EngineOverloadedError):
+    """The server is shutting down: it takes no new requests, and ends those left at its deadline."""
+
+
 class EngineDeadError(SutraError):
-    """A step failed; the requests that were in flight are lost, the engine keeps serving new ones."""
+    """A step failed (the requests in it are lost, the engine serves on), or the engine loop stopped."""
 
 
 @dataclass
@@ -54,6 +69,15 @@ class RequestDelta:
     metrics: RequestMetrics
 
 
+@dataclass(frozen=True)
+class RequestInfo:
+    """What the engine was given for a request in flight (for logs)."""
+
+    client: str | None
+    prompt_token_ids: list[int]
+    arrival_time: float
+
+
 @dataclass
 class _Stream:
     queue: asyncio.Queue[RequestDelta | BaseException | None]  # None: aborted
@@ -64,6 +88,9 @@ class _Stream:
     holdback: int  # characters kept back while a stop string may still be forming
     admitted: asyncio.Future[float | None]  # the completion estimate, once the engine holds the request
     estimate: tuple[float, float] | None = None  # (seconds, monotonic time it was made)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    arrival_time: float = 0.0
+    reading: bool = False  # a reader has called stream()
 
 
 @dataclass
@@ -74,10 +101,12 @@ class _Add:
     client: str | None
     priority: int
     arrival_time: float
+    cache_salt: str | None = None
 
 
 class EngineListener(Protocol):
-    """Told about every step and abort, on the event loop (metrics, estimates); must be cheap."""
+    """Told about every step and abort, on the event loop (metrics, estimates); must be cheap. An
+    exception from a listener is logged and does not reach the engine or other listeners."""
 
     def on_step(self, engine: AsyncEngine, outputs: list[RequestOutput]) -> None: ...
 
@@ -92,26 +121,53 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self.listeners: list[EngineListener] = []
         self._streams: dict[str, _Stream] = {}
+        self._undelivered: dict[str, _Stream] = {}
         self._pending_adds: list[_Add] = []
         self._pending_aborts: list[str] = []
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sutra-step")
         self._task: asyncio.Task[None] | None = None
+        self._draining = False
+        self._dead_reason: str | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="sutra-engine-loop")
+            self._task.add_done_callback(_retrieve_exception)
 
     async def shutdown(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])  # whatever the loop ended with was logged by it
         self._executor.shutdown(wait=True)
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine loop stopped; None while it runs (or before it starts)."""
+        return self._dead_reason
+
+    @property
+    def is_draining(self) -> bool:
+        return self._draining
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted and not yet finished, failed or aborted."""
+        return len(self._streams)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (EngineDrainingError); those in flight carry on. Only sets
+        a flag, so a signal handler may call it."""
+        self._draining = True
+
+    def abort_all(self, error: Exception) -> int:
+        """End every request in flight with `error` (its stream raises it); returns how many."""
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._end_stream(request_id, error)
+        return len(request_ids)
 
     # ---- requests --------------------------------------------------------------------------
     @property
@@ -135,9 +191,12 @@ class AsyncEngine:
         *,
         client: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         """Validate and queue a request; raises InvalidRequestError or EngineOverloadedError at once."""
-        self.submit_many([(request_id, prompt_token_ids, params)], client=client, priority=priority)
+        self.submit_many(
+            [(request_id, prompt_token_ids, params)], client=client, priority=priority, cache_salt=cache_salt
+        )
 
     def submit_many(
         self,
@@ -145,20 +204,29 @@ class AsyncEngine:
         *,
         client: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         """Validate and queue (request id, prompt token ids, params) triples, all or none: if one is
         invalid, or they do not all fit under the waiting bound, nothing is queued."""
-        for request_id, prompt_token_ids, _ in requests:
-            self.engine.validate(prompt_token_ids)
+        if self._dead_reason is not None:
+            raise EngineDeadError(self._dead_reason)
+        if self._draining:
+            raise EngineDrainingError("the server is shutting down and takes no new requests; retry later")
+        limit = self.max_waiting_requests
+        if limit is not None and len(requests) > limit:
+            # Retrying cannot help: the batch would not fit even into an empty queue.
+            raise InvalidRequestError(
+                f"the request has {len(requests)} prompts but the server queues at most {limit} "
+                f"requests at a time; send at most {limit} prompts per request",
+                param="prompt",
+            )
+        for request_id, prompt_token_ids, params in requests:
+            self.engine.validate(prompt_token_ids, params)
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-        if (
-            self.max_waiting_requests is not None
-            and self.num_waiting + len(requests) > self.max_waiting_requests
-        ):
+        if limit is not None and self.num_waiting + len(requests) > limit:
             raise EngineOverloadedError(
-                f"the server has {self.num_waiting} requests waiting (limit {self.max_waiting_requests}); "
-                "retry later"
+                f"the server has {self.num_waiting} requests waiting (limit {limit}); retry later"
             )
         now = time.monotonic()
         for request_id, prompt_token_ids, params in requests:
@@ -170,14 +238,21 @@ class AsyncEngine:
                 sent_tokens=[0] * params.n,
                 holdback=max((len(s) for s in params.stop), default=1) - 1,
                 admitted=asyncio.get_running_loop().create_future(),
+                prompt_token_ids=prompt_token_ids,
+                arrival_time=now,
             )
-            self._pending_adds.append(_Add(request_id, prompt_token_ids, params, client, priority, now))
+            self._pending_adds.append(
+                _Add(request_id, prompt_token_ids, params, client, priority, now, cache_salt)
+            )
         self._wakeup.set()
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:
         """Deltas of a submitted request until it finishes. Leaving early (e.g. the client went
         away and the task was cancelled) aborts the request and frees its KV blocks."""
-        stream = self._streams[request_id]
+        stream = self._streams.get(request_id) or self._undelivered.pop(request_id, None)
+        if stream is None:
+            raise EngineDeadError(self._dead_reason or f"request {request_id!r} is not in flight")
+        stream.reading = True
         finished = False
         try:
             while not finished:
@@ -201,15 +276,15 @@ class AsyncEngine:
             yield delta
 
     def abort(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
+        stream = self._streams.get(request_id)
         if stream is not None:
+            self._notify_abort(request_id)  # while listeners can still look the request up
+            del self._streams[request_id]
             stream.queue.put_nowait(None)  # wakes a reader, which then ends
             if not stream.admitted.done():
                 stream.admitted.set_result(None)
             self._pending_aborts.append(request_id)
             self._wakeup.set()
-            for listener in self.listeners:
-                listener.on_abort(self, request_id)
 
     async def estimated_finish(self, request_id: str) -> float | None:
         """Seconds from when the engine took the request until it should finish (the PCS idea);
@@ -225,29 +300,63 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         return None if stream is None else stream.client
 
+    def request_info(self, request_id: str) -> RequestInfo | None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return None
+        return RequestInfo(stream.client, stream.prompt_token_ids, stream.arrival_time)
+
     # ---- the loop --------------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            if not (self._pending_adds or self._pending_aborts or self.engine.has_unfinished_requests()):
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            added = self._apply_pending()
-            if added:
-                # The estimate replays the scheduler over the whole queue: off the event loop.
-                estimates = await loop.run_in_executor(self._executor, self._estimates, added)
-                self._publish_estimates(added, estimates)
-            if not self.engine.has_unfinished_requests():
-                continue
+        idle = False
+        try:
+            while True:
+                await self._wait_for_work(idle)
+                idle = False
+                try:
+                    added = self._apply_pending()
+                    if added:
+                        # The estimate replays the scheduler over the whole queue: off the event loop.
+                        estimates = await loop.run_in_executor(self._executor, self._estimates, added)
+                        self._publish_estimates(added, estimates)
+                    if not self.engine.has_unfinished_requests():
+                        continue
+                    try:
+                        outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                    except Exception as e:  # a bug in a step must not take the server down
+                        logger.exception("engine step failed; failing the requests in flight")
+                        self._fail_all(EngineDeadError(f"the engine step failed: {e}"))
+                        continue
+                    idle = self.engine.last_step_num_scheduled_tokens == 0
+                    self._notify_step(outputs)
+                    self._publish_each(outputs)
+                except Exception as e:
+                    # Each event above is guarded; this is the net under them. Nothing may wait
+                    # forever on an event that went wrong, so the requests in flight fail.
+                    logger.exception("engine loop event failed; failing the requests in flight")
+                    self._fail_all(EngineDeadError(f"the engine failed: {type(e).__name__}: {e}"))
+        except BaseException as e:
+            self._die(e)
+            raise
+
+    async def _wait_for_work(self, idle: bool) -> None:
+        if self._pending_adds or self._pending_aborts:
+            return
+        if not self.engine.has_unfinished_requests():
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        elif idle:
+            # The last step scheduled nothing and nothing has changed since: stepping again at once
+            # would only spin a core. No set() is lost between the check above and clear(): both run
+            # on the event loop. A timer sets the event rather than asyncio.wait_for, which before
+            # Python 3.12 can swallow a cancellation (shutdown) that coincides with the event.
+            self._wakeup.clear()
+            timer = asyncio.get_running_loop().call_later(IDLE_POLL_S, self._wakeup.set)
             try:
-                outputs = await loop.run_in_executor(self._executor, self.engine.step)
-            except Exception as e:  # a bug in a step must not take the server down
-                logger.exception("engine step failed; failing the requests in flight")
-                self._fail_all(EngineDeadError(f"the engine step failed: {e}"))
-                continue
-            for listener in self.listeners:
-                listener.on_step(self, outputs)
-            self._publish(outputs)
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
 
     def _apply_pending(self) -> list[str]:
         """Hands queued adds and aborts to the engine; returns the ids it took."""
@@ -266,14 +375,18 @@ class AsyncEngine:
                     priority=add.priority,
                     arrival_time=add.arrival_time,
                     prompt_token_ids=add.prompt_token_ids,
+                    cache_salt=add.cache_salt,
                 )
                 added.append(add.request_id)
-            except Exception as e:
-                stream = self._streams.pop(add.request_id)
-                stream.queue.put_nowait(e)
-                stream.admitted.set_result(None)
+            except Exception as e:  # that request alone fails; the abort it queues is a no-op
+                if not isinstance(e, SutraError):
+                    logger.exception("adding request %s failed", add.request_id)
+                self._end_stream(add.request_id, e)
         for request_id in aborts:
-            self.engine.abort_request(request_id)
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:
+                logger.exception("aborting request %s failed", request_id)
         return added
 
     def _estimates(self, request_ids: list[str]) -> dict[str, float]:
@@ -293,11 +406,39 @@ class AsyncEngine:
             stream.estimate = None if seconds is None else (seconds, now)
             stream.admitted.set_result(seconds)
 
+    def _notify_step(self, outputs: list[RequestOutput]) -> None:
+        for listener in self.listeners:
+            try:
+                listener.on_step(self, outputs)
+            except Exception:
+                logger.exception("engine listener %s failed on a step; skipped", type(listener).__name__)
+
+    def _notify_abort(self, request_id: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener.on_abort(self, request_id)
+            except Exception:
+                logger.exception("engine listener %s failed on an abort; skipped", type(listener).__name__)
+
+    def _publish_each(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            try:
+                self._publish([out])
+            except Exception as e:  # that request alone fails
+                logger.exception("publishing the output of request %s failed", out.request_id)
+                self._end_stream(out.request_id, EngineDeadError(f"the engine failed on this request: {e}"))
+
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted while the step ran; the abort is pending
+            if out.error is not None:  # this request alone failed in the step
+                del self._streams[out.request_id]
+                if not stream.admitted.done():
+                    stream.admitted.set_result(None)
+                stream.queue.put_nowait(out.error)
+                continue
             stream.queue.put_nowait(self._delta(out, stream))
             if out.finished:
                 del self._streams[out.request_id]
@@ -316,12 +457,46 @@ class AsyncEngine:
         return RequestDelta(out.request_id, completions, len(out.prompt_token_ids), out.finished, out.metrics)
 
     def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._streams):
+            self._end_stream(request_id, error)
+        self._pending_adds.clear()
+
+    def _end_stream(self, request_id: str, error: BaseException) -> None:
+        """The request ends with `error` (its reader raises it); the engine lets it go between steps."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        self._notify_abort(request_id)  # while listeners can still look the request up
+        del self._streams[request_id]
+        self._deliver(request_id, stream, error)
+        self._pending_aborts.append(request_id)
+        self._wakeup.set()
+
+    def _deliver(self, request_id: str, stream: _Stream, error: BaseException) -> None:
+        stream.queue.put_nowait(error)
+        if not stream.admitted.done():
+            stream.admitted.set_result(None)
+        if not stream.reading:  # its reader may be about to call stream(): keep the error for it
+            if len(self._undelivered) >= _MAX_UNDELIVERED:
+                del self._undelivered[next(iter(self._undelivered))]
+            self._undelivered[request_id] = stream
+
+    def _die(self, cause: BaseException) -> None:
+        """The loop is ending: no waiter may hang, and new requests are refused from now on."""
+        if isinstance(cause, asyncio.CancelledError):
+            self._dead_reason = "the engine has shut down"
+        else:
+            self._dead_reason = f"the engine loop stopped ({type(cause).__name__}: {cause})"
+            logger.critical("the engine loop stopped; failing every request in flight", exc_info=cause)
+        error = EngineDeadError(self._dead_reason)
         for request_id, stream in list(self._streams.items()):
-            stream.queue.put_nowait(error)
-            if not stream.admitted.done():
-                stream.admitted.set_result(None)
-            self.engine.abort_request(request_id)
-            for listener in self.listeners:
-                listener.on_abort(self, request_id)
+            self._notify_abort(request_id)
+            self._deliver(request_id, stream, error)
         self._streams.clear()
         self._pending_adds.clear()
+
+
+def _retrieve_exception(task: asyncio.Task[None]) -> None:
+    # The loop logs how it ended; retrieving the exception keeps asyncio from logging it again.
+    if not task.cancelled():
+        task.exception()

@@ -17,11 +17,13 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self._stop_tail = max((len(s) for s in params.stop), default=0)
 
-    def add(self, output: CompletionOutput, token_id: int) -> str | None:
-        """Append one token's text to output.text; return the stop string it completed, if any."""
+    def add(self, output: CompletionOutput, token_id: int, final: bool = False) -> str | None:
+        """Append one token's text to output.text; return the stop string it completed, if any.
+        final: this is the completion's last token, so text held back for a character that later
+        tokens would have completed is flushed (as U+FFFD, the way decode() renders it)."""
         self.ids.append(token_id)
         new_text, self.prefix_offset, self.read_offset = self.tokenizer.decode_incremental(
-            self.ids, self.prefix_offset, self.read_offset, self.params.skip_special_tokens
+            self.ids, self.prefix_offset, self.read_offset, self.params.skip_special_tokens, final=final
         )
         if not new_text:
             return None

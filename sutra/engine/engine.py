@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 
 from sutra.config import EngineConfig
 from sutra.core.estimator import CompletionEstimator
-from sutra.core.kv_cache import KVCacheManager
+from sutra.core.kv_cache import KVCacheManager, prefix_cache_root
 from sutra.core.output import RunnerOutput
 from sutra.core.request import Request, RequestStatus
 from sutra.core.scheduler import Scheduler
 from sutra.engine.detokenizer import IncrementalDetokenizer
 from sutra.engine.runner import ModelRunner
+from sutra.engine.step_isolation import run_isolating, tainted_requests
 from sutra.errors import InvalidRequestError, prompt_too_long
+from sutra.model.fingerprint import model_fingerprint
 from sutra.model.loader import load_model
 from sutra.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sutra.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,18 +47,37 @@ class LLMEngine:
             1, int(config.cache.kv_cache_memory_gb * 2**30) // self.runner.bytes_per_block()
         )
         self.runner.allocate_kv_cache(num_blocks)
-        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        fingerprint = model_fingerprint(
+            loaded.arch, loaded.weights, f"{loaded.source}|seed={config.model.seed}"
+        )
+        self.kv = KVCacheManager(
+            num_blocks,
+            config.cache.block_size,
+            config.cache.enable_prefix_caching,
+            prefix_cache_root(fingerprint, str(self.runner.dtype), config.cache.block_size),
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.estimator = CompletionEstimator()
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._tracked: dict[str, _Tracked] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
+        # Tokens the last step() computed; 0 when nothing could be scheduled (e.g. every waiting
+        # request is throttled), so a serving loop knows to wait rather than spin.
+        self.last_step_num_scheduled_tokens = 0
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt plus output) one request can hold: the context length, or the
+        whole KV cache if that is smaller. A default max_tokens should stay within it."""
+        return self.scheduler.max_request_tokens
 
     # ---- requests --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-    def validate(self, prompt_token_ids: list[int]) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+        """Raise InvalidRequestError, naming the field, for a request the engine could never serve:
+        checks the prompt, and with `params` what only the model and the cache size can tell."""
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -71,6 +95,37 @@ class LLMEngine:
                 f"{self.kv.pool.num_blocks * self.kv.block_size}",
                 param="prompt",
             )
+        if params is not None:
+            self._validate_params(n, params)
+
+    def _validate_params(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        vocab = self.arch.vocab_size
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                param="stop_token_ids",
+            )
+        if params.min_tokens > 0:
+            banned = set(params.stop_token_ids)
+            if not params.ignore_eos:
+                banned |= {t for t in self.eos_token_ids if 0 <= t < vocab}
+            if len(banned) >= vocab:
+                raise InvalidRequestError(
+                    f"stop_token_ids and the end-of-sequence tokens cover the whole vocabulary ({vocab} "
+                    f"tokens), so no token could be generated before min_tokens={params.min_tokens}",
+                    param="stop_token_ids",
+                )
+        # Capped like generation itself: a request stops at the context length whatever max_tokens says.
+        total = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
+        if total > self.max_request_tokens:
+            room = self.max_request_tokens - num_prompt_tokens
+            raise InvalidRequestError(
+                f"the prompt ({num_prompt_tokens} tokens) plus max_tokens ({params.max_tokens}) needs "
+                f"{total} tokens of KV cache, but it holds only {self.max_request_tokens} tokens for "
+                f"one request; set max_tokens to at most {room}",
+                param="max_tokens",
+            )
 
     def add_request(
         self,
@@ -82,6 +137,7 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
         prompt_token_ids: list[int] | None = None,
+        cache_salt: str | None = None,
     ) -> None:
         """Queue a request. Raises InvalidRequestError (and queues nothing) for bad input.
         prompt_token_ids, if given, are the already tokenized text prompt."""
@@ -89,7 +145,7 @@ class LLMEngine:
         if request_id in self._tracked:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt)
-        self.validate(prompt_ids)
+        self.validate(prompt_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         output = RequestOutput(
@@ -120,6 +176,7 @@ class LLMEngine:
                     arrival_time=arrival,
                     client=client,
                     priority=priority,
+                    cache_salt=cache_salt,
                 )
             )
 
@@ -162,21 +219,27 @@ class LLMEngine:
 
     # ---- one iteration ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler iteration; return the outputs of the requests that made progress."""
+        """Run one scheduler iteration; return the outputs of the requests that made progress, and
+        of those that failed in it (`error` set; the rest of the batch is unaffected)."""
         sched_out = self.scheduler.schedule()
+        self.last_step_num_scheduled_tokens = sched_out.total_num_scheduled_tokens
         started = time.monotonic()
         for new in sched_out.new_requests:
             metrics = self._tracked[self._child_to_parent[new.request_id][0]].output.metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = started
-        runner_out = self.runner.execute(sched_out)
+        self.runner.apply_diff(sched_out)
+        runner_out = run_isolating(self.runner, sched_out.num_scheduled_tokens)
+        touched: dict[str, RequestOutput] = {}
+        if runner_out.failed:
+            for out in self._end_failed(sched_out.num_scheduled_tokens, runner_out):
+                touched[out.request_id] = out
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         now = time.monotonic()
-        if sched_out.num_scheduled_tokens:
+        if sched_out.num_scheduled_tokens and not runner_out.failed:  # reruns would skew the latency model
             self.estimator.observe(
                 sched_out.total_num_scheduled_tokens, len(sched_out.num_scheduled_tokens), now - started
             )
-        touched: dict[str, RequestOutput] = {}
         for request in updated:
             parent_id, index = self._child_to_parent[request.request_id]
             tracked = self._tracked[parent_id]
@@ -199,7 +262,7 @@ class LLMEngine:
             m.num_cached_tokens = request.num_cached_tokens
         m.last_token_time = now
         m.num_preemptions = max(m.num_preemptions, request.num_preemptions)
-        stop = tracked.detokenizers[index].add(completion, token)
+        stop = tracked.detokenizers[index].add(completion, token, final=request.status.finished)
         if stop is not None and not request.status.finished:
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
         if stop is not None:
@@ -214,6 +277,30 @@ class LLMEngine:
                 out.finished = True
                 out.metrics.finished_time = now
                 del self._tracked[out.request_id]
+
+    def _end_failed(self, scheduled: dict[str, int], runner_out: RunnerOutput) -> list[RequestOutput]:
+        """End each request that failed in this step (all n samples of it) with its error, and send
+        back to recompute the requests whose slice read KV a failed one never wrote."""
+        failed = runner_out.failed
+        for request_id in tainted_requests(failed, scheduled, self.kv, self.scheduler.requests):
+            self.scheduler.preempt_request(request_id)
+            runner_out.sampled_token_ids.pop(request_id, None)
+            runner_out.logprobs.pop(request_id, None)
+        ended = []
+        for child_id, error in failed.items():
+            parent = self._child_to_parent.get(child_id)
+            if parent is None:
+                continue  # ended already, with a sibling that failed in the same step
+            parent_id, index = parent
+            logger.warning("request %s failed: %s", parent_id, error)
+            tracked = self._tracked[parent_id]
+            tracked.output.error = error
+            tracked.output.outputs[index].finish_reason = "error"
+            for sibling_id in tracked.child_ids:
+                self.scheduler.finish_request(sibling_id, RequestStatus.FINISHED_ABORTED)
+            self._finish_all(parent_id, "abort")
+            ended.append(tracked.output)
+        return ended
 
     def _finish_all(self, request_id: str, reason: str) -> None:
         tracked = self._tracked.pop(request_id)

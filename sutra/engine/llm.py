@@ -26,6 +26,7 @@ class LLM:
         max_model_len: int | None = None,
         seed: int = 0,
         num_threads: int | None = None,
+        batch_invariant: bool = False,
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         kv_cache_memory_gb: float = 2.0,
@@ -44,6 +45,7 @@ class LLM:
                 max_model_len=max_model_len,
                 seed=seed,
                 num_threads=num_threads,
+                batch_invariant=batch_invariant,
             ),
             cache=CacheConfig(
                 block_size=block_size,
@@ -68,7 +70,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for each prompt (text or token ids); outputs come back in prompt order. Invalid
+        input raises before anything runs; a request that fails while running comes back finished
+        with `error` set (the others are unaffected)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -79,8 +83,8 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         encoded = [self.engine.encode_prompt(p) for p in prompts]
-        for ids in encoded:  # reject the batch before queueing any of it
-            self.engine.validate(ids)
+        for ids, p in zip(encoded, params, strict=True):  # reject the batch before queueing any of it
+            self.engine.validate(ids, p)
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for rid, prompt, ids, p in zip(request_ids, prompts, encoded, params, strict=True):
             self.engine.add_request(rid, prompt, p, prompt_token_ids=ids)

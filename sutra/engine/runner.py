@@ -67,9 +67,13 @@ class ModelRunner:
         self.max_model_len = config.model.max_model_len or loaded.arch.max_position_embeddings
         positions = max(self.max_model_len, loaded.arch.max_position_embeddings)
         if loaded.weights is None:
-            self.model = LlamaModel.random(loaded.arch, self.dtype, self.device, positions, mc.seed)
+            self.model = LlamaModel.random(
+                loaded.arch, self.dtype, self.device, positions, mc.seed, mc.batch_invariant
+            )
         else:
-            self.model = LlamaModel(loaded.arch, loaded.weights, self.dtype, self.device, positions)
+            self.model = LlamaModel(
+                loaded.arch, loaded.weights, self.dtype, self.device, positions, mc.batch_invariant
+            )
         self.sampler = Sampler()
         self.eos_token_ids = tuple(loaded.tokenizer.eos_token_ids)
         self.requests: dict[str, RunnerRequest] = {}
@@ -93,13 +97,40 @@ class ModelRunner:
         ]
 
     # ---- one step --------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        self._apply_diff(out)
-        if out.is_empty:
+        self.apply_diff(out)
+        return self.run(out.num_scheduled_tokens)
+
+    def apply_diff(self, out: SchedulerOutput) -> None:
+        """Take in the scheduler's changes: new, resumed, finished and preempted requests, new blocks."""
+        for rid in out.finished_request_ids + out.preempted_request_ids:
+            self.requests.pop(rid, None)
+        for new in out.new_requests:
+            seeded = new.sampling_params.seed is not None
+            self.requests[new.request_id] = RunnerRequest(
+                token_ids=list(new.token_ids),
+                num_prompt_tokens=new.num_prompt_tokens,
+                block_ids=list(new.block_ids),
+                num_computed=new.num_computed_tokens,
+                params=new.sampling_params,
+                generator=torch.Generator(device=self.device) if seeded else None,
+            )
+        for cached in out.cached_requests:
+            st = self.requests[cached.request_id]
+            st.block_ids.extend(cached.new_block_ids)
+            if st.num_computed != cached.num_computed_tokens:
+                raise RuntimeError(f"runner and scheduler disagree on request {cached.request_id}")
+
+    @torch.inference_mode()
+    def run(self, scheduled: dict[str, int]) -> RunnerOutput:
+        """Compute these slices (request id -> tokens) of the current step and sample where a slice
+        ends a request's known tokens. The requests' state changes only once nothing can raise any
+        more, so a run that raised can be repeated with any subset of the slices (its KV writes
+        are rewritten with the same values)."""
+        if not scheduled:
             return RunnerOutput()
         # 1-token slices (decodes) go first: the attention backend batches them.
-        order = sorted(out.num_scheduled_tokens.items(), key=lambda item: item[1] != 1)
+        order = sorted(scheduled.items(), key=lambda item: item[1] != 1)
         input_ids: list[int] = []
         positions: list[int] = []
         slices: list[SeqSlice] = []
@@ -118,38 +149,26 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model.forward(ids, pos, meta, self.kv_caches)
+        sampled = None
+        if sample_ids:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            sampled = self.sampler(logits, [self._sampling_request(rid) for rid in sample_ids])
         for rid, n in order:
             self.requests[rid].num_computed += n
-        if not sample_ids:
-            return RunnerOutput()
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        sampled = self.sampler(logits, [self._sampling_request(rid) for rid in sample_ids])
         result = RunnerOutput()
-        for rid, token, lp in zip(sample_ids, sampled.token_ids, sampled.logprobs, strict=True):
+        if sampled is None:
+            return result
+        for row, (rid, token, lp) in enumerate(
+            zip(sample_ids, sampled.token_ids, sampled.logprobs, strict=True)
+        ):
+            if token < 0:
+                result.failed[rid] = sampled.errors[row]
+                continue
             self.requests[rid].token_ids.append(token)
             result.sampled_token_ids[rid] = token
             if lp is not None:
                 result.logprobs[rid] = lp
         return result
-
-    def _apply_diff(self, out: SchedulerOutput) -> None:
-        for rid in out.finished_request_ids + out.preempted_request_ids:
-            self.requests.pop(rid, None)
-        for new in out.new_requests:
-            seeded = new.sampling_params.seed is not None
-            self.requests[new.request_id] = RunnerRequest(
-                token_ids=list(new.token_ids),
-                num_prompt_tokens=new.num_prompt_tokens,
-                block_ids=list(new.block_ids),
-                num_computed=new.num_computed_tokens,
-                params=new.sampling_params,
-                generator=torch.Generator(device=self.device) if seeded else None,
-            )
-        for cached in out.cached_requests:
-            st = self.requests[cached.request_id]
-            st.block_ids.extend(cached.new_block_ids)
-            if st.num_computed != cached.num_computed_tokens:
-                raise RuntimeError(f"runner and scheduler disagree on request {cached.request_id}")
 
     def _sampling_request(self, rid: str) -> SamplingRequest:
         st = self.requests[rid]

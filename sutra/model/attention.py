@@ -9,6 +9,9 @@ whole blocks (index_select over block ids, ~10x faster than gathering token slot
 query heads that share a KV head into one SDPA call. Prefill chunks run one call each: in bf16 on
 CPUs with AVX512-BF16 a C++ kernel that reads the context from the paged cache (3x torch's SDPA),
 otherwise SDPA.
+In the batch-invariant mode (per_token_metadata) every token of a prefill chunk runs as a decode at
+its own context length, so its attention is computed the same way whether it came in a chunk of any
+size, after any cached prefix, or alone.
 """
 
 from __future__ import annotations
@@ -95,6 +98,35 @@ def build_metadata(slices: list[SeqSlice], block_size: int, device: torch.device
         decode_seq_lens=lens,
         decode_mask=mask,
         prefills=prefills,
+    )
+
+
+def per_token_metadata(meta: AttentionMetadata) -> AttentionMetadata:
+    """The same batch with every prefill token as a 1-token slice: query i of a chunk over context
+    [0, context_len) attends as a decode with context length context_len - chunk_len + i + 1 (its
+    position + 1), over the chunk's blocks (the cache holds the chunk's K/V before attention runs).
+    The C++ decode kernel computes each row alone, in an order that depends only on its context
+    length; its rows need no padding mask (the torch decode path is not used in this mode)."""
+    if not meta.prefills:
+        return meta
+    tables: list[torch.Tensor] = []
+    lens: list[torch.Tensor] = []
+    if meta.num_decodes:
+        tables.append(meta.decode_block_table)
+        lens.append(meta.decode_seq_lens)
+    for p in meta.prefills:
+        n = p.end - p.start
+        tables.append(p.block_ids.expand(n, -1))
+        lens.append(torch.arange(p.context_len - n + 1, p.context_len + 1, device=p.block_ids.device))
+    width = max(t.shape[1] for t in tables)
+    table = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tables])
+    return AttentionMetadata(
+        slot_mapping=meta.slot_mapping,
+        num_decodes=table.shape[0],
+        decode_block_table=table,
+        decode_seq_lens=torch.cat(lens),
+        decode_mask=None,
+        prefills=[],
     )
 
 

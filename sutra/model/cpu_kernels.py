@@ -12,7 +12,13 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("decode_attention.cpp", "fused_ops.cpp", "prefill_attention.cpp", "small_batch_linear.cpp")
+    for name in (
+        "decode_attention.cpp",
+        "fused_ops.cpp",
+        "invariant_linear.cpp",
+        "prefill_attention.cpp",
+        "small_batch_linear.cpp",
+    )
 ]
 
 

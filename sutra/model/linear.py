@@ -5,6 +5,10 @@ GEMV ~1.4x faster than F.linear on the same weights, with identical results; els
 With AVX512-BF16, batches of at most SMALL_BATCH rows (decode of a few sequences) go to a C++ kernel
 that streams a second, tiled copy of the weight at close to memory bandwidth, 2-3x oneDNN's GEMV.
 The second copy doubles the weights' memory, so models only get it below SMALL_BATCH_MAX_BYTES.
+
+InvariantLinear (the engine's batch-invariant mode) runs every row count through one C++ kernel whose
+sum for each output has one fixed order, so a row's result does not depend on its batch mates; it
+keeps only its own packed copy of the weight.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from sutra.model.cpu_kernels import cpu_kernels
 
 SMALL_BATCH = 8  # the kernel's kMaxRows
 SMALL_BATCH_MAX_BYTES = 2 << 30
+INVARIANT_TILE = 16  # outputs per tile of invariant_linear.cpp
 
 
 def _packed_supported(weight: torch.Tensor) -> bool:
@@ -56,3 +61,31 @@ class Linear:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def pack_invariant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [ceil(N / 16), K, 16] tiles of 16 outputs (zero-padded), in bf16 or fp32 (fp16 widens)."""
+    n, k = weight.shape
+    tiles = -(-n // INVARIANT_TILE)
+    w = weight if weight.dtype in (torch.float32, torch.bfloat16) else weight.float()
+    w = F.pad(w, (0, 0, 0, tiles * INVARIANT_TILE - n))
+    return w.view(tiles, INVARIANT_TILE, k).transpose(1, 2).contiguous()
+
+
+class InvariantLinear:
+    """x @ W.T (+ bias) whose every row is bit-identical whatever the other rows and their number."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        kernels = cpu_kernels() if weight.device.type == "cpu" else None
+        if kernels is None:
+            raise ValueError(
+                "batch-invariant linear layers need Sutra's C++ CPU kernels on a CPU device "
+                "(a C++ compiler, and SUTRA_DISABLE_CPU_KERNELS unset)"
+            )
+        self.out_features, self.in_features = weight.shape
+        self.kernels = kernels
+        self.weight = pack_invariant_weight(weight)
+        self.bias = bias.float().contiguous() if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.invariant_linear(x, self.weight, self.out_features, self.bias)

@@ -2,6 +2,11 @@
 
 Projections are fused (q|k|v and gate|up) so each layer is a handful of large GEMMs; on CPU the
 per-op overhead of eager PyTorch is what a small model's decode step is made of.
+
+batch_invariant: every row's result is bit-identical whatever its batch mates, chunk sizes and
+prefix-cache hits. Linear layers (the LM head too) run InvariantLinear, every query token runs the
+decode attention kernel at its own context length, and the fused norm, RoPE and SwiGLU kernels
+already compute each row alone with an arithmetic that depends only on the model's widths.
 """
 
 from __future__ import annotations
@@ -10,16 +15,23 @@ import torch
 import torch.nn.functional as F
 
 from sutra.model.arch import ModelArch
-from sutra.model.attention import AttentionMetadata, paged_attention
-from sutra.model.linear import SMALL_BATCH_MAX_BYTES, Linear
+from sutra.model.attention import AttentionMetadata, paged_attention, per_token_metadata
+from sutra.model.cpu_kernels import cpu_kernels
+from sutra.model.linear import SMALL_BATCH_MAX_BYTES, InvariantLinear, Linear
 from sutra.model.ops import select_ops
 from sutra.model.rope import RotaryEmbedding
 
 
 class LlamaLayer:
-    def __init__(self, weights: dict[str, torch.Tensor], small_batch: bool) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], small_batch: bool, invariant: bool) -> None:
         self.input_norm = weights["input_layernorm"]
         self.post_norm = weights["post_attention_layernorm"]
+        if invariant:
+            self.qkv = InvariantLinear(weights["qkv"], weights.get("qkv_bias"))
+            self.o = InvariantLinear(weights["o"])
+            self.gate_up = InvariantLinear(weights["gate_up"])
+            self.down = InvariantLinear(weights["down"])
+            return
         self.qkv = Linear(weights["qkv"], weights.get("qkv_bias"), small_batch)
         self.o = Linear(weights["o"], small_batch=small_batch)
         self.gate_up = Linear(weights["gate_up"], small_batch=small_batch)
@@ -36,30 +48,50 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         max_positions: int,
+        batch_invariant: bool = False,
     ) -> None:
+        if batch_invariant and (device.type != "cpu" or cpu_kernels() is None):
+            raise ValueError(
+                "batch_invariant needs Sutra's C++ CPU kernels on a CPU device (a C++ compiler, and "
+                f"SUTRA_DISABLE_CPU_KERNELS unset); this engine's device is {device.type}"
+                + ("" if device.type != "cpu" else " and its kernels did not build (see the log)")
+            )
         self.arch = arch
         self.dtype = dtype
         self.device = device
+        self.batch_invariant = batch_invariant
         self.scale = arch.head_dim**-0.5
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
-        small_batch = sum(t.numel() * t.element_size() for t in w.values()) <= SMALL_BATCH_MAX_BYTES
+        # The invariant mode keeps one packed copy per weight and never runs the small-batch kernel.
+        small_batch = not batch_invariant and (
+            sum(t.numel() * t.element_size() for t in w.values()) <= SMALL_BATCH_MAX_BYTES
+        )
         self.embed = w["model.embed_tokens.weight"]
         lm_head = self.embed if arch.tie_word_embeddings else w["lm_head.weight"]
-        self.lm_head = Linear(lm_head, small_batch=small_batch)
+        self.lm_head = (
+            InvariantLinear(lm_head) if batch_invariant else Linear(lm_head, small_batch=small_batch)
+        )
         self.norm = w["model.norm.weight"]
         self.layers = [self._fuse_layer(w, i, small_batch) for i in range(arch.num_layers)]
-        self.ops = select_ops(device)
+        self.ops = select_ops(device)  # the fused C++ kernels whenever batch_invariant
         self.rope = RotaryEmbedding(
             arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype, device
         )
 
     @classmethod
     def random(
-        cls, arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: int, seed: int = 0
+        cls,
+        arch: ModelArch,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+        seed: int = 0,
+        batch_invariant: bool = False,
     ) -> LlamaModel:
         """Random weights of the right shapes, for speed benchmarks of large models."""
         gen = torch.Generator(device=device).manual_seed(seed)
-        return cls(arch, random_weights(arch, gen, dtype, device), dtype, device, max_positions)
+        weights = random_weights(arch, gen, dtype, device)
+        return cls(arch, weights, dtype, device, max_positions, batch_invariant)
 
     def _fuse_layer(self, w: dict[str, torch.Tensor], i: int, small_batch: bool) -> LlamaLayer:
         p = f"model.layers.{i}."
@@ -73,7 +105,7 @@ class LlamaModel:
         }
         if p + "self_attn.q_proj.bias" in w:
             fused["qkv_bias"] = torch.cat([w.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-        return LlamaLayer(fused, small_batch)
+        return LlamaLayer(fused, small_batch, self.batch_invariant)
 
     def forward(
         self,
@@ -86,6 +118,8 @@ class LlamaModel:
         a = self.arch
         eps = a.rms_norm_eps
         ops = self.ops
+        if self.batch_invariant:
+            meta = per_token_metadata(meta)
         rotary = ops.rotary_inputs(self.rope, positions)
         h, residual = ops.add_rms_norm(
             F.embedding(input_ids, self.embed), None, self.layers[0].input_norm, eps

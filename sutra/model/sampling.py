@@ -7,15 +7,21 @@ Top-k/top-p rows are cut on a small window of their best tokens (one partial sor
 sort happens only when a cut spills past the windows tried (very flat rows). Cuts are by value, so
 tied tokens stay or go together. The draw is inverse-CDF in token-id order with one uniform per row,
 from the row's own generator when it has one: a seeded row gives the same tokens whatever batch it is
-in, and one uniform per row is far cheaper than a vocabulary of exponentials."""
+in, and one uniform per row is far cheaper than a vocabulary of exponentials.
+
+A row with nothing to sample (every token banned, or NaN / infinite logits) fails alone: its token is
+-1 and SamplerOutput.errors says why; the other rows sample as if it were not there. Detecting it
+costs a few ops per row, not per vocabulary entry."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
 
+from sutra.errors import InvalidRequestError, RequestFailedError, SutraError
 from sutra.sampling_params import SamplingParams
 
 # Dividing by a smaller temperature could overflow float32; this is already argmax in practice.
@@ -44,8 +50,9 @@ class TokenLogprobs:
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: list[int]  # -1 for a row in `errors`
     logprobs: list[TokenLogprobs | None]
+    errors: dict[int, SutraError] = field(default_factory=dict)  # row -> why nothing could be sampled
 
 
 class Sampler:
@@ -55,13 +62,25 @@ class Sampler:
         raw = logits.float()
         penalized = ban_tokens(apply_penalties(raw, requests), requests, raw)
         tokens = self._choose(penalized, requests)
-        return SamplerOutput(tokens.tolist(), compute_logprobs(raw, tokens, [r.params for r in requests]))
+        token_ids = tokens.tolist()
+        params = [r.params for r in requests]
+        if -1 not in token_ids:
+            return SamplerOutput(token_ids, compute_logprobs(raw, tokens, params))
+        errors = {i: unsampleable_error(raw[i], requests[i]) for i, t in enumerate(token_ids) if t < 0}
+        logprobs = compute_logprobs(raw, tokens.clamp(min=0), params)
+        for i in errors:
+            logprobs[i] = None
+        return SamplerOutput(token_ids, logprobs, errors)
 
     def _choose(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
         sample_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if len(sample_rows) == len(requests):
             return self._sample(logits, requests)
-        tokens = logits.argmax(-1)
+        # The max is a NaN if the row has one, and -inf if every token is banned: such rows get -1.
+        # Checked on the Python floats: cheaper than two more tensor ops when all is well.
+        best, tokens = logits.max(dim=-1)
+        if not all(map(math.isfinite, best.tolist())):
+            tokens = torch.where(torch.isfinite(best), tokens, -1)
         if sample_rows:
             idx = torch.tensor(sample_rows, device=logits.device)
             tokens[idx] = self._sample(logits[idx], [requests[i] for i in sample_rows])
@@ -110,7 +129,8 @@ def sample_filtered(logits: torch.Tensor, params: list[SamplingParams], u: torch
         return inverse_cdf_sample(torch.zeros_like(logits).scatter_(1, ids, weights), u)
     order = ids.argsort(dim=-1)
     ids, weights = ids.gather(1, order), weights.gather(1, order)
-    return ids.gather(1, inverse_cdf_sample(weights, u).unsqueeze(1)).squeeze(1)
+    picked = inverse_cdf_sample(weights, u)
+    return torch.where(picked >= 0, ids.gather(1, picked.clamp(min=0).unsqueeze(1)).squeeze(1), -1)
 
 
 def _temperatures(params: list[SamplingParams], like: torch.Tensor) -> torch.Tensor:
@@ -207,7 +227,9 @@ def top_k_top_p_window(
         vals, spilled = _cut(vals / temps, ks, k_on, p, any(tp < 1.0 for tp in top_p), lse_full)
         if not spilled:
             break
-    kept = int((vals > float("-inf")).sum(dim=-1).max())  # kept tokens are a prefix of each row
+    # Kept tokens are a prefix of each row; at least one column stays so a row with nothing finite
+    # reaches the draw (and fails there) instead of leaving an empty window.
+    kept = max(1, int((vals > float("-inf")).sum(dim=-1).max()))
     return vals[:, :kept], ids[:, :kept]
 
 
@@ -261,17 +283,39 @@ def row_uniforms(requests: list[SamplingRequest], device: torch.device) -> torch
 
 
 def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Token whose CDF interval (in token-id order) holds u * row mass; probs need not be normalized."""
+    """Token whose CDF interval (in token-id order) holds u * row mass; probs need not be normalized.
+    -1 for a row with no mass to draw from (zero, or NaN from non-finite logits)."""
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     # Strictly below the total, so the search always lands on a real token.
     target = torch.minimum(u.unsqueeze(1) * total, total.nextafter(torch.zeros_like(total)))
-    idx = torch.searchsorted(cdf, target, right=True)
-    # A parallel scan (GPU) can break monotonicity by an ulp and land on a zero-probability token.
+    # A zero or NaN total searches past the end: clamp, such rows are marked -1 below.
+    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1)
     chosen = probs.gather(1, idx)
-    if bool((chosen <= 0).any()):
-        idx = torch.where(chosen > 0, idx, probs.argmax(dim=-1, keepdim=True))
-    return idx.squeeze(1)
+    if bool((chosen > 0).all()):  # NaN fails this too, so the common case stays one check
+        return idx.squeeze(1)
+    # A parallel scan (GPU) can break monotonicity by an ulp and land on a zero-probability token.
+    idx = torch.where(chosen > 0, idx, probs.argmax(dim=-1, keepdim=True))
+    drawable = torch.isfinite(total) & (total > 0)
+    return torch.where(drawable, idx, -1).squeeze(1)
+
+
+def unsampleable_error(raw: torch.Tensor, request: SamplingRequest) -> SutraError:
+    """Why a row (its raw logits) had nothing to sample. Runs only for such rows."""
+    if not bool(torch.isfinite(raw).all()):
+        return RequestFailedError("the model produced non-finite logits (NaN or infinity) for this request")
+    vocab = raw.shape[0]
+    banned = {t for t in request.banned_token_ids if 0 <= t < vocab}
+    if len(banned) == vocab:
+        return InvalidRequestError(
+            f"no token can be generated: stop_token_ids and the end-of-sequence tokens cover the whole "
+            f"vocabulary ({vocab} tokens), and they are banned until min_tokens="
+            f"{request.params.min_tokens} tokens have been generated",
+            param="stop_token_ids",
+        )
+    return RequestFailedError(
+        "no token could be sampled: after penalties and temperature no token had a finite probability"
+    )
 
 
 # ---- logprobs -----------------------------------------------------------------------------------------
@@ -288,7 +332,7 @@ def compute_logprobs(
     lp = torch.log_softmax(raw if len(rows) == len(params) else raw[idx], dim=-1)
     chosen = lp.gather(1, tokens[idx].unsqueeze(1))
     ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
-    top_n = max(params[i].logprobs or 0 for i in rows)
+    top_n = min(max(params[i].logprobs or 0 for i in rows), raw.shape[1])  # a vocabulary may be < 20
     top_vals, top_ids = lp.topk(top_n, dim=-1) if top_n else (lp[:, :0], lp[:, :0].long())
     token_ids = tokens[idx].tolist()
     chosen_l, top_vals_l, top_ids_l = chosen.squeeze(1).tolist(), top_vals.tolist(), top_ids.tolist()

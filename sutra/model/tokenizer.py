@@ -39,6 +39,7 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_tu
 _END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>")
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _REPLACEMENT = "\ufffd"
+_SPACE_MARKER = "\u2581"
 
 
 class Tokenizer:
@@ -57,6 +58,10 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        added = backend.get_added_tokens_decoder()
+        self._added_bytes = {i: t.content.encode("utf-8") for i, t in added.items()}
+        self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        self._byte_level = _is_byte_level(backend)
 
     # ---- construction -------------------------------------------------------------------------------------
 
@@ -135,22 +140,33 @@ class Tokenizer:
         return "", prefix_offset, read_offset
 
     def id_to_token_text(self, token_id: int) -> str:
-        """Printable text of one token; a token holding part of a UTF-8 character reads 'bytes:\\xe4\\xbd'."""
+        """Printable text of one token; a token holding part of a UTF-8 character reads 'bytes:\\xe4\\xbd'
+        (vLLM's form), since no string can hold half a character."""
         text = self._backend.decode([token_id], skip_special_tokens=False)
         if _REPLACEMENT not in text:
             return text
-        raw = self._token_bytes(token_id)
-        return text if raw is None else "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        raw = self.token_bytes(token_id)
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if raw else text
 
-    def _token_bytes(self, token_id: int) -> bytes | None:
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the UTF-8 text, exact even for a token that holds only part of
+        a character (byte-level BPE pieces, SentencePiece byte fallback <0xNN>). A special token's are
+        its own text; an id outside the vocabulary has none."""
+        if (added := self._added_bytes.get(token_id)) is not None:
+            return added
         token = self._backend.id_to_token(token_id)
         if token is None:
-            return None
+            return b""
         if match := _BYTE_FALLBACK.fullmatch(token):
             return bytes([int(match.group(1), 16)])
-        if isinstance(self._backend.decoder, decoders.ByteLevel) and all(c in _byte_decoder() for c in token):
-            return bytes(_byte_decoder()[c] for c in token)
-        return None
+        if self._byte_level:
+            table = _byte_decoder()
+            return bytes(table[c] for c in token if c in table)
+        return token.replace(_SPACE_MARKER, " ").encode("utf-8")  # SentencePiece marks spaces with U+2581
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether decoding with skip_special_tokens drops this token."""
+        return token_id in self._special_ids
 
     # ---- chat ---------------------------------------------------------------------------------------------
 
@@ -234,6 +250,19 @@ def _compile(template: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
+
+
+def _is_byte_level(backend: BackendTokenizer) -> bool:
+    """Whether tokens are spelled in GPT-2's byte-level alphabet (alone or inside a decoder sequence)."""
+    decoder = backend.decoder
+    if decoder is None:
+        return False
+    if isinstance(decoder, decoders.ByteLevel):
+        return True
+    try:
+        return '"ByteLevel"' in decoder.__getstate__().decode("utf-8")
+    except (AttributeError, UnicodeDecodeError):
+        return False
 
 
 @functools.cache

@@ -8,6 +8,7 @@ import secrets
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from sutra.server.body_limit import BodySizeLimit
 from sutra.server.chat import create_chat_completion
 from sutra.server.common import ServerState
 from sutra.server.completions import create_completion
@@ -29,8 +30,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        # Keys guard the API; /health and /metrics stay open for probes and scrapers, as in vLLM.
-        if state.api_keys and request.url.path.startswith("/v1"):
+        # Keys guard every route (the API, /docs, /redoc, /openapi.json, unknown paths) but /health and
+        # /metrics, open for probes and scrapers as in vLLM. The path is the ASGI scope's, the one the
+        # router matches: request.url is rebuilt from the Host header (CVE-2026-48710, `Host: x?`).
+        if state.api_keys and request.scope["path"] not in OPEN_PATHS:
             tenant = _tenant_of(request.headers.get("authorization", ""), state.api_keys)
             if tenant is None:
                 return APIError(
@@ -41,6 +44,17 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
+        # 503 tells a load balancer to send traffic elsewhere: the engine loop has stopped (only a
+        # restart helps), or the server is draining before it exits.
+        engine = state.engine
+        if engine.dead_reason is not None:
+            message = f"the engine is not running: {engine.dead_reason}"
+            return APIError(503, message, type="service_unavailable_error", code="engine_dead").response()
+        if engine.is_draining:
+            message = "the server is shutting down"
+            return APIError(
+                503, message, type="service_unavailable_error", code="server_shutting_down"
+            ).response()
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -73,7 +87,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await create_chat_completion(state, body, request)
 
+    app.add_middleware(BodySizeLimit, max_bytes=state.limits.max_body_bytes)  # outermost: before auth
     return app
+
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # served without a key, even when keys are set
 
 
 def _tenant_of(authorization: str, api_keys: dict[str, str]) -> str | None:

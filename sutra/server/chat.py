@@ -22,12 +22,18 @@ from sutra.server.common import (
     submit_all,
     usage,
 )
+from sutra.server.errors import APIError
 from sutra.server.protocol import ChatCompletionRequest
 
 
 def _token_entry(tok: Tokenizer, token_id: int, logprob: float) -> dict:
-    text = tok.id_to_token_text(token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    # The token's own bytes: for a piece of a multi-byte character its name ('bytes:\\xe6\\x9d')
+    # is not its text, but the bytes of consecutive entries join into the reply's UTF-8.
+    return {
+        "token": tok.id_to_token_text(token_id),
+        "logprob": logprob,
+        "bytes": list(tok.token_bytes(token_id)),
+    }
 
 
 def chat_logprobs(tok: Tokenizer, entries: list[TokenLogprobs]) -> dict:
@@ -43,19 +49,34 @@ def chat_logprobs(tok: Tokenizer, entries: list[TokenLogprobs]) -> dict:
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http_request: Request):
-    state.check_model(body.model)
+    state.check_request(body)
+    state.limits.check_chat(body)
     engine = state.engine
+    if not engine.tokenizer.has_chat_template:
+        raise APIError(
+            400,
+            f"the model `{state.model_name}` has no chat template, so a chat cannot be turned into a "
+            "prompt; send the prompt text to /v1/completions instead",
+            code="chat_template_missing",
+        )
     messages = [m.template_dict() for m in body.messages]
     prompt = await engine.apply_chat_template(messages, body.add_generation_prompt)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
 
     def make_params(prompt_len: int) -> SamplingParams:
-        max_tokens = resolve_max_tokens(body.requested_max_tokens, prompt_len, engine.max_model_len, param)
+        max_tokens = resolve_max_tokens(
+            body.requested_max_tokens,
+            prompt_len,
+            engine.max_model_len,
+            param,
+            engine.engine.max_request_tokens,
+        )
         return body.sampling_params(max_tokens, body.num_logprobs)
 
     request_id = new_id("chatcmpl")
     client = state.client_of(http_request, body.user)
-    submitted = submit_all(state, request_id, [prompt], make_params, client, body.priority)
+    priority = state.priority_of(http_request, body.priority)
+    submitted = submit_all(state, request_id, [prompt], make_params, client, priority, body.cache_salt)
     tok = engine.tokenizer
     headers = await estimate_headers(state, submitted)
     if body.stream:
@@ -102,7 +123,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                 }
                 for i, acc in enumerate(choices)
             ],
-            "usage": usage(len(prompt) * body.n, sum(len(a.token_ids) for a in choices), cached),
+            # The prompt is counted once, whatever n is (as OpenAI and vLLM count it).
+            "usage": usage(len(prompt), sum(len(a.token_ids) for a in choices), cached),
         },
         headers=headers,
     )

@@ -16,7 +16,10 @@ from sutra.engine.async_engine import AsyncEngine, CompletionDelta, RequestDelta
 from sutra.errors import InvalidRequestError, prompt_too_long
 from sutra.sampling_params import SamplingParams
 from sutra.server.errors import APIError, to_api_error
+from sutra.server.limits import RequestLimits
 from sutra.server.metrics import ServerMetrics
+from sutra.server.protocol import SamplingFields
+from sutra.server.tenants import PriorityCaps
 
 
 @dataclass
@@ -25,6 +28,8 @@ class ServerState:
     model_name: str
     metrics: ServerMetrics
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    priority_caps: PriorityCaps = field(default_factory=PriorityCaps)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, model: str | None) -> None:
@@ -37,23 +42,43 @@ class ServerState:
                 code="model_not_found",
             )
 
+    def check_request(self, body: SamplingFields) -> None:
+        """Everything about a body that can be refused before it is tokenized: the model, features we
+        do not implement, text that is not Unicode. (Each route checks its own size limits too.)"""
+        self.check_model(body.model)
+        body.check_supported()
+        body.check_text()
+
     def client_of(self, http_request: Request, user: str | None) -> str | None:
         """Who is served, for fairness and metrics: the API key's tenant, else `user`, else nobody."""
         return getattr(http_request.state, "tenant", None) or user or None
+
+    def priority_of(self, http_request: Request, priority: int) -> int:
+        """The request's priority within what the operator allows its API key's tenant."""
+        return self.priority_caps.clamp(getattr(http_request.state, "tenant", None), priority)
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
-    """None means as many as the context allows (OpenAI chat semantics). A prompt that leaves no room
-    is the prompt's error, whatever max_tokens says."""
+def resolve_max_tokens(
+    requested: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    param: str,
+    max_request_tokens: int | None = None,
+) -> int:
+    """None means as many as the context allows (OpenAI chat semantics), and as the KV cache can hold
+    for one request when that is less. A prompt that leaves no room is the prompt's error, whatever
+    max_tokens says."""
     room = max_model_len - prompt_len
     if room < 1:
         raise prompt_too_long(prompt_len, max_model_len)
     if requested is None:
-        return room
+        # Past the cache's capacity the engine's validation names the prompt as the problem.
+        cache_room = room if max_request_tokens is None else max_request_tokens - prompt_len
+        return max(1, min(room, cache_room))
     if requested < 1:
         raise InvalidRequestError(f"{param} must be >= 1, got {requested}", param=param)
     if prompt_len + requested > max_model_len:
@@ -83,12 +108,16 @@ def submit_all(
     make_params: Callable[[int], SamplingParams],  # prompt length -> params
     client: str | None,
     priority: int,
+    cache_salt: str | None = None,
 ) -> list[Submitted]:
     """Queue one engine request per prompt, all or none: a bad prompt rejects the whole batch."""
     params_list = [make_params(len(ids)) for ids in prompts]
     rids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
     state.engine.submit_many(
-        list(zip(rids, prompts, params_list, strict=True)), client=client, priority=priority
+        list(zip(rids, prompts, params_list, strict=True)),
+        client=client,
+        priority=priority,
+        cache_salt=cache_salt,
     )
     return [
         Submitted(rid, len(ids), i * params.n, params.n)
@@ -226,6 +255,7 @@ async def sse_stream(
     """Server-sent events of OpenAI chunks; errors after the headers went out become an error event."""
     created = int(time.time())
     completion_tokens = cached = 0
+    finished: set[int] = set()
 
     def chunk(choices: list[dict], usage_block: dict | None = None) -> str:
         payload = {
@@ -246,15 +276,22 @@ async def sse_stream(
             async for sub, delta in merged_deltas(state.engine, submitted):
                 choices = []
                 for c in delta.completions:
+                    # A request's delta lists all its n choices: one that finished earlier has nothing
+                    # new, and its finish_reason went out once already.
+                    index = sub.first_choice + c.index
+                    if index in finished:
+                        continue
                     if c.text or c.token_ids or c.finish_reason:
                         completion_tokens += len(c.token_ids)
                         choices.append(to_choice(sub, c))
+                    if c.finish_reason is not None:
+                        finished.add(index)
                 if delta.finished:
                     cached += delta.metrics.num_cached_tokens
                 if choices:
                     yield chunk(choices)
         if include_usage:
-            prompt_tokens = sum(s.prompt_len * s.num_choices for s in submitted)
+            prompt_tokens = sum(s.prompt_len for s in submitted)  # once per prompt, whatever n is
             yield chunk([], usage(prompt_tokens, completion_tokens, cached))
     except Exception as e:
         yield to_api_error(e).sse()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import time
 
 from fastapi import Request
@@ -25,43 +26,61 @@ from sutra.server.common import (
 from sutra.server.protocol import CompletionRequest
 
 
-def completion_logprobs(tok: Tokenizer, entries: list[TokenLogprobs], text_start: int) -> dict:
+class TextOffsets:
+    """Where each token's text starts in a choice's text. Counted from the tokens' bytes, not from
+    their printable names: a token holding part of a character is named 'bytes:\\xe4' but adds no
+    character until the token that completes it (and a skipped special token adds none)."""
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool) -> None:
+        self._tok = tok
+        self._skip_special = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # decode() renders as it
+        self._chars = 0
+
+    def next(self, token_id: int) -> int:
+        at = self._chars
+        if not (self._skip_special and self._tok.is_special(token_id)):
+            self._chars += len(self._utf8.decode(self._tok.token_bytes(token_id)))
+        return at
+
+
+def completion_logprobs(tok: Tokenizer, entries: list[TokenLogprobs], offsets: TextOffsets) -> dict:
     """The legacy completions logprobs object: parallel lists of tokens, logprobs and alternatives."""
-    tokens = [tok.id_to_token_text(e.token_id) for e in entries]
-    offsets, at = [], text_start
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
     return {
-        "tokens": tokens,
+        "tokens": [tok.id_to_token_text(e.token_id) for e in entries],
         "token_logprobs": [e.logprob for e in entries],
         "top_logprobs": [{tok.id_to_token_text(i): lp for i, lp in e.top} for e in entries],
-        "text_offset": offsets,
+        "text_offset": [offsets.next(e.token_id) for e in entries],
     }
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, http_request: Request):
-    state.check_model(body.model)
+    state.check_request(body)
+    state.limits.check_completion(body)
     engine = state.engine
     prompts = [p if isinstance(p, list) else await engine.encode(p) for p in body.prompts()]
 
     def make_params(prompt_len: int) -> SamplingParams:
-        max_tokens = resolve_max_tokens(body.max_tokens, prompt_len, engine.max_model_len, "max_tokens")
+        max_tokens = resolve_max_tokens(
+            body.max_tokens, prompt_len, engine.max_model_len, "max_tokens", engine.engine.max_request_tokens
+        )
         return body.sampling_params(max_tokens, body.logprobs)
 
     request_id = new_id("cmpl")
     client = state.client_of(http_request, body.user)
-    submitted = submit_all(state, request_id, prompts, make_params, client, body.priority)
+    priority = state.priority_of(http_request, body.priority)
+    submitted = submit_all(state, request_id, prompts, make_params, client, priority, body.cache_salt)
     tok = engine.tokenizer
     headers = await estimate_headers(state, submitted)
     if body.stream:
-        text_len: dict[int, int] = {}
+        offsets: dict[int, TextOffsets] = {}  # per choice, across its chunks
 
         def to_choice(sub: Submitted, c: CompletionDelta) -> dict:
             index = sub.first_choice + c.index
-            start = text_len.get(index, 0)
-            text_len[index] = start + len(c.text)
-            logprobs = None if body.logprobs is None else completion_logprobs(tok, c.logprobs or [], start)
+            logprobs = None
+            if body.logprobs is not None:
+                at = offsets.setdefault(index, TextOffsets(tok, body.skip_special_tokens))
+                logprobs = completion_logprobs(tok, c.logprobs or [], at)
             return _choice(index, c.text, logprobs, c.finish_reason, c.stop_reason)
 
         events = sse_stream(
@@ -86,14 +105,16 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
                 _choice(
                     i,
                     acc.text,
-                    None if body.logprobs is None else completion_logprobs(tok, acc.logprobs, 0),
+                    None
+                    if body.logprobs is None
+                    else completion_logprobs(tok, acc.logprobs, TextOffsets(tok, body.skip_special_tokens)),
                     acc.finish_reason,
                     acc.stop_reason,
                 )
                 for i, acc in enumerate(choices)
             ],
             "usage": usage(
-                sum(s.prompt_len * s.num_choices for s in submitted),
+                sum(s.prompt_len for s in submitted),  # once per prompt, whatever n is
                 sum(len(acc.token_ids) for acc in choices),
                 cached,
             ),

@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sutra.engine.async_engine import EngineDeadError, EngineOverloadedError
-from sutra.errors import InvalidRequestError, SutraError
+from sutra.engine.async_engine import EngineDeadError, EngineDrainingError, EngineOverloadedError
+from sutra.errors import InvalidRequestError, RequestFailedError, SutraError
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,11 @@ def to_api_error(e: Exception) -> APIError:
         return e
     if isinstance(e, InvalidRequestError):
         return APIError(400, str(e), param=e.param)
+    if isinstance(e, EngineDrainingError):
+        return APIError(503, str(e), type="service_unavailable_error", code="server_shutting_down")
     if isinstance(e, EngineOverloadedError):
         return APIError(503, str(e), type="service_unavailable_error", code="queue_full")
-    if isinstance(e, EngineDeadError):
+    if isinstance(e, (EngineDeadError, RequestFailedError)):
         return APIError(500, str(e), type="internal_server_error")
     logger.exception("unexpected error while serving a request", exc_info=e)
     return APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error")

@@ -5,18 +5,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
+import time
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
-from sutra.engine.async_engine import AsyncEngine
+from sutra.engine.async_engine import AsyncEngine, EngineDrainingError
 from sutra.engine.engine import LLMEngine
 from sutra.server.app import create_app
+from sutra.server.client_series import DEFAULT_IDLE_S, DEFAULT_MAX_SERIES
 from sutra.server.common import ServerState
+from sutra.server.limits import add_limit_args, limits_from_args
 from sutra.server.metrics import ServerMetrics
+from sutra.server.request_log import enable_request_log
+from sutra.server.tenants import PriorityCaps, parse_priority_caps
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+
+logger = logging.getLogger(__name__)
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +38,36 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="[TENANT:]KEY",
-        help="require this bearer key on /v1 routes; repeat for several tenants. "
-        "A key without a TENANT: prefix is tenant key1, key2, ... in the order given",
+        help="require this bearer key on every route but /health and /metrics; repeat for several "
+        "tenants. A key without a TENANT: prefix is tenant key1, key2, ... in the order given",
+    )
+    g.add_argument(
+        "--tenant-priority",
+        action="append",
+        default=[],
+        metavar="TENANT:N",
+        help="the most urgent priority TENANT's requests get (lower is more urgent): a request asking "
+        "for less than N is served at N. Repeat for several tenants",
+    )
+    g.add_argument(
+        "--default-tenant-priority",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the same cap for tenants without a --tenant-priority entry (without --api-key: for "
+        "every request); default: no cap",
+    )
+    g.add_argument(
+        "--max-client-metric-series",
+        type=int,
+        default=DEFAULT_MAX_SERIES,
+        help='clients with per-client series on /metrics; later ones share client="other" (%(default)s)',
+    )
+    g.add_argument(
+        "--client-metric-idle-s",
+        type=float,
+        default=DEFAULT_IDLE_S,
+        help="drop a client's /metrics series after this many seconds without a request (%(default)s)",
     )
     g.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: from --model)"
@@ -41,6 +79,27 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="answer 503 while this many requests wait to be scheduled",
     )
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    g.add_argument(
+        "--shutdown-timeout",
+        type=_seconds_arg,
+        default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT, refuse new requests (503) and let those in flight finish for at "
+        "most this long, then end them with an error and exit 0; a second signal ends them at once "
+        "(%(default)s)",
+    )
+    g.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="log one line per finished request: id, client, token counts, queue / TTFT / E2E times "
+        "and finish reason (no prompt or output text)",
+    )
+    g.add_argument(
+        "--log-request-text",
+        action="store_true",
+        help="with --log-requests (implied), also log each request's prompt and output text",
+    )
+    add_limit_args(parser)
 
 
 def served_model_name(model: str | None, override: str | None) -> str:
@@ -63,11 +122,51 @@ def parse_api_keys(specs: list[str]) -> dict[str, str]:
             tenant, key = f"key{i}", spec
         if not key or not tenant:
             raise SystemExit(f"error: --api-key {spec!r} must be KEY or TENANT:KEY")
+        if key != key.strip() or any(c.isspace() for c in key):
+            raise SystemExit(f"error: --api-key {spec!r}: a key cannot hold whitespace")
+        if keys.get(key, tenant) != tenant:  # one key for two tenants: which would it be?
+            raise SystemExit(f"error: --api-key: one key is given for tenants {keys[key]!r} and {tenant!r}")
         keys[key] = tenant
     return keys
 
 
+def priority_caps_from_args(args: argparse.Namespace, api_keys: dict[str, str]) -> PriorityCaps:
+    try:
+        return parse_priority_caps(args.tenant_priority, args.default_tenant_priority, set(api_keys.values()))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def metrics_from_args(args: argparse.Namespace, model_name: str) -> ServerMetrics:
+    try:
+        return ServerMetrics(model_name, args.max_client_metric_series, args.client_metric_idle_s)
+    except ValueError as e:
+        raise SystemExit(f"error: --max-client-metric-series / --client-metric-idle-s: {e}") from None
+
+
+def _seconds_arg(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
 class _Server(uvicorn.Server):
+    """uvicorn whose SIGTERM / SIGINT drains the engine before the server stops.
+
+    uvicorn would stop listening at the first signal (so new requests would see a refused connection
+    rather than a 503) and re-raise the signal after shutdown (so the process would die by it rather
+    than exit 0). Here the signal only starts the drain; the tick below ends it.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+        self._signal: int | None = None
+        self._drain_deadline: float | None = None  # monotonic time; set at the first tick after a signal
+        self._signals_seen = 0
+
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if self.started:
@@ -75,22 +174,65 @@ class _Server(uvicorn.Server):
             name = self.config.app.state.sutra.model_name
             print(f"Sutra is serving {name} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler: set flags only (no logging, no asyncio); the next tick acts on them.
+        self.engine.begin_drain()
+        self._signal = sig
+        self._signals_seen += 1
+
+    async def on_tick(self, counter: int) -> bool:
+        should_exit = await super().on_tick(counter)
+        if self._signal is None:
+            return should_exit
+        now = time.monotonic()
+        if self._drain_deadline is None:
+            self._drain_deadline = now + self.shutdown_timeout
+            logger.warning(
+                "%s: refusing new requests; waiting up to %.0f s for %d in flight (a second signal "
+                "stops now)",
+                signal.Signals(self._signal).name,
+                self.shutdown_timeout,
+                self.engine.num_in_flight,
+            )
+        if self.engine.num_in_flight == 0:
+            return True
+        if now < self._drain_deadline and self._signals_seen < 2:
+            return False
+        ended = self.engine.abort_all(
+            EngineDrainingError("the server shut down before this request finished; retry it")
+        )
+        logger.warning("shutting down: ended %d requests still in flight", ended)
+        return True  # uvicorn then lets their responses (now errors) go out, and stops
+
 
 def cmd_serve(args: argparse.Namespace, engine_config) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     api_keys = parse_api_keys(args.api_key)
-    engine = LLMEngine(engine_config)
+    priority_caps = priority_caps_from_args(args, api_keys)
     name = served_model_name(engine_config.model.model, args.served_model_name)
+    metrics = metrics_from_args(args, name)  # checked before the model loads
+    engine = LLMEngine(engine_config)
     state = ServerState(
         engine=AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests),
         model_name=name,
-        metrics=ServerMetrics(name),
+        metrics=metrics,
         api_keys=api_keys,
+        priority_caps=priority_caps,
+        limits=limits_from_args(args),
     )
+    if args.log_requests or args.log_request_text:
+        enable_request_log(state.engine, include_text=args.log_request_text)
     config = uvicorn.Config(
-        create_app(state), host=args.host, port=args.port, log_level=args.log_level, access_log=False
+        create_app(state),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        # After the drain every response is complete or ending with an error; this bounds the wait
+        # for a connection that would not close.
+        timeout_graceful_shutdown=5,
     )
     try:
-        asyncio.run(_Server(config).serve())
+        asyncio.run(_Server(config, state.engine, args.shutdown_timeout).serve())
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,7 +1,8 @@
 """Prometheus metrics of a serving engine, updated by the engine loop after every step.
 
 Names follow vLLM's (`vllm:time_to_first_token_seconds` -> `sutra:time_to_first_token_seconds`) so
-existing dashboards need only the prefix changed. Each server gets its own registry.
+existing dashboards need only the prefix changed. Each server gets its own registry. The per-client
+families are labelled through ClientSeries, so no client name can break a scrape or grow the output.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prometheus_client import (
 from sutra.engine.async_engine import AsyncEngine
 from sutra.engine.engine import LLMEngine
 from sutra.outputs import RequestOutput
+from sutra.server.client_series import DEFAULT_IDLE_S, DEFAULT_MAX_SERIES, ClientSeries
 
 # `*_created` timestamps double the output and no dashboard reads them (vLLM turns them off too).
 disable_created_metrics()
@@ -36,10 +38,16 @@ class _Progress:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        max_client_series: int = DEFAULT_MAX_SERIES,
+        client_idle_s: float = DEFAULT_IDLE_S,
+    ) -> None:
         self.registry = registry = CollectorRegistry()
         labels = ["model_name"]
         self._labels = {"model_name": model_name}
+        self.clients = ClientSeries(max_client_series, client_idle_s, on_drop=self._drop_client)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=registry)
@@ -120,7 +128,7 @@ class ServerMetrics:
         lab = self._labels
         for out in outputs:
             rid, m = out.request_id, out.metrics
-            client = engine.client_of(rid) or "anonymous"
+            client = self.clients.label(engine.client_of(rid))
             progress = self._progress.get(rid)
             if progress is None:
                 progress = self._progress[rid] = _Progress()
@@ -163,7 +171,15 @@ class ServerMetrics:
         self._progress.pop(request_id, None)
         self.finished.labels(**self._labels, finished_reason="abort").inc()
 
+    def _drop_client(self, client: str) -> None:
+        for family in (self.client_tokens, self.client_prompt_tokens, self.client_queue_time):
+            try:
+                family.remove(self._labels["model_name"], client)
+            except KeyError:  # this family never saw the client
+                pass
+
     def observe_state(self, engine: LLMEngine) -> None:
+        self.clients.expire()
         lab = self._labels
         scheduler, kv = engine.scheduler, engine.kv
         preemptions = scheduler.num_preemptions

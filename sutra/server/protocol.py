@@ -1,8 +1,9 @@
 """OpenAI request bodies (pydantic) and their mapping to SamplingParams.
 
 Fields follow OpenAI's API plus the extensions vLLM users rely on (top_k, min_p, repetition_penalty,
-ignore_eos, stop_token_ids, priority). Unknown fields are ignored, as vLLM does. Features we do not
-implement are rejected by name rather than silently dropped.
+ignore_eos, stop_token_ids, priority). Unknown fields are ignored, as vLLM does. Features OpenAI or vLLM
+define that we do not implement are declared here only to be refused by name: a client relying on one
+must not get an answer that silently ignored it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from sutra.errors import InvalidRequestError
 from sutra.sampling_params import SamplingParams
 
+MAX_LOGPROBS = 20  # top-N alternatives per token, as OpenAI and vLLM allow
+_REFUSED_WHEN_SET = (
+    "prompt_logprobs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "structured_outputs",
+    "bad_words",
+    "allowed_token_ids",
+    "logits_processors",
+    "truncate_prompt_tokens",
+)
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -43,18 +60,51 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     priority: int = 0
+    # Requests share prefix-cache blocks only with requests of the same salt (vLLM's field).
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
+    response_format: dict[str, Any] | None = None
+    # vLLM's extensions we do not implement (refused when set).
+    prompt_logprobs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structured_outputs: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    logits_processors: Any = None
+    truncate_prompt_tokens: Any = None
 
     @property
     def include_usage(self) -> bool:
         """A final chunk with usage is wanted (streaming only)."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _unsupported(self) -> None:
+    def check_supported(self) -> None:
+        """Refuse, by name, every feature the request asks for that the server does not implement."""
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
+        for name in _REFUSED_WHEN_SET:
+            if getattr(self, name) is not None:
+                raise InvalidRequestError(f"{name} is not supported", param=name)
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidRequestError(
+                "response_format other than text is not supported", param="response_format"
+            )
+
+    def check_text(self) -> None:
+        """Refuse a string holding a lone UTF-16 surrogate: JSON's \\ud800 escape allows it, but it is
+        not Unicode text, and no tokenizer, template or log line can encode it."""
+        if (where := _lone_surrogate_at(self, "")) is not None:
+            raise InvalidRequestError(
+                f"{where} contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                "which is not valid Unicode text",
+                param=where,
+            )
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        self._unsupported()
         given = {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -79,7 +129,7 @@ class _SamplingFields(BaseModel):
         )
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
@@ -87,8 +137,8 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
-    def _unsupported(self) -> None:
-        super()._unsupported()
+    def check_supported(self) -> None:
+        super().check_supported()
         if self.echo:
             raise InvalidRequestError("echo is not supported", param="echo")
         if self.suffix:
@@ -135,7 +185,7 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -143,19 +193,40 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    echo: bool = False
 
-    def _unsupported(self) -> None:
-        super()._unsupported()
+    def check_supported(self) -> None:
+        super().check_supported()
         if self.tools:
             raise InvalidRequestError("tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
+        if self.functions:
+            raise InvalidRequestError("functions are not supported", param="functions")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise InvalidRequestError(
+                    f'{name} is not supported (tools are not): send null or "none"', param=name
+                )
+        if self.continue_final_message:
             raise InvalidRequestError(
-                "response_format other than text is not supported", param="response_format"
+                "continue_final_message is not supported", param="continue_final_message"
             )
+        if self.chat_template is not None:
+            raise InvalidRequestError(
+                "chat_template is not supported: the model's own template is applied", param="chat_template"
+            )
+        if self.echo:
+            raise InvalidRequestError("echo is not supported", param="echo")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}", param="top_logprobs"
+            )
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -164,3 +235,36 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _lone_surrogate_at(value: Any, path: str) -> str | None:
+    """The dotted path (as in validation errors: messages.0.content) of the first string in `value`
+    that cannot be encoded as UTF-8, or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or None
+        return None
+    if isinstance(value, BaseModel):
+        items: Any = [*value.__dict__.items(), *(value.__pydantic_extra__ or {}).items()]
+    elif isinstance(value, dict):
+        for key in value:
+            if _lone_surrogate_at(key, path) is not None:
+                return path  # the key itself cannot be shown
+        items = value.items()
+    elif isinstance(value, list):
+        if not any(issubclass(kind, _MAY_HOLD_TEXT) for kind in set(map(type, value))):
+            return None  # e.g. the ids of a token prompt, checked without a Python call per number
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if (found := _lone_surrogate_at(item, f"{path}.{key}" if path else str(key))) is not None:
+            return found
+    return None
+
+
+_MAY_HOLD_TEXT = (str, list, dict, BaseModel)

@@ -55,6 +55,11 @@ def test_registry_builds_each_policy_with_its_options():
         ("rpm_limit", 2.5),
         ("rpm_limit", float("inf")),
         ("rpm_limit", True),
+        ("client_idle_ttl_s", -1.0),
+        ("client_idle_ttl_s", float("nan")),
+        ("client_idle_ttl_s", "600"),
+        ("max_idle_clients", -1),
+        ("max_idle_clients", 2.5),
     ],
 )
 def test_invalid_policy_options(field, value):
@@ -82,6 +87,23 @@ def test_policy_file_json_and_toml(tmp_path):
         )
         apply_policy_file(cfg, toml)
         assert (cfg.policy, cfg.rpm_limit, cfg.client_weights) == ("rpm", 12, {"team": 2.5})
+
+
+def test_client_state_bounds_reach_every_policy(tmp_path):
+    path = tmp_path / "bounds.json"
+    path.write_text(json.dumps({"policy": "vtc", "client_idle_ttl_s": 30, "max_idle_clients": 5}))
+    cfg = SchedulerConfig()
+    apply_policy_file(cfg, path)
+    assert (cfg.client_idle_ttl_s, cfg.max_idle_clients) == (30, 5)
+    vtc = make_policy(cfg)
+    assert (vtc._idle.ttl_s, vtc._idle.max_idle) == (30, 5)
+    cfg.policy = "rpm"
+    assert make_policy(cfg).max_clients == 5
+    cfg.policy = "priority-vtc"
+    prio = make_policy(cfg)
+    assert (prio._idle.ttl_s, prio.max_idle_clients) == (30, 5)
+    prio.add(make_request(client="a", priority=1))
+    assert prio._classes[1]._idle.max_idle == 5
 
 
 @pytest.mark.parametrize(

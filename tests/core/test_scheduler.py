@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -195,8 +196,73 @@ def test_duplicate_request_id_rejected():
 
 
 @pytest.mark.parametrize(
-    "field,value", [("max_num_batched_tokens", 0), ("max_num_seqs", 0), ("mode", "orca")]
+    "field,value,message",
+    [
+        ("max_num_batched_tokens", 0, "max_num_batched_tokens must be >= 1, got 0"),
+        ("max_num_seqs", 0, "max_num_seqs must be >= 1, got 0"),
+        ("mode", "orca", "mode must be sarathi, prefill_first or no_chunking, got 'orca'"),
+    ],
 )
-def test_invalid_scheduler_config(field, value):
-    with pytest.raises(ValueError, match=field if field != "mode" else "mode"):
+def test_invalid_scheduler_config(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         SchedulerConfig(**{field: value})
+
+
+# ---- requests that outgrow the KV pool -------------------------------------------------------------------
+
+
+def test_lone_request_that_outgrows_the_kv_pool_ends_with_length():
+    """Alone in the engine, a request whose output would not fit in the whole pool used to preempt
+    itself, be readmitted and hit the same wall forever. It stops at the pool's size instead."""
+    scheduler, runner = make_scheduler(num_blocks=4, block_size=16, budget=64), FakeRunner()
+    assert scheduler.max_request_tokens == 64
+    request = make_request(prompt_len=8, max_tokens=1000)
+    scheduler.add_request(request)
+    run_to_completion(scheduler, runner, max_steps=500)
+    assert request.status is RequestStatus.FINISHED_LENGTH
+    assert request.num_tokens == 64
+    assert scheduler.num_preemptions == 0
+    assert scheduler.kv.num_free_blocks == 4
+
+
+def test_request_that_outgrows_the_pool_beside_others_ends_and_the_others_finish():
+    scheduler, runner = make_scheduler(num_blocks=6, block_size=16, budget=64), FakeRunner()
+    big = make_request(prompt_len=8, max_tokens=1000)
+    small = [make_request(prompt_len=20, max_tokens=30) for _ in range(2)]
+    for r in (big, *small):
+        scheduler.add_request(r)
+    run_to_completion(scheduler, runner, max_steps=2000)
+    assert big.status is RequestStatus.FINISHED_LENGTH and big.num_tokens == 96
+    assert all(r.status is RequestStatus.FINISHED_LENGTH and r.num_output_tokens == 30 for r in small)
+    assert scheduler.kv.num_free_blocks == 6
+
+
+def test_max_request_tokens_is_the_context_length_when_the_pool_is_larger():
+    assert make_scheduler(num_blocks=100, block_size=16, max_model_len=512).max_request_tokens == 512
+
+
+# ---- voiding a request's last slice ------------------------------------------------------------------
+
+
+def test_preempt_request_voids_the_last_slice_and_the_request_recomputes():
+    scheduler, runner = make_scheduler(num_blocks=64, budget=64), FakeRunner()
+    keep = make_request(prompt_len=20, max_tokens=6)
+    voided = make_request(prompt_len=20, max_tokens=6)
+    scheduler.add_request(keep)
+    scheduler.add_request(voided)
+    out = scheduler.schedule()
+    runner_out = runner.execute(out)
+    scheduler.preempt_request(voided.request_id)
+    updated = scheduler.update_from_output(out, runner_out)
+    assert updated == [keep]  # the voided slice gave no token and no progress
+    assert voided.status is RequestStatus.PREEMPTED
+    assert voided.num_computed_tokens == 0 and voided.num_output_tokens == 0
+    nxt = step(scheduler, runner)
+    # The runner is told to drop its state, then gets the request again from scratch.
+    assert voided.request_id in nxt.finished_request_ids
+    assert [n.request_id for n in nxt.new_requests] == [voided.request_id]
+    assert nxt.new_requests[0].num_computed_tokens == 0
+    run_to_completion(scheduler, runner)
+    assert keep.num_output_tokens == voided.num_output_tokens == 6
+    assert scheduler.kv.num_free_blocks == 64
+    scheduler.preempt_request(voided.request_id)  # finished: nothing to do

@@ -52,13 +52,18 @@ def test_counter_lift_rule():
     solo.on_finished(running)
     solo.add(make_request(8, client="f"))
     assert solo.counters["f"] == 108  # d still waits, at 108
+    # With nobody active, the lift target is the counter the last active client left with (the
+    # paper's rule): arriving at an empty engine does not start a client below the one just served.
     idle = VTCPolicy()
     done = make_request(8, client="g")
     idle.add(done)
     _admit(idle, 8, outputs=50)
     idle.on_finished(done)
     idle.add(make_request(8, client="h"))
-    assert idle.counters["h"] == 0
+    assert idle.counters["h"] == 108
+    idle.counters["i"] = 500.0  # a client that left ahead keeps its lead
+    idle.add(make_request(8, client="i"))
+    assert idle.counters["i"] == 500
 
 
 def test_lcf_never_lifts_and_requeue_never_lifts():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sutra import LLM, InvalidRequestError, ModelLoadError, SamplingParams
@@ -79,15 +81,83 @@ def test_n_samples(llm_fp32):
 
 
 def test_invalid_sampling_values_name_the_field():
-    for kwargs, field in [
-        ({"top_p": 1.5}, "top_p"),
-        ({"top_p": 0.0}, "top_p"),
-        ({"temperature": -1.0}, "temperature"),
-        ({"max_tokens": 0}, "max_tokens"),
+    inf, nan = float("inf"), float("nan")
+    for kwargs, field, rule in [
+        ({"top_p": 1.5}, "top_p", "must be in (0, 1]"),
+        ({"top_p": 0.0}, "top_p", "must be in (0, 1]"),
+        ({"temperature": -1.0}, "temperature", "must be >= 0"),
+        ({"max_tokens": 0}, "max_tokens", "must be >= 1"),
+        # These reached the sampler and made it raise for the whole batch (with min_tokens=1, a
+        # temperature that is inf in float32 turns the banned tokens' -inf into NaN).
+        ({"temperature": inf, "min_tokens": 1}, "temperature", "must be a finite number"),
+        ({"temperature": 1e39, "min_tokens": 1}, "temperature", "must be <= 100"),
+        ({"temperature": nan}, "temperature", "must be a finite number"),
+        ({"top_p": nan}, "top_p", "must be a finite number"),
+        ({"min_p": nan}, "min_p", "must be a finite number"),
+        ({"repetition_penalty": inf}, "repetition_penalty", "must be a finite number"),
+        ({"repetition_penalty": 1e-45}, "repetition_penalty", "must be in [0.01, 100]"),
+        ({"presence_penalty": nan}, "presence_penalty", "must be a finite number"),
+        ({"frequency_penalty": -inf}, "frequency_penalty", "must be a finite number"),
+        ({"frequency_penalty": 10**400}, "frequency_penalty", "must be a finite number"),
+        ({"top_k": 2.5}, "top_k", "must be an integer"),
+        ({"seed": 1.5}, "seed", "must be an integer or null"),
+        ({"stop_token_ids": [2.0]}, "stop_token_ids", "must be a list of integer token ids"),
+        ({"n": 10_000}, "n", "must be <= 128"),
     ]:
-        with pytest.raises(InvalidRequestError, match=field) as info:
+        with pytest.raises(InvalidRequestError, match=re.escape(f"{field} {rule}")) as info:
             SamplingParams(**kwargs)
         assert info.value.param == field
+
+
+def test_requests_the_engine_could_never_serve_are_rejected_up_front():
+    """Each of these used to be accepted: the first two then failed every request of the step they
+    ran in, the last preempted itself forever once alone."""
+    llm = LLM(dtype="float32", num_kv_blocks=8)  # 8 blocks of 16: 128 tokens
+    engine = llm.engine
+    prompt = engine.encode_prompt("Tell me a story about a dragon.")
+    vocab = engine.arch.vocab_size
+    whole_vocab = SamplingParams(stop_token_ids=list(range(vocab)), min_tokens=1)
+    with pytest.raises(InvalidRequestError, match="cover the whole vocabulary") as info:
+        engine.add_request("banned", prompt, whole_vocab)
+    assert info.value.param == "stop_token_ids"
+    with pytest.raises(InvalidRequestError, match=rf"token id {vocab} is outside the vocabulary") as info:
+        engine.add_request("outside", prompt, SamplingParams(stop_token_ids=[5, vocab]))
+    assert info.value.param == "stop_token_ids"
+    assert engine.max_request_tokens == 128
+    room = 128 - len(prompt)
+    too_long = SamplingParams(max_tokens=room + 1, ignore_eos=True)
+    with pytest.raises(InvalidRequestError, match=rf"\({len(prompt)} tokens\).*holds only 128") as info:
+        engine.add_request("too-long", prompt, too_long)
+    assert info.value.param == "max_tokens" and f"at most {room}" in str(info.value)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):  # LLM.generate checks before queueing
+        llm.generate([prompt, prompt], [SamplingParams(), too_long], use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    # Without min_tokens, stop tokens covering the vocabulary only end the request at once.
+    stop_all = SamplingParams(stop_token_ids=list(range(vocab)), temperature=0.0)
+    fits = SamplingParams(max_tokens=room, ignore_eos=True, temperature=0.0)
+    stopped, full = llm.generate([prompt, prompt], [stop_all, fits], use_tqdm=False)
+    assert stopped.outputs[0].finish_reason == "stop" and len(stopped.outputs[0].token_ids) == 1
+    assert full.outputs[0].finish_reason == "length" and len(full.outputs[0].token_ids) == room
+    assert _all_blocks_free(llm)
+
+
+def test_last_step_num_scheduled_tokens(llm_fp32):
+    engine = llm_fp32.engine
+    assert not engine.has_unfinished_requests()
+    engine.step()
+    assert engine.last_step_num_scheduled_tokens == 0
+    prompt = engine.encode_prompt("Count to three.")
+    engine.add_request("count", prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    engine.step()
+    assert (
+        engine.last_step_num_scheduled_tokens
+        == len(prompt) - engine.scheduler.requests["count"].num_cached_tokens
+    )
+    engine.step()
+    assert engine.last_step_num_scheduled_tokens == 1
+    assert not engine.has_unfinished_requests()
+    engine.step()
+    assert engine.last_step_num_scheduled_tokens == 0
 
 
 def test_unknown_model_path():

@@ -1,5 +1,6 @@
 """Paged attention over a mixed batch (decodes, fresh prompts, chunks with cached context) against
-a dense causal reference computed per sequence."""
+a dense causal reference computed per sequence; and the batch-invariant mode's per-token attention,
+bit for bit across chunkings and batch mates."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sutra.model.attention import (
     gather_kv,
     kv_cache_shapes,
     paged_attention,
+    per_token_metadata,
     write_kv,
 )
 from sutra.model.cpu_kernels import cpu_kernels
@@ -196,3 +198,112 @@ def test_bf16_prefill_kernel_matches_fp32_reference(heads, kv_heads, dim, block,
         expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(new, heads * dim)
         torch.testing.assert_close(out[start : start + new], expected, rtol=2e-2, atol=2e-2)
         start += new
+
+
+# ---- the batch-invariant mode: every query token as a decode at its own context length ------------
+
+
+def _attend_in_chunks(
+    chunks: list[int],
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    block: int,
+    per_token: bool,
+    seed: int,
+) -> torch.Tensor:
+    """One sequence's attention outputs, its tokens computed chunk by chunk (each chunk after the
+    earlier ones, as cached context), each step batched with random other sequences: decodes before
+    it and a prefill chunk after it. Returns [len, heads * dim] in position order."""
+    q_all, k_all, v_all = qkv
+    length, heads, dim = q_all.shape
+    kv_heads = k_all.shape[1]
+    rng = random.Random(seed)
+    num_blocks = 256
+    k_shape, v_shape = kv_cache_shapes(num_blocks, block, kv_heads, dim)
+    k_cache, v_cache = torch.zeros(k_shape, dtype=q_all.dtype), torch.zeros(v_shape, dtype=q_all.dtype)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    own_blocks = [free.pop() for _ in range(-(-length // block))]
+    outputs, done = [], 0
+    for n in chunks:
+        mates = [(rng.randrange(0, 30), 1) for _ in range(rng.randrange(0, 10))] + [(rng.randrange(0, 20), 7)]
+        mate_slices, mate_k, mate_v = _sequences(mates, free, k_cache, v_cache)
+        slices = [*mate_slices[:-1], SeqSlice(own_blocks, done, n), mate_slices[-1]]
+        if n == 1:  # a 1-token slice is a decode: it goes among the decodes, anywhere
+            slices.insert(rng.randrange(0, len(mates)), slices.pop(len(mates) - 1))
+        own = slices.index(next(s for s in slices if s.block_ids is own_blocks))
+        parts_q, parts_k, parts_v, start = [], [], [], 0
+        for i, s in enumerate(slices):
+            if i == own:
+                start = sum(p.shape[0] for p in parts_q)
+                parts_q.append(q_all[done : done + n])
+                parts_k.append(k_all[done : done + n])
+                parts_v.append(v_all[done : done + n])
+                continue
+            j = mate_slices.index(s)
+            c = s.num_computed
+            parts_q.append(torch.randn(s.query_len, heads, dim).to(q_all.dtype))
+            parts_k.append(mate_k[j][c:])
+            parts_v.append(mate_v[j][c:])
+        q, k, v = torch.cat(parts_q), torch.cat(parts_k), torch.cat(parts_v)
+        meta = build_metadata(slices, block, torch.device("cpu"))
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if per_token:
+            meta = per_token_metadata(meta)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, dim**-0.5)
+        outputs.append(out[start : start + n])
+        for s in mate_slices:  # the mates' blocks go back to the pool
+            free.extend(s.block_ids)
+        done += n
+    return torch.cat(outputs)
+
+
+CHUNKINGS = [[45], [1] * 45, [17, 17, 11], [5, 1, 39], [32, 13], [44, 1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,block", [(9, 3, 64, 16), (6, 2, 8, 4), (16, 2, 128, 16)])
+def test_per_token_attention_is_bit_identical_in_any_chunking(dtype, heads, kv_heads, dim, block):
+    """per_token_metadata: a token's attention output has the same bits whether its sequence's
+    prompt came whole, as decodes, in chunks after cached context, among any batch mates, or on one
+    thread; and it is causal attention (against a dense fp32 reference)."""
+    if cpu_kernels() is None:
+        pytest.skip("the batch-invariant mode needs the C++ CPU kernels")
+    torch.manual_seed(0)
+    length = 45
+    qkv = (
+        torch.randn(length, heads, dim).to(dtype),
+        torch.randn(length, kv_heads, dim).to(dtype),
+        torch.randn(length, kv_heads, dim).to(dtype),
+    )
+    whole = _attend_in_chunks([length], qkv, block, per_token=True, seed=0)
+    for seed, chunks in enumerate(CHUNKINGS):
+        assert torch.equal(_attend_in_chunks(chunks, qkv, block, True, seed + 1), whole), chunks
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(_attend_in_chunks([17, 17, 11], qkv, block, True, 9), whole)
+    finally:
+        torch.set_num_threads(threads)
+    q, k, v = (t.float() for t in qkv)
+    group = heads // kv_heads
+    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, 1)) * dim**-0.5
+    scores = scores.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
+    expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.repeat_interleave(group, 1))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(whole.float(), expected.reshape(length, -1), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_attention_depends_on_the_chunking(dtype):
+    """What per_token_metadata is for: by default a prefill chunk and a decode compute a token's
+    attention with different kernels, so a prompt's tokens get other bits when it is chunked."""
+    if cpu_kernels() is None:
+        pytest.skip("the C++ CPU kernels could not be compiled here (see the logged warning)")
+    torch.manual_seed(0)
+    qkv = (
+        torch.randn(45, 9, 64).to(dtype),
+        torch.randn(45, 3, 64).to(dtype),
+        torch.randn(45, 3, 64).to(dtype),
+    )
+    whole = _attend_in_chunks([45], qkv, 16, per_token=False, seed=0)
+    assert not torch.equal(_attend_in_chunks([1] * 45, qkv, 16, per_token=False, seed=1), whole)

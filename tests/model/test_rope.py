@@ -1,13 +1,17 @@
-"""RoPE frequencies against transformers' own implementation (plain and Llama-3 scaled)."""
+"""RoPE against transformers' own Llama rotary embedding and apply_rotary_pos_emb (plain and
+Llama-3 scaled): frequencies, and the rotated queries and keys at many positions."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from sutra.model.rope import RotaryEmbedding, apply_rotary, inverse_frequencies
 
+HEAD_DIM = 128
+THETA = 500000.0
 LLAMA3 = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -15,40 +19,46 @@ LLAMA3 = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+SCALINGS = {"plain": None, "llama3": LLAMA3}
 
 
-def _hf_inv_freq(rope_parameters: dict) -> torch.Tensor:
-    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=rope_parameters)
-    rope_type = rope_parameters.get("rope_type", "default")
-    if rope_type == "default":
-        theta = rope_parameters["rope_theta"]
-        return 1.0 / (theta ** (torch.arange(0, 128, 2, dtype=torch.int64).float() / 128))
-    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config)
-    return inv_freq
+def _hf_rotary(scaling: dict | None) -> LlamaRotaryEmbedding:
+    params = {"rope_type": "default", **(scaling or {}), "rope_theta": THETA}
+    config = LlamaConfig(
+        hidden_size=32 * HEAD_DIM,
+        num_attention_heads=32,
+        max_position_embeddings=131072,
+        rope_parameters=params,
+    )
+    return LlamaRotaryEmbedding(config)
 
 
-def test_plain_frequencies_match_transformers():
-    ours = inverse_frequencies(128, 500000.0, None)
-    torch.testing.assert_close(ours, _hf_inv_freq({"rope_type": "default", "rope_theta": 500000.0}))
+@pytest.mark.parametrize("name", SCALINGS)
+def test_frequencies_match_transformers(name: str):
+    ours = inverse_frequencies(HEAD_DIM, THETA, SCALINGS[name])
+    torch.testing.assert_close(ours, _hf_rotary(SCALINGS[name]).inv_freq, rtol=1e-6, atol=0)
 
 
-def test_llama3_scaling_matches_transformers():
-    ours = inverse_frequencies(128, 500000.0, LLAMA3)
-    theirs = _hf_inv_freq({**LLAMA3, "rope_theta": 500000.0})
-    torch.testing.assert_close(ours, theirs)
-    assert not torch.allclose(ours, inverse_frequencies(128, 500000.0, None))
+def test_llama3_scaling_changes_the_frequencies():
+    assert not torch.allclose(
+        inverse_frequencies(HEAD_DIM, THETA, LLAMA3), inverse_frequencies(HEAD_DIM, THETA, None)
+    )
 
 
-def test_rotation_preserves_norm_and_is_relative():
-    rope = RotaryEmbedding(64, 128, 10000.0, None, torch.float32, torch.device("cpu"))
-    q, k = torch.randn(1, 2, 64), torch.randn(1, 2, 64)
+@pytest.mark.parametrize("name", SCALINGS)
+def test_rotated_queries_and_keys_match_transformers(name: str):
+    scaling = SCALINGS[name]
+    positions = torch.tensor([0, 1, 7, 100, 4095, 9000, 30000])
+    q = torch.randn(len(positions), 4, HEAD_DIM, generator=torch.Generator().manual_seed(0))
+    k = torch.randn(len(positions), 2, HEAD_DIM, generator=torch.Generator().manual_seed(1))
 
-    def rotated(x: torch.Tensor, pos: int) -> torch.Tensor:
-        cos, sin = rope.lookup(torch.tensor([pos]))
-        return apply_rotary(x, cos, sin)
+    ours = RotaryEmbedding(HEAD_DIM, 32768, THETA, scaling, torch.float32, torch.device("cpu"))
+    cos, sin = ours.lookup(positions)
+    q_ours, k_ours = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-    torch.testing.assert_close(rotated(q, 17).norm(), q.norm())
-    # The score depends only on the distance between positions.
-    s1 = (rotated(q, 10) * rotated(k, 3)).sum()
-    s2 = (rotated(q, 50) * rotated(k, 43)).sum()
-    torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-4)
+    # transformers works on [batch, heads, tokens, head_dim] with cos/sin of [batch, tokens, head_dim].
+    hf_cos, hf_sin = _hf_rotary(scaling)(q, positions[None])
+    q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], hf_cos, hf_sin)
+    torch.testing.assert_close(q_ours, q_hf[0].transpose(0, 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k_ours, k_hf[0].transpose(0, 1), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(q_ours, q, atol=1e-2), "positions past 0 must rotate"

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from sutra.errors import InvalidRequestError, RequestFailedError
 from sutra.model.sampling import (
     Sampler,
     SamplingRequest,
@@ -325,6 +326,76 @@ def test_logprobs_are_of_raw_logits_with_ranks_and_sorted_top() -> None:
             assert math.isclose(value, float(expected[i, token]), abs_tol=1e-6)
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
     assert out.logprobs[0].rank == 1
+
+
+# ---- rows with nothing to sample -----------------------------------------------------------------------
+
+# Each kind of neighbour row: greedy, a draw over the whole vocabulary, and a top-k/top-p window.
+NEIGHBOUR_PARAMS = [
+    dict(temperature=0.0, logprobs=2),
+    dict(temperature=0.8, seed=11, logprobs=2),
+    dict(temperature=0.7, top_p=0.9, top_k=20, seed=12),
+    dict(temperature=1.0, min_p=0.05, seed=13),
+]
+
+
+def _neighbours() -> list[SamplingRequest]:
+    return [req(**p) for p in NEIGHBOUR_PARAMS]
+
+
+@pytest.mark.parametrize("bad_params", [dict(temperature=0.0), dict(temperature=1.0), dict(top_p=0.5)])
+def test_row_with_every_token_banned_fails_alone(bad_params: dict) -> None:
+    """stop_token_ids covering the vocabulary, held off by min_tokens: that row has no token left. It
+    fails with an error naming the field; the other rows sample exactly as without it."""
+    vocab = 200
+    logits = torch.randn(len(NEIGHBOUR_PARAMS) + 1, vocab, generator=torch.Generator().manual_seed(21))
+    banned = SamplingRequest(
+        SamplingParams(min_tokens=1, stop_token_ids=list(range(vocab)), **bad_params),
+        [],
+        [],
+        banned_token_ids=tuple(range(vocab)),
+    )
+    out = Sampler()(logits, [*_neighbours()[:2], banned, *_neighbours()[2:]])
+    alone = Sampler()(torch.cat([logits[:2], logits[3:]]), _neighbours())
+    assert out.token_ids[2] == -1 and out.logprobs[2] is None
+    assert list(out.errors) == [2]
+    error = out.errors[2]
+    assert isinstance(error, InvalidRequestError) and error.param == "stop_token_ids"
+    assert "min_tokens=1" in str(error) and "whole vocabulary" in str(error)
+    assert out.token_ids[:2] + out.token_ids[3:] == alone.token_ids
+    assert all(0 <= t < vocab for t in alone.token_ids)
+    assert out.logprobs[:2] + out.logprobs[3:] == alone.logprobs
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad_params", [dict(temperature=0.0), dict(temperature=1.0), dict(top_k=5)])
+def test_row_with_non_finite_logits_fails_alone(poison: float, bad_params: dict) -> None:
+    vocab = 200
+    logits = torch.randn(len(NEIGHBOUR_PARAMS) + 1, vocab, generator=torch.Generator().manual_seed(22))
+    clean = logits[1:].clone()
+    logits[0, 17] = poison
+    out = Sampler()(logits, [req(**bad_params), *_neighbours()])
+    alone = Sampler()(clean, _neighbours())
+    assert out.token_ids[0] == -1 and list(out.errors) == [0]
+    assert isinstance(out.errors[0], RequestFailedError)
+    assert "non-finite logits" in str(out.errors[0])
+    assert out.token_ids[1:] == alone.token_ids
+
+
+def test_every_row_failing_still_returns() -> None:
+    out = Sampler()(torch.full((3, 50), float("nan")), [req(temperature=t) for t in (0.0, 1.0, 0.5)])
+    assert out.token_ids == [-1, -1, -1] and sorted(out.errors) == [0, 1, 2]
+
+
+def test_top_k_and_logprobs_beyond_the_vocabulary() -> None:
+    """top_k past the vocabulary is no cut; 20 logprobs of a 10-token vocabulary are all 10."""
+    vocab = 10
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(23))
+    rows = [req(top_k=vocab + 1, seed=1, logprobs=20), req(top_k=10**30, seed=1), req(seed=1)]
+    out = Sampler()(logits, rows)
+    assert out.token_ids[1] == Sampler()(logits[1:2], [req(seed=1)]).token_ids[0]
+    assert len(out.logprobs[0].top) == vocab
+    assert not out.errors
 
 
 # ---- batch shape ---------------------------------------------------------------------------------------

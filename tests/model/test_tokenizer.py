@@ -108,6 +108,55 @@ def test_id_to_token_text(tok: Tokenizer) -> None:
     assert tok.id_to_token_text(2) == "<|im_end|>"
     first = tok.encode("🦙")[0]
     assert tok.id_to_token_text(first).startswith("bytes:\\xf0")
+    assert tok.id_to_token_text(first) == "bytes:" + "".join(f"\\x{b:02x}" for b in tok.token_bytes(first))
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_join_into_the_text(tok: Tokenizer, text: str) -> None:
+    """Byte-level BPE: each token's bytes are exact, even for a token holding part of a character."""
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
+def test_token_bytes_of_special_and_partial_tokens(tok: Tokenizer) -> None:
+    assert tok.token_bytes(2) == b"<|im_end|>" and tok.is_special(2)
+    (paris,) = tok.encode(" Paris")
+    assert tok.token_bytes(paris) == b" Paris" and not tok.is_special(paris)
+    first, *rest = tok.encode("🦙")
+    assert tok.token_bytes(first) == "🦙".encode()[: len(tok.token_bytes(first))] == b"\xf0\x9f"
+    assert tok.token_bytes(10**9) == b""  # outside the vocabulary
+
+
+def _sentencepiece_like() -> Tokenizer:
+    """A Llama-2-style tokenizer: spaces as U+2581, characters outside the vocabulary as <0xNN>."""
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as Backend
+
+    vocab = {"<unk>": 0, "<s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
+    for ch in "\u2581Helowrd日":
+        vocab[ch] = len(vocab)
+    backend = Backend(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens([AddedToken("<s>", special=True)])
+    return Tokenizer(backend, chat_template=None, special_tokens={}, bos_token_id=1, eos_token_ids=[])
+
+
+def test_token_bytes_with_byte_fallback() -> None:
+    sp = _sentencepiece_like()
+    text = "Hello world 本日"
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text
+    names = [sp._backend.id_to_token(i) for i in ids]
+    assert "<0xE6>" in names and "日" in names  # 本 falls back to its three bytes
+    # The leading U+2581 is a space in the bytes; decode() strips it at the start of a text only.
+    assert b"".join(sp.token_bytes(i) for i in ids) == (" " + text).encode("utf-8")
+    assert sp.id_to_token_text(sp.encode("本")[-1]) == "bytes:\\xac"
+    assert sp.token_bytes(1) == b"<s>" and sp.is_special(1)
 
 
 def test_save_and_load(tok: Tokenizer, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ KV block lost. Raw HTTP, so malformed bodies reach the server as sent."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -78,6 +79,73 @@ def test_invalid_chat_fields_are_400_and_named(sutra_server):
     top = {"messages": user, "max_completion_tokens": 0}
     _assert_error(_post(sutra_server, "/v1/chat/completions", top), 400, "max_completion_tokens")
     _assert_healthy(sutra_server)
+
+
+USER = [{"role": "user", "content": "hi"}]
+LONE = "a\ud800b"  # json.dumps escapes it as JSON allows; no UTF-8 encoder accepts it
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": LONE}, "prompt"),
+        ("/v1/completions", {"prompt": ["fine", LONE]}, "prompt.1"),
+        ("/v1/completions", {"prompt": "hi", "stop": LONE}, "stop"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["x", LONE]}, "stop.1"),
+        ("/v1/completions", {"prompt": "hi", "user": "\udc00"}, "user"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [*USER, {"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+            "messages.1.content.0.text",
+        ),
+        ("/v1/chat/completions", {"messages": [{**USER[0], "name": LONE}]}, "messages.0.name"),
+        ("/v1/chat/completions", {"messages": USER, "stop": [LONE]}, "stop.0"),
+        ("/v1/chat/completions", {"messages": USER, "user": LONE}, "user"),
+    ],
+)
+def test_lone_surrogates_are_400_naming_the_field(sutra_server, path, body, param):
+    prompt_tokens = sutra_server.metric("sutra:prompt_tokens_total", default=0.0)
+    raw = json.dumps({"max_tokens": 2, **body})  # ASCII JSON: the surrogate travels as \ud800
+    _assert_error(_post(sutra_server, path, raw), 400, param, "lone UTF-16 surrogate")
+    assert (
+        sutra_server.metric("sutra:prompt_tokens_total", default=0.0) == prompt_tokens
+    )  # it never reached the engine
+    metrics = httpx.get(f"{sutra_server.base_url}/metrics")
+    assert metrics.status_code == 200
+    _assert_healthy(sutra_server)
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/completions", "prompt_logprobs", 1),
+        ("/v1/completions", "guided_json", {"type": "object"}),
+        ("/v1/completions", "guided_regex", "[a-z]+"),
+        ("/v1/completions", "guided_choice", ["yes", "no"]),
+        ("/v1/completions", "guided_grammar", 'root ::= "a"'),
+        ("/v1/completions", "guided_decoding_backend", "xgrammar"),
+        ("/v1/completions", "structured_outputs", {"choice": ["yes", "no"]}),
+        ("/v1/completions", "response_format", {"type": "json_object"}),
+        ("/v1/chat/completions", "guided_json", {"type": "object"}),
+        ("/v1/chat/completions", "prompt_logprobs", 0),
+        ("/v1/chat/completions", "tool_choice", "auto"),
+        ("/v1/chat/completions", "tool_choice", {"type": "function", "function": {"name": "f"}}),
+        ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}]),
+        ("/v1/chat/completions", "function_call", "auto"),
+        ("/v1/chat/completions", "top_logprobs", 21),
+    ],
+)
+def test_fields_we_cannot_honour_are_refused_by_name(sutra_server, path, field, value):
+    """A client that relies on one of these must not get an answer that silently ignored it."""
+    body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": USER, "logprobs": True}
+    _assert_error(_post(sutra_server, path, {**body, "max_tokens": 2, field: value}), 400, field, field)
+
+
+def test_tool_choice_none_without_tools_is_served(sutra_server):
+    for choice in ("none", None):
+        body = {"messages": USER, "max_tokens": 2, "tool_choice": choice}
+        assert _post(sutra_server, "/v1/chat/completions", body).status_code == 200
 
 
 def test_malformed_json_is_400_not_422(sutra_server):

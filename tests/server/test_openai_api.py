@@ -62,7 +62,7 @@ def test_token_id_prompt_and_batch_of_prompts(client, sutra_server, smollm2_hf_t
     assert batch.choices[2].text == batch.choices[3].text != batch.choices[0].text
     prompt_lens = len(ids) + len(smollm2_hf_tokenizer.encode("Once upon a time"))
     assert batch.usage.completion_tokens == 4 * 6
-    assert batch.usage.prompt_tokens == 2 * prompt_lens
+    assert batch.usage.prompt_tokens == prompt_lens  # each prompt once, not once per choice
 
 
 def test_chat_greedy_answer(client, sutra_server):
@@ -207,3 +207,134 @@ def test_user_field_is_the_client_in_metrics(client, sutra_server):
 
 def _client_tokens(server, client_name: str) -> float:
     return server.metric("sutra:client_generation_tokens_total", default=0.0, client=client_name)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_counts_the_prompt_once_whatever_n_is(client, sutra_server, smollm2_hf_tokenizer, stream):
+    """OpenAI and vLLM count a prompt once, however many choices are sampled from it."""
+    prompt_len = len(smollm2_hf_tokenizer.encode(PROMPT))
+    chat_len = len(
+        smollm2_hf_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=False)
+    )
+    common = dict(model=sutra_server.model, max_tokens=3, n=3, extra_body={"ignore_eos": True})
+    if stream:
+        common.update(stream=True, stream_options={"include_usage": True})
+    cmpl = client.completions.create(prompt=PROMPT, **common)
+    chat = client.chat.completions.create(messages=QUESTION, **common)
+    if stream:
+        cmpl, chat = list(cmpl)[-1], list(chat)[-1]
+    assert (cmpl.usage.prompt_tokens, cmpl.usage.completion_tokens) == (prompt_len, 9)
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (chat_len, 9)
+    assert cmpl.usage.total_tokens == prompt_len + 9 and chat.usage.total_tokens == chat_len + 9
+
+
+JAPANESE = [{"role": "user", "content": "Translate 'Tokyo is the capital of Japan' into Japanese."}]
+CHINESE = "中文：东京是日本的首都。"  # greedy: ASCII, whole CJK tokens and CJK characters split in two
+
+
+def _name_bytes(name: str) -> bytes:
+    """A token's bytes from its printable name ('bytes:\\xe4\\xbd' for part of a character)."""
+    if name.startswith("bytes:"):
+        return bytes(int(h, 16) for h in name[len("bytes:") :].split("\\x")[1:])
+    return name.encode("utf-8")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprob_bytes_join_into_the_reply(client, sutra_server, stream):
+    """Each entry's `bytes` are the token's own UTF-8 bytes, so for a reply whose characters are
+    split across tokens the entries' bytes join into exactly the reply (a character cut off by
+    max_tokens reads U+FFFD in both)."""
+    kwargs = dict(model=sutra_server.model, messages=JAPANESE, max_tokens=24, temperature=0, logprobs=True)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        entries = [
+            e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+        ]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        out = client.chat.completions.create(**kwargs)
+        content, entries = out.choices[0].message.content, out.choices[0].logprobs.content
+        finish = [out.choices[0].finish_reason]
+    assert finish == ["length"] and len(entries) == 24
+    split = [e for e in entries if e.token.startswith("bytes:")]
+    assert split, "the reply should hold characters split across tokens"
+    for e in split:
+        assert bytes(e.bytes) == _name_bytes(e.token)
+        with pytest.raises(UnicodeDecodeError):
+            bytes(e.bytes).decode("utf-8")
+    joined = b"".join(bytes(e.bytes) for e in entries)
+    assert joined.decode("utf-8", errors="replace") == content
+    assert any(ord(ch) > 0x3000 for ch in content)
+
+
+def test_completion_text_offsets_index_into_the_text(client, sutra_server):
+    """text_offset[i] is where token i's text starts in the returned text: the characters the tokens
+    before it completed, not the lengths of their printable names. Streaming gives the same."""
+    kwargs = dict(model=sutra_server.model, prompt=CHINESE, max_tokens=16, temperature=0, logprobs=0)
+    out = client.completions.create(**kwargs)
+    text, lp = out.choices[0].text, out.choices[0].logprobs
+    token_bytes = [_name_bytes(t) for t in lp.tokens]
+    assert any(t.startswith("bytes:") for t in lp.tokens)
+    expected = [
+        len(b"".join(token_bytes[:i]).decode("utf-8", errors="ignore")) for i in range(len(lp.tokens))
+    ]
+    assert lp.text_offset == expected
+    for name, at in zip(lp.tokens, lp.text_offset, strict=True):
+        if not name.startswith("bytes:"):
+            assert text[at : at + len(name)] == name
+    streamed = list(client.completions.create(stream=True, **kwargs))
+    assert [o for c in streamed for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    assert "".join(c.choices[0].text for c in streamed) == text
+
+
+def test_a_character_cut_off_by_max_tokens_is_not_dropped(client, sutra_server):
+    """The last token's bytes are flushed when the completion ends: the text is the whole decode of
+    its tokens, with the cut-off character as U+FFFD (as decode() renders it)."""
+    kwargs = dict(model=sutra_server.model, prompt=CHINESE, max_tokens=3, temperature=0, logprobs=0)
+    out = client.completions.create(**kwargs)
+    tokens = out.choices[0].logprobs.tokens
+    assert tokens[-1].startswith("bytes:") and out.choices[0].finish_reason == "length"
+    whole = b"".join(_name_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+    assert whole.endswith("\ufffd") and out.choices[0].text == whole
+    streamed = client.completions.create(stream=True, **kwargs)
+    assert "".join(c.choices[0].text for c in streamed) == whole
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_each_streamed_choice_finishes_exactly_once(client, sutra_server, kind):
+    """With n > 1 a choice that finished early is not re-sent in later chunks."""
+    kwargs = dict(model=sutra_server.model, max_tokens=48, temperature=1.0, seed=11, n=4, stream=True)
+    if kind == "completions":
+        chunks = list(client.completions.create(prompt="Say hi.", stop=["."], **kwargs))
+    else:
+        chunks = list(
+            client.chat.completions.create(messages=[{"role": "user", "content": "Say hi."}], **kwargs)
+        )
+    finished_at: dict[int, int] = {}
+    for at, chunk in enumerate(chunks):
+        for choice in chunk.choices:
+            assert choice.index not in finished_at, f"choice {choice.index} sent after it finished"
+            if choice.finish_reason is not None:
+                finished_at[choice.index] = at
+    assert sorted(finished_at) == [0, 1, 2, 3]
+    assert len(set(finished_at.values())) > 1, "the choices should finish at different times"
+
+
+def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(client, sutra_server):
+    """Same salt: the second request is served from the cache. Another salt or none: nothing is
+    shared, so `cached_tokens` reveals nothing about other tenants' prompts."""
+    prompt = "Salted prefix caching test. " * 12  # several full 16-token blocks
+
+    def cached(salt: str | None) -> int:
+        extra = {} if salt is None else {"cache_salt": salt}
+        reply = client.completions.create(
+            model=sutra_server.model, prompt=prompt, max_tokens=1, temperature=0, extra_body=extra
+        )
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") >= 32
+    assert cached("tenant-b") == 0
+    assert cached(None) == 0
+    assert cached(None) >= 32

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from sutra.errors import InvalidRequestError
 from sutra.server.common import resolve_max_tokens
-from sutra.server.launcher import parse_api_keys, served_model_name
+from sutra.server.launcher import add_serve_args, parse_api_keys, served_model_name
+from sutra.server.limits import RequestLimits, limits_from_args
 from sutra.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 
@@ -66,3 +69,64 @@ def test_api_keys_and_model_names():
     assert served_model_name("/m/llama.Q4.gguf", None) == "llama.Q4"
     assert served_model_name("/models/Qwen2-0.5B/", None) == "Qwen2-0.5B"
     assert served_model_name("random:tiny-llama", "mine") == "mine"
+
+
+def test_limit_flags_build_request_limits():
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    assert limits_from_args(parser.parse_args([])) == RequestLimits()
+    args = parser.parse_args(["--max-n", "4", "--max-stop-strings", "2", "--max-body-bytes", "1024"])
+    limits = limits_from_args(args)
+    assert (limits.max_n, limits.max_stop_strings, limits.max_body_bytes) == (4, 2, 1024)
+    with pytest.raises(SystemExit, match="--max-stop-strings must be a positive integer"):
+        limits_from_args(parser.parse_args(["--max-stop-strings", "0"]))
+    with pytest.raises(SystemExit, match="--max-n must be at most 128"):
+        limits_from_args(parser.parse_args(["--max-n", "129"]))
+
+
+def test_limits_name_the_field_and_the_limit():
+    limits = RequestLimits(max_stop_strings=1, max_prompts_per_batch=2, max_chat_messages=1)
+    with pytest.raises(InvalidRequestError, match=r"stop: at most 1 stop strings are allowed, got 2") as e:
+        limits.check_completion(CompletionRequest(prompt="hi", stop=["a", "b"]))
+    assert e.value.param == "stop"
+    limits.check_completion(CompletionRequest(prompt=[1, 2, 3]))  # one prompt of token ids
+    with pytest.raises(InvalidRequestError, match="at most 2 prompts") as e:
+        limits.check_completion(CompletionRequest(prompt=[[1], [2], [3]]))
+    assert e.value.param == "prompt"
+    two = [{"role": "user", "content": "x"}] * 2
+    with pytest.raises(InvalidRequestError, match="at most 1 messages") as e:
+        limits.check_chat(ChatCompletionRequest(messages=two))
+    assert e.value.param == "messages"
+
+
+def test_lone_surrogates_are_found_with_their_path():
+    ok = ChatCompletionRequest(messages=[{"role": "user", "content": "日本 🦙"}], stop=["é"])
+    ok.check_text()
+    bad = ChatCompletionRequest(
+        messages=[
+            {"role": "user", "content": "x"},
+            {"role": "user", "content": [{"type": "text", "text": "\ud800"}]},
+        ]
+    )
+    with pytest.raises(InvalidRequestError, match="lone UTF-16 surrogate") as e:
+        bad.check_text()
+    assert e.value.param == "messages.1.content.0.text"
+    with pytest.raises(InvalidRequestError) as e:
+        CompletionRequest(prompt=["a", "b\udfff"]).check_text()
+    assert e.value.param == "prompt.1"
+
+
+def test_unsupported_fields_are_refused_by_name():
+    for field in ("prompt_logprobs", "guided_json", "guided_choice", "structured_outputs"):
+        with pytest.raises(InvalidRequestError, match=f"{field} is not supported") as e:
+            CompletionRequest(prompt="hi", **{field: 1}).check_supported()
+        assert e.value.param == field
+    with pytest.raises(InvalidRequestError) as e:
+        CompletionRequest(prompt="hi", response_format={"type": "json_object"}).check_supported()
+    assert e.value.param == "response_format"
+    CompletionRequest(prompt="hi", response_format={"type": "text"}).check_supported()
+    chat = [{"role": "user", "content": "x"}]
+    ChatCompletionRequest(messages=chat, tool_choice="none").check_supported()
+    with pytest.raises(InvalidRequestError) as e:
+        ChatCompletionRequest(messages=chat, tool_choice="required").check_supported()
+    assert e.value.param == "tool_choice"

@@ -32,33 +32,47 @@ def _fcfs(config: SchedulerConfig, clock: Clock) -> Policy:
     return FCFSPolicy()
 
 
-def _counter_options(config: SchedulerConfig) -> dict[str, Any]:
+def _counter_options(config: SchedulerConfig, clock: Clock) -> dict[str, Any]:
     return {
         "prompt_weight": config.vtc_prompt_weight,
         "output_weight": config.vtc_output_weight,
         "client_weights": config.client_weights,
         "length_prediction": config.length_prediction,
+        **_idle_options(config, clock),
+    }
+
+
+def _idle_options(config: SchedulerConfig, clock: Clock) -> dict[str, Any]:
+    return {
+        "clock": clock,
+        "idle_ttl_s": config.client_idle_ttl_s,
+        "max_idle_clients": config.max_idle_clients,
     }
 
 
 def _vtc(config: SchedulerConfig, clock: Clock) -> Policy:
-    return VTCPolicy(**_counter_options(config))
+    return VTCPolicy(**_counter_options(config, clock))
 
 
 def _lcf(config: SchedulerConfig, clock: Clock) -> Policy:
-    return LCFPolicy(**_counter_options(config))
+    return LCFPolicy(**_counter_options(config, clock))
 
 
 def _rpm(config: SchedulerConfig, clock: Clock) -> Policy:
-    return RPMPolicy(limit=config.rpm_limit, client_weights=config.client_weights, clock=clock)
+    return RPMPolicy(
+        limit=config.rpm_limit,
+        client_weights=config.client_weights,
+        clock=clock,
+        max_clients=config.max_idle_clients,
+    )
 
 
 def _priority(config: SchedulerConfig, clock: Clock) -> Policy:
-    return PriorityPolicy(FCFSPolicy)
+    return PriorityPolicy(FCFSPolicy, **_idle_options(config, clock))
 
 
 def _priority_vtc(config: SchedulerConfig, clock: Clock) -> Policy:
-    return PriorityPolicy(lambda: _vtc(config, clock))
+    return PriorityPolicy(lambda: _vtc(config, clock), **_idle_options(config, clock))
 
 
 POLICIES: dict[str, Callable[[SchedulerConfig, Clock], Policy]] = {
@@ -73,7 +87,7 @@ POLICIES: dict[str, Callable[[SchedulerConfig, Clock], Policy]] = {
 
 def make_policy(config: SchedulerConfig, clock: Clock = time.monotonic) -> Policy:
     """The policy config.policy names, built with the config's options; `clock` serves time-based
-    policies (rpm)."""
+    policies (rpm's window, and how long idle clients are remembered)."""
     try:
         factory = POLICIES[config.policy]
     except KeyError:

@@ -54,3 +54,13 @@ class Policy(ABC):
 
     def on_finished(self, request: Request) -> None:
         """Hook: the request left the engine (finished or aborted), waiting or running."""
+
+    @property
+    def num_tracked_clients(self) -> int:
+        """Clients whose state the policy keeps (active ones, and idle ones it still remembers)."""
+        return 0
+
+    def can_forget_all(self) -> bool:
+        """With nothing waiting or running: whether a fresh policy in its place would decide as this
+        one would (what forgetting an idle client always changes, say a length prediction, aside)."""
+        return self.num_tracked_clients == 0

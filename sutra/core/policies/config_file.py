@@ -29,6 +29,8 @@ POLICY_FIELDS = (
     "vtc_output_weight",
     "length_prediction",
     "rpm_limit",
+    "client_idle_ttl_s",
+    "max_idle_clients",
 )
 
 

@@ -8,20 +8,27 @@ resumed after preemption is not a new request. Unlike the reference, which rejec
 they wait here, so the engine may idle while requests are queued: that is the baseline's known cost.
 
 The clock is injectable (time.monotonic by default) so tests control the window.
+
+Bounded state: a client's start times are forgotten once its latest start has left the window (they
+can no longer hold it back, so nothing changes), a few per admission, oldest first. Beyond
+`max_clients` clients with starts in the window, the one whose latest start is oldest is forgotten
+early: within that window it may then start up to `limit` requests more.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 
 from sutra.core.policies.base import Policy
+from sutra.core.policies.idle import DEFAULT_MAX_IDLE_CLIENTS
 from sutra.core.policies.vtc import client_key
 from sutra.core.request import Request
 
 WINDOW_S = 60.0
+_PRUNE_STEPS = 4  # clients forgotten at most per admission (each admission adds at most one)
 
 
 class RPMPolicy(Policy):
@@ -31,9 +38,12 @@ class RPMPolicy(Policy):
         client_weights: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
         window_s: float = WINDOW_S,
+        max_clients: int = DEFAULT_MAX_IDLE_CLIENTS,
     ) -> None:
         if limit < 1:
             raise ValueError(f"rpm limit must be >= 1 request per minute, got {limit}")
+        if max_clients < 0:
+            raise ValueError(f"max_clients must be >= 0, got {max_clients}")
         self.limit = limit
         self.client_weights = dict(client_weights or {})
         self.clock = clock
@@ -42,7 +52,9 @@ class RPMPolicy(Policy):
         self._queues: dict[str, deque[tuple[int, Request]]] = {}
         self._num_waiting = 0
         self._seq = itertools.count(1)
-        self._starts: dict[str, deque[float]] = {}  # per client: times of first admissions in the window
+        self.max_clients = max_clients
+        # Per client: times of first admissions in the window; the client with the oldest latest start first.
+        self._starts: OrderedDict[str, deque[float]] = OrderedDict()
         self._started: set[str] = set()  # admitted, unfinished request ids (a resume is not counted)
         self._peek_time: float | None = None
 
@@ -92,7 +104,24 @@ class RPMPolicy(Policy):
         if request.request_id not in self._started:
             self._started.add(request.request_id)
             self._starts.setdefault(client, deque()).append(now)
+            self._starts.move_to_end(client)
+            self._prune(now)
         return request
+
+    def _prune(self, now: float) -> None:
+        for _ in range(_PRUNE_STEPS):
+            if not self._starts:
+                return
+            client, starts = next(iter(self._starts.items()))
+            in_window = bool(starts) and starts[-1] > now - self.window_s
+            if in_window and len(self._starts) <= self.max_clients:
+                return
+            del self._starts[client]
+
+    @property
+    def num_tracked_clients(self) -> int:
+        """Clients whose start times are kept."""
+        return len(self._starts)
 
     def remove(self, request: Request) -> None:
         client = client_key(request)

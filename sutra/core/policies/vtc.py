@@ -8,8 +8,9 @@ client whose head request arrived first.
 
 Counter lift: when a client's waiting queue goes from empty to non-empty, its counter becomes
 max(own counter, min counter over the *other active* clients), active meaning with a request waiting
-or running; when no other client is active, there is no lift. A client that was idle therefore banks
-no credit, yet one that was under-served while backlogged keeps its lead. Only a new request lifts: a
+or running; when no other client is active, the minimum is the counter of the last client to go idle
+(the paper's rule; the artifact does not lift then). A client that was idle therefore banks no
+credit, yet one that was under-served while backlogged keeps its lead. Only a new request lifts: a
 preempted request going back to the queue does not, because its client was not idle. (The
 VTC-artifact, slora/server/router/vtc_req_queue.py `append`, takes the minimum over clients with a
 non-empty waiting queue only. It admits only every few decode steps, so active clients' queues are
@@ -36,18 +37,40 @@ first length), clamped to the request's max_tokens; a client with no finished re
 Weighted VTC divides every charge by the client's weight (clients not listed weigh 1). Preemption
 victims: running requests are ordered by (client counter, arrival), so the least entitled, the latest
 request of the client with the highest counter, is preempted first.
+
+Bounded state: an idle client (nothing waiting or running) is remembered, counter and length history,
+until it has been idle `idle_ttl_s`, and at most `max_idle_clients` idle clients are kept (the longest
+idle is dropped first). A forgotten client that returns is a new one: counter 0, then lifted, and no
+length history. Forgetting a counter cannot change a decision when it is at or below every counter the
+client could be lifted to from now on. That floor is the smallest *settled* counter of the active
+clients (the counter less the output charged in advance and not yet generated, which a refund may
+take back): a settled counter never falls while its client is active, a client that becomes active is
+lifted at least to the floor, and the last client to go idle leaves its counter as the next lift
+target, so the floor never falls. At the time limit, a client ahead of the floor (it left while served
+ahead of the others) is therefore kept and looked at again one time limit later; only the cap forgets
+it anyway, and it may then gain at most that lead. What forgetting always changes: the length
+prediction starts over (the first request after is charged as generated, as a new client's; its
+client's counter is the same once it ends). LCF never lifts, so it forgets counters only at the cap.
+The work is amortised O(1) per add or finished request (each idle entry is handled once per time
+limit), plus one pass over the active clients when an entry ahead of the last known floor is due.
 """
 
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sutra.core.policies.base import Policy
+from sutra.core.policies.idle import DEFAULT_IDLE_TTL_S, DEFAULT_MAX_IDLE_CLIENTS, IdleSet
 from sutra.core.request import Request, RequestStatus
+
+# Idle entries handled per add or finished request: more than the one each call can create, so the
+# set shrinks back under its cap, and a constant, so no call scans them all.
+_PRUNE_STEPS = 4
 
 ANONYMOUS = "anonymous"  # the client of requests that name none
 
@@ -62,6 +85,7 @@ class _Charge:
 
     prompt_tokens: int = 0  # prompt positions charged (a high-water mark)
     predicted: float = 0.0  # output tokens charged in advance (length prediction)
+    advance: float = 0.0  # what that added to the client's counter (a refund takes back at most this)
 
 
 class VTCPolicy(Policy):
@@ -73,6 +97,9 @@ class VTCPolicy(Policy):
         length_prediction: bool = False,
         prediction_window: int = 5,
         lift: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        idle_ttl_s: float = DEFAULT_IDLE_TTL_S,
+        max_idle_clients: int = DEFAULT_MAX_IDLE_CLIENTS,
     ) -> None:
         if prompt_weight < 0 or output_weight < 0 or prompt_weight + output_weight <= 0:
             raise ValueError(
@@ -93,6 +120,11 @@ class VTCPolicy(Policy):
         self._num_active: dict[str, int] = {}  # per client: requests waiting or running
         self._charges: dict[str, _Charge] = {}  # admitted, unfinished requests by id
         self._mean_output_len: dict[str, float] = {}  # per client, for length prediction
+        self._advance: dict[str, float] = {}  # per active client: advance charges not yet settled
+        self.clock = clock
+        self._idle: IdleSet[str] = IdleSet(idle_ttl_s, max_idle_clients)
+        # No active client's settled counter is below it, and nobody is lifted below it (see above).
+        self._floor = 0.0
 
     def weight(self, client: str) -> float:
         return self.client_weights.get(client, 1.0)
@@ -108,12 +140,14 @@ class VTCPolicy(Policy):
         if queue is None:  # the client's waiting queue was empty
             if self.lift:
                 active = [self.counters[c] for c in self._num_active if c != client]
-                if active:
-                    self.counters[client] = max(self.counters[client], min(active))
+                target = min(active) if active else self._floor
+                self.counters[client] = max(self.counters[client], target)
             queue = self._queues[client] = deque()
         queue.append(request)
         self._num_waiting += 1
         self._num_active[client] = self._num_active.get(client, 0) + 1
+        self._idle.returned(client)
+        self._prune()
 
     def requeue(self, request: Request) -> None:
         client = client_key(request)
@@ -147,7 +181,9 @@ class VTCPolicy(Policy):
             charge = self._charges[request.request_id] = _Charge()
             if self.length_prediction:
                 charge.predicted = self.predicted_output_len(request)
-                self._charge(client, self.output_weight * charge.predicted)
+                charge.advance = self.output_weight * charge.predicted / self.weight(client)
+                self.counters[client] += charge.advance
+                self._advance[client] = self._advance.get(client, 0.0) + charge.advance
         return request
 
     def remove(self, request: Request) -> None:
@@ -201,16 +237,26 @@ class VTCPolicy(Policy):
 
     def on_finished(self, request: Request) -> None:
         client = client_key(request)
+        charge = self._charges.pop(request.request_id, None)
+        if charge is not None:
+            self._settle(client, request, charge)
         left = self._num_active.get(client, 0) - 1
         if left > 0:
             self._num_active[client] = left
-        else:
-            self._num_active.pop(client, None)
-        charge = self._charges.pop(request.request_id, None)
-        if charge is None:
             return
+        self._num_active.pop(client, None)
+        self._advance.pop(client, None)
+        if client in self.counters or client in self._mean_output_len:
+            if not self._num_active:  # the last active client: its counter is the next lift target
+                self._floor = max(self._floor, self.counters.get(client, 0.0))
+            self._idle.went_idle(client, self.clock())
+        self._prune()
+
+    def _settle(self, client: str, request: Request, charge: _Charge) -> None:
         if charge.predicted > request.num_output_tokens:  # refund the over-charge
             self._charge(client, -self.output_weight * (charge.predicted - request.num_output_tokens))
+        if charge.advance:
+            self._advance[client] = self._advance.get(client, 0.0) - charge.advance
         if self.length_prediction and request.status in (
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
@@ -220,6 +266,46 @@ class VTCPolicy(Policy):
             new = float(request.num_output_tokens)
             window = self.prediction_window
             self._mean_output_len[client] = new if old is None else (old * (window - 1) + new) / window
+
+    # ---- bounded per-client state ------------------------------------------------------------
+    @property
+    def num_tracked_clients(self) -> int:
+        # Every client with a length history has a counter too (it was added before it finished).
+        return len(self.counters)
+
+    def can_forget_all(self) -> bool:
+        # Nobody active, and nobody ahead of the floor: a fresh policy decides the same, every
+        # counter shifted by the floor (every returning client is lifted to the floor either way).
+        if self._num_active:
+            return False
+        if not self.lift:
+            return not self.counters
+        return all(counter <= self._floor for counter in self.counters.values())
+
+    def _lift_floor(self) -> float:
+        """The smallest counter any client can be lifted to from now on (see the module docstring)."""
+        settled = [self.counters.get(c, 0.0) - self._advance.get(c, 0.0) for c in self._num_active]
+        return max(self._floor, min(settled)) if settled else self._floor
+
+    def _prune(self) -> None:
+        now = self.clock()
+        floor: float | None = None  # computed at most once per call, and only if needed
+        for _ in range(_PRUNE_STEPS):
+            due = self._idle.due(now)
+            if due is None:
+                return
+            client = due.key
+            counter = self.counters.get(client, 0.0)
+            if not due.forced and (not self.lift or counter > self._floor):
+                if self.lift and floor is None:
+                    floor = self._floor = self._lift_floor()
+                if not self.lift or counter > floor:
+                    # Forgetting would lift it less than remembering (it may be ahead): keep it.
+                    self._idle.postpone(client, now)
+                    continue
+            self._idle.forget(client)
+            self.counters.pop(client, None)
+            self._mean_output_len.pop(client, None)
 
     # ---- length prediction ---------------------------------------------------------------------
     def predicted_output_len(self, request: Request) -> float:

@@ -335,12 +335,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 }  // namespace
 
 void register_fused_ops(pybind11::module& m);
+void register_invariant_linear(pybind11::module& m);
 void register_prefill_attention(pybind11::module& m);
 void register_small_batch_linear(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged decode attention (CPU)");
   register_fused_ops(m);
+  register_invariant_linear(m);
   register_prefill_attention(m);
   register_small_batch_linear(m);
 }
