@@ -144,7 +144,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("output tok/s (bars: median, dots: runs)")
     ax.set_title(
         f"{doc['model']}: batch-invariant mode vs default\n{doc['num_requests']} requests, "
-        f"{doc['threads']} threads, {doc['cpu']}\nlabels: median invariant / default ratio",
+        f"threads: {doc['threads']}, {doc['cpu']}\nlabels: median invariant / default throughput",
         fontsize=9,
     )
     ax.legend()

@@ -28,8 +28,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--batch-invariant",
         action="store_true",
-        help="greedy and seeded outputs bit-identical whatever the batch mates, chunk sizes and "
-        "prefix-cache hits (CPU; costs throughput, see README)",
+        help="greedy and seeded outputs bit-identical whatever the batch mates, chunk sizes, "
+        "prefix-cache hits and preemptions (CPU with the C++ kernels; its cost is in README)",
     )
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-kv-blocks", type=int, default=None)

@@ -18,8 +18,8 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0  # random-weight init
     num_threads: int | None = None  # torch intra-op threads on CPU; None: torch's default
-    # Greedy and seeded outputs bit-identical whatever the batch mates, chunk sizes and prefix-cache
-    # hits (one fixed reduction order per row in every op; CPU with the C++ kernels only).
+    # Greedy and seeded outputs bit-identical whatever the batch mates, chunk sizes, prefix-cache
+    # hits and preemptions (one fixed reduction order per row in every op; CPU, C++ kernels only).
     batch_invariant: bool = False
 
     def __post_init__(self) -> None:

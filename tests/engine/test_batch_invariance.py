@@ -25,7 +25,7 @@ STORY = (
     "that passes, and distrusts anything that arrives with the tide. Describe the weather, the sound "
     "of the sea against the rocks, and the moment the keeper decides to open the bottle."
 )
-MAX_TOKENS = 12
+MAX_TOKENS = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, ignore_eos=True)
 SEEDED = SamplingParams(
     temperature=0.9, top_p=0.95, seed=1234, max_tokens=MAX_TOKENS, logprobs=1, ignore_eos=True
@@ -46,7 +46,7 @@ def run(llm: LLM, prompt: list[int], mates: int = 0) -> tuple[list[Trace], list[
     prompt and output lengths, and each one's prompt tokens served from the prefix cache."""
     prompts = [prompt, prompt] + [[100 + (i * 37 + j) % 4000 for j in range(9 + 7 * i)] for i in range(mates)]
     params = [GREEDY, SEEDED] + [
-        SamplingParams(temperature=0.7, seed=i, max_tokens=3 + 2 * i, ignore_eos=True) for i in range(mates)
+        SamplingParams(temperature=0.7, seed=i, max_tokens=2 + i, ignore_eos=True) for i in range(mates)
     ]
     outs = llm.generate(prompts, params, use_tqdm=False)
     result = []
@@ -70,7 +70,7 @@ def run_preempted(llm: LLM, prompt: list[int]) -> list[Trace]:
     for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
         engine.add_request(name, prompt, params, priority=5)
         outputs = {}
-        for _ in range(5):  # the prefill and four decodes
+        for _ in range(4):  # the prefill and three decodes
             outputs.update({o.request_id: o for o in engine.step()})
         engine.add_request(f"urgent-{name}", prompt[:20], SamplingParams(max_tokens=2), priority=0)
         while engine.has_unfinished_requests():

@@ -8,8 +8,8 @@
 // The weight is packed once into tiles of 16 outputs, [tiles][K][16] (fp32 or bf16): a tile's row k
 // holds input k's weights for its 16 outputs, multiplied by a broadcast x[row][k]. Vectors are GCC
 // vector types at the machine's width, so one source compiles to AVX512, AVX2 or SSE with every lane
-// elementwise; rows x tiles blocks of independent sums keep the multiply-add units busy (the 6 x 16
-// block of AVX2 matches oneDNN's own fp32 kernels).
+// elementwise; rows x tiles blocks of independent sums keep the multiply-add units busy (6 rows x 16
+// outputs in AVX2, the usual fp32 GEMM block there).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
