@@ -13,6 +13,7 @@ from sutra.core.policies import POLICIES, Policy, PriorityPolicy, RPMPolicy, VTC
 from sutra.core.request import Request
 from sutra.sampling_params import SamplingParams
 from tests.core.fake_runner import FakeRunner, make_request, make_scheduler, run_to_completion, step
+from tests.core.workload import admit_next
 
 
 @dataclass
@@ -21,16 +22,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def _admit(policy: VTCPolicy, prompt_tokens: int, outputs: int) -> Request:
-    request = policy.pop()
-    policy.on_scheduled(request, prompt_tokens)
-    request.num_computed_tokens = prompt_tokens
-    for _ in range(outputs):
-        request.append_token(7)
-        policy.on_generated(request, 1)
-    return request
 
 
 def _tracked(policy: Policy) -> int:
@@ -67,13 +58,13 @@ def test_vtc_forgets_at_the_time_limit_only_clients_not_ahead():
     policy = VTCPolicy(clock=clock, idle_ttl_s=10.0)
     policy.add(make_request(8, client="a"))
     policy.add(make_request(8, client="b"))
-    a1 = _admit(policy, 8, outputs=50)  # a: 108, b still waits at 0
+    a1 = admit_next(policy, 8, outputs=50)  # a: 108, b still waits at 0
     policy.on_finished(a1)
     assert "a" in policy.counters  # idle, remembered
     clock.now = 20.0
     policy.add(make_request(8, client="b"))  # due, but ahead of b (the lowest active): kept
     assert policy.counters["a"] == 108
-    b1 = _admit(policy, 8, outputs=60)  # b: 128
+    b1 = admit_next(policy, 8, outputs=60)  # b: 128
     policy.on_finished(b1)  # b2 still waits
     clock.now = 40.0
     policy.add(make_request(8, client="c"))  # c lifted to 128; now b and c are both past a
@@ -86,7 +77,7 @@ def test_vtc_cap_forgets_the_longest_idle_first():
     policy = VTCPolicy(clock=FakeClock(), max_idle_clients=2)
     for name in "abc":
         policy.add(make_request(8, client=name))
-        policy.on_finished(_admit(policy, 8, outputs=1))
+        policy.on_finished(admit_next(policy, 8, outputs=1))
     assert set(policy.counters) == {"b", "c"}
 
 

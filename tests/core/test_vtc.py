@@ -8,18 +8,7 @@ import pytest
 from sutra.core.policies import LCFPolicy, VTCPolicy
 from sutra.core.request import RequestStatus
 from tests.core.fake_runner import FakeRunner, make_request, make_scheduler, run_to_completion, step
-from tests.core.workload import Client, ServiceMeter, run
-
-
-def _admit(policy: VTCPolicy, prompt_tokens: int, outputs: int = 0):
-    """Pop the next request and serve it: its whole prompt, then `outputs` generated tokens."""
-    request = policy.pop()
-    policy.on_scheduled(request, prompt_tokens)
-    request.num_computed_tokens = prompt_tokens
-    for _ in range(outputs):
-        request.append_token(7)
-        policy.on_generated(request, 1)
-    return request
+from tests.core.workload import Client, ServiceMeter, admit_next, run
 
 
 def test_counter_lift_rule():
@@ -28,7 +17,7 @@ def test_counter_lift_rule():
     policy.add(a1)
     assert policy.counters["a"] == 0  # nobody else waits: no lift
     policy.add(a2)
-    _admit(policy, 8, outputs=1)  # a: 8 prompt + 2 * 1 output, and a2 still waits
+    admit_next(policy, 8, outputs=1)  # a: 8 prompt + 2 * 1 output, and a2 still waits
     assert policy.counters["a"] == 10
     # b becomes backlogged: lifted to the smallest counter among the other backlogged clients.
     policy.add(make_request(8, client="b"))
@@ -45,7 +34,7 @@ def test_counter_lift_rule():
     # jump e with a stale counter just because e's queue happens to be empty.
     solo = VTCPolicy()
     solo.add(make_request(8, client="e"))
-    running = _admit(solo, 8, outputs=50)
+    running = admit_next(solo, 8, outputs=50)
     solo.add(make_request(8, client="d"))
     assert solo.counters["e"] == 108 and solo.counters["d"] == 108
     # Once e has nothing waiting or running it is idle and lifts no one.
@@ -57,7 +46,7 @@ def test_counter_lift_rule():
     idle = VTCPolicy()
     done = make_request(8, client="g")
     idle.add(done)
-    _admit(idle, 8, outputs=50)
+    admit_next(idle, 8, outputs=50)
     idle.on_finished(done)
     idle.add(make_request(8, client="h"))
     assert idle.counters["h"] == 108
@@ -70,13 +59,13 @@ def test_lcf_never_lifts_and_requeue_never_lifts():
     lcf = LCFPolicy()
     lcf.add(make_request(8, client="a"))
     lcf.add(make_request(8, client="a"))
-    _admit(lcf, 8)
+    admit_next(lcf, 8)
     lcf.add(make_request(8, client="b"))
     assert lcf.counters == {"a": 8, "b": 0}
     vtc = VTCPolicy()
     vtc.add(make_request(8, client="a"))
     vtc.add(make_request(8, client="b"))
-    preempted = _admit(vtc, 8)  # a (counter 8) runs, b waits at 0
+    preempted = admit_next(vtc, 8)  # a (counter 8) runs, b waits at 0
     vtc.requeue(preempted)
     assert vtc.counters["a"] == 8  # back from preemption: not idle, so no lift to b's 0
 

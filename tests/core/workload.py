@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sutra.core.output import SchedulerOutput
+from sutra.core.policies import VTCPolicy
 from sutra.core.request import Request, RequestStatus
 from sutra.core.scheduler import Scheduler
 from tests.core.fake_runner import FakeRunner, make_request, step
@@ -86,3 +87,14 @@ def run(
         if on_step is not None:
             on_step(it, out)
     return meter
+
+
+def admit_next(policy: VTCPolicy, prompt_tokens: int, outputs: int = 0) -> Request:
+    """Pop the policy's next request and serve it: its whole prompt, then `outputs` generated tokens."""
+    request = policy.pop()
+    policy.on_scheduled(request, prompt_tokens)
+    request.num_computed_tokens = prompt_tokens
+    for _ in range(outputs):
+        request.append_token(7)
+        policy.on_generated(request, 1)
+    return request
