@@ -103,6 +103,7 @@ def workload(name: str, duration: float, scale: float, period: float) -> dict[st
 
 def run_policy(wl: dict[str, Any], policy: str, args: argparse.Namespace) -> dict[str, Any]:
     from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from sutra.core.request import RequestSpec
     from sutra.engine.engine import LLMEngine
     from sutra.sampling_params import SamplingParams
 
@@ -157,7 +158,7 @@ def run_policy(wl: dict[str, Any], policy: str, args: argparse.Namespace) -> dic
             rid = f"{client}-{nxt}"
             prompt = rng.integers(common.FIRST_PLAIN_TOKEN, vocab, size=lin).tolist()
             params = SamplingParams(max_tokens=lout, ignore_eos=True, temperature=0)
-            engine.add_request(rid, prompt, params, client=client, arrival_time=t0 + at)
+            engine.add_request(rid, prompt, params, spec=RequestSpec(client=client), arrival_time=t0 + at)
             owner[rid] = client
             reqs[rid] = {"client": client, "arrival": at, "first": None, "done": None}
             demand[client][min(int(at), nbins - 1)] += W_P * lin + W_Q * lout

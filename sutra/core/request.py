@@ -30,6 +30,17 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
+@dataclass(frozen=True)
+class RequestSpec:
+    """How a request is to be served, beyond its prompt and sampling: one object carried unchanged
+    from the HTTP handler (or the offline API) to the scheduler, and across instances when a request
+    moves. A feature that needs a per-request setting adds a field here, not a parameter everywhere."""
+
+    client: str | None = None  # who is served: fairness, rate limits and metrics are per client
+    priority: int = 0  # lower is more urgent (priority policies)
+    cache_salt: str | None = None  # requests share prefix-cache blocks only with the same salt
+
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -37,9 +48,7 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
-    client: str | None = None
-    priority: int = 0
-    cache_salt: str | None = None  # requests share prefix-cache blocks only with the same salt
+    spec: RequestSpec = field(default_factory=RequestSpec)
     status: RequestStatus = RequestStatus.WAITING
     # Tokens whose KV is in the cache. A decode is a 1-token slice; a prefill chunk is a longer one.
     num_computed_tokens: int = 0
@@ -50,6 +59,18 @@ class Request:
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
+
+    @property
+    def client(self) -> str | None:
+        return self.spec.client
+
+    @property
+    def priority(self) -> int:
+        return self.spec.priority
+
+    @property
+    def cache_salt(self) -> str | None:
+        return self.spec.cache_salt
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -39,6 +39,7 @@ from sutra.core.kv_cache import KVCacheManager
 from sutra.core.output import CachedRequestData, NewRequestData, RunnerOutput, SchedulerOutput
 from sutra.core.policies import Policy, make_policy
 from sutra.core.request import Request, RequestStatus
+from sutra.core.stats import EngineStats, InstanceLoad
 
 
 class Scheduler:
@@ -96,6 +97,31 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    # ---- what the instance reports -----------------------------------------------------------
+    def stats(self) -> EngineStats:
+        kv = self.kv
+        return EngineStats(
+            num_running=len(self.running),
+            num_waiting=self.num_waiting,
+            num_preemptions=self.num_preemptions,
+            kv_total_blocks=kv.pool.num_blocks,
+            kv_free_blocks=kv.num_free_blocks,
+            prefix_queries=kv.prefix_queries,
+            prefix_hits=kv.prefix_hits,
+        )
+
+    def load_summary(self, draining: bool = False, headroom_blocks: int = 0) -> InstanceLoad:
+        head = self.policy.peek()
+        return InstanceLoad(
+            total_blocks=self.kv.pool.num_blocks,
+            used_blocks=self.kv.pool.num_blocks - self.kv.num_free_blocks,
+            num_running=len(self.running),
+            num_waiting=self.num_waiting,
+            head_demand_blocks=0 if head is None else self.kv.blocks_needed(head.num_tokens),
+            headroom_blocks=headroom_blocks,
+            draining=draining,
+        )
 
     # ---- one iteration ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

@@ -18,12 +18,23 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from sutra.core.request import RequestSpec
+from sutra.core.stats import EngineStats
+from sutra.engine.client import (
+    CompletionDelta,
+    EngineDeadError,
+    EngineDrainingError,
+    EngineListener,
+    EngineOverloadedError,
+    PromptRequest,
+    RequestDelta,
+    RequestInfo,
+)
 from sutra.engine.engine import LLMEngine
 from sutra.errors import InvalidRequestError, SutraError
-from sutra.model.sampling import TokenLogprobs
-from sutra.outputs import RequestMetrics, RequestOutput
+from sutra.outputs import RequestOutput
 from sutra.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -36,53 +47,11 @@ IDLE_POLL_S = 0.05
 _MAX_UNDELIVERED = 256
 
 
-class EngineOverloadedError(SutraError):
-    """The waiting queue is over its bound; the client should retry later."""
-
-
-class EngineDrainingError(EngineOverloadedError):
-    """The server is shutting down: it takes no new requests, and ends those left at its deadline."""
-
-
-class EngineDeadError(SutraError):
-    """A step failed (the requests in it are lost, the engine serves on), or the engine loop stopped."""
-
-
-@dataclass
-class CompletionDelta:
-    """What one of a request's n completions gained since the last delta."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None
-    finish_reason: str | None
-    stop_reason: str | int | None
-
-
-@dataclass
-class RequestDelta:
-    request_id: str
-    completions: list[CompletionDelta]
-    num_prompt_tokens: int
-    finished: bool
-    metrics: RequestMetrics
-
-
-@dataclass(frozen=True)
-class RequestInfo:
-    """What the engine was given for a request in flight (for logs)."""
-
-    client: str | None
-    prompt_token_ids: list[int]
-    arrival_time: float
-
-
 @dataclass
 class _Stream:
     queue: asyncio.Queue[RequestDelta | BaseException | None]  # None: aborted
     params: SamplingParams
-    client: str | None
+    spec: RequestSpec
     sent_text: list[int]  # per completion: characters already handed out
     sent_tokens: list[int]
     holdback: int  # characters kept back while a stop string may still be forming
@@ -98,22 +67,13 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    client: str | None
-    priority: int
+    spec: RequestSpec
     arrival_time: float
-    cache_salt: str | None = None
-
-
-class EngineListener(Protocol):
-    """Told about every step and abort, on the event loop (metrics, estimates); must be cheap. An
-    exception from a listener is logged and does not reach the engine or other listeners."""
-
-    def on_step(self, engine: AsyncEngine, outputs: list[RequestOutput]) -> None: ...
-
-    def on_abort(self, engine: AsyncEngine, request_id: str) -> None: ...
 
 
 class AsyncEngine:
+    """The local EngineClient (sutra/engine/client.py)."""
+
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -142,6 +102,13 @@ class AsyncEngine:
             task.cancel()
             await asyncio.wait([task])  # whatever the loop ended with was logged by it
         self._executor.shutdown(wait=True)
+
+    @property
+    def max_request_tokens(self) -> int:
+        return self.engine.max_request_tokens
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     @property
     def dead_reason(self) -> str | None:
@@ -183,29 +150,17 @@ class AsyncEngine:
     ) -> list[int]:
         return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
 
-    def submit(
+    async def submit(
         self,
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        *,
-        client: str | None = None,
-        priority: int = 0,
-        cache_salt: str | None = None,
+        spec: RequestSpec = RequestSpec(),
     ) -> None:
         """Validate and queue a request; raises InvalidRequestError or EngineOverloadedError at once."""
-        self.submit_many(
-            [(request_id, prompt_token_ids, params)], client=client, priority=priority, cache_salt=cache_salt
-        )
+        await self.submit_many([(request_id, prompt_token_ids, params)], spec)
 
-    def submit_many(
-        self,
-        requests: list[tuple[str, list[int], SamplingParams]],
-        *,
-        client: str | None = None,
-        priority: int = 0,
-        cache_salt: str | None = None,
-    ) -> None:
+    async def submit_many(self, requests: list[PromptRequest], spec: RequestSpec = RequestSpec()) -> None:
         """Validate and queue (request id, prompt token ids, params) triples, all or none: if one is
         invalid, or they do not all fit under the waiting bound, nothing is queued."""
         if self._dead_reason is not None:
@@ -233,7 +188,7 @@ class AsyncEngine:
             self._streams[request_id] = _Stream(
                 queue=asyncio.Queue(),
                 params=params,
-                client=client,
+                spec=spec,
                 sent_text=[0] * params.n,
                 sent_tokens=[0] * params.n,
                 holdback=max((len(s) for s in params.stop), default=1) - 1,
@@ -241,9 +196,7 @@ class AsyncEngine:
                 prompt_token_ids=prompt_token_ids,
                 arrival_time=now,
             )
-            self._pending_adds.append(
-                _Add(request_id, prompt_token_ids, params, client, priority, now, cache_salt)
-            )
+            self._pending_adds.append(_Add(request_id, prompt_token_ids, params, spec, now))
         self._wakeup.set()
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:
@@ -271,7 +224,7 @@ class AsyncEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, **submit_kwargs: Any
     ) -> AsyncIterator[RequestDelta]:
         """submit() and stream() in one."""
-        self.submit(request_id, prompt_token_ids, params, **submit_kwargs)
+        await self.submit(request_id, prompt_token_ids, params, **submit_kwargs)
         async for delta in self.stream(request_id):
             yield delta
 
@@ -296,15 +249,11 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         return None if stream is None else stream.estimate
 
-    def client_of(self, request_id: str) -> str | None:
-        stream = self._streams.get(request_id)
-        return None if stream is None else stream.client
-
     def request_info(self, request_id: str) -> RequestInfo | None:
         stream = self._streams.get(request_id)
         if stream is None:
             return None
-        return RequestInfo(stream.client, stream.prompt_token_ids, stream.arrival_time)
+        return RequestInfo(stream.spec.client, stream.prompt_token_ids, stream.arrival_time)
 
     # ---- the loop --------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -329,8 +278,7 @@ class AsyncEngine:
                         self._fail_all(EngineDeadError(f"the engine step failed: {e}"))
                         continue
                     idle = self.engine.last_step_num_scheduled_tokens == 0
-                    self._notify_step(outputs)
-                    self._publish_each(outputs)
+                    self._publish_step(outputs)
                 except Exception as e:
                     # Each event above is guarded; this is the net under them. Nothing may wait
                     # forever on an event that went wrong, so the requests in flight fail.
@@ -371,11 +319,9 @@ class AsyncEngine:
                     add.request_id,
                     add.prompt_token_ids,
                     add.params,
-                    client=add.client,
-                    priority=add.priority,
+                    spec=add.spec,
                     arrival_time=add.arrival_time,
                     prompt_token_ids=add.prompt_token_ids,
-                    cache_salt=add.cache_salt,
                 )
                 added.append(add.request_id)
             except Exception as e:  # that request alone fails; the abort it queues is a no-op
@@ -406,12 +352,34 @@ class AsyncEngine:
             stream.estimate = None if seconds is None else (seconds, now)
             stream.admitted.set_result(seconds)
 
-    def _notify_step(self, outputs: list[RequestOutput]) -> None:
+    def _publish_step(self, outputs: list[RequestOutput]) -> None:
+        """Turn the step's outputs into deltas, tell the listeners, then hand each to its stream."""
+        deltas: list[RequestDelta] = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted while the step ran; the abort is pending
+            if out.error is not None:  # this request alone failed in the step
+                del self._streams[out.request_id]
+                self._deliver(out.request_id, stream, out.error)
+                continue
+            try:
+                deltas.append(self._delta(out, stream))
+            except Exception as e:  # that request alone fails
+                logger.exception("publishing the output of request %s failed", out.request_id)
+                self._end_stream(out.request_id, EngineDeadError(f"the engine failed on this request: {e}"))
         for listener in self.listeners:
             try:
-                listener.on_step(self, outputs)
+                listener.on_step(self, deltas)
             except Exception:
                 logger.exception("engine listener %s failed on a step; skipped", type(listener).__name__)
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
+                continue  # a listener aborted it
+            if delta.finished:
+                del self._streams[delta.request_id]
+            stream.queue.put_nowait(delta)
 
     def _notify_abort(self, request_id: str) -> None:
         for listener in self.listeners:
@@ -419,29 +387,6 @@ class AsyncEngine:
                 listener.on_abort(self, request_id)
             except Exception:
                 logger.exception("engine listener %s failed on an abort; skipped", type(listener).__name__)
-
-    def _publish_each(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            try:
-                self._publish([out])
-            except Exception as e:  # that request alone fails
-                logger.exception("publishing the output of request %s failed", out.request_id)
-                self._end_stream(out.request_id, EngineDeadError(f"the engine failed on this request: {e}"))
-
-    def _publish(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue  # aborted while the step ran; the abort is pending
-            if out.error is not None:  # this request alone failed in the step
-                del self._streams[out.request_id]
-                if not stream.admitted.done():
-                    stream.admitted.set_result(None)
-                stream.queue.put_nowait(out.error)
-                continue
-            stream.queue.put_nowait(self._delta(out, stream))
-            if out.finished:
-                del self._streams[out.request_id]
 
     @staticmethod
     def _delta(out: RequestOutput, stream: _Stream) -> RequestDelta:

@@ -11,8 +11,9 @@ from sutra.config import EngineConfig
 from sutra.core.estimator import CompletionEstimator
 from sutra.core.kv_cache import KVCacheManager, prefix_cache_root
 from sutra.core.output import RunnerOutput
-from sutra.core.request import Request, RequestStatus
+from sutra.core.request import Request, RequestSpec, RequestStatus
 from sutra.core.scheduler import Scheduler
+from sutra.core.stats import EngineStats
 from sutra.engine.detokenizer import IncrementalDetokenizer
 from sutra.engine.runner import ModelRunner
 from sutra.engine.step_isolation import run_isolating, tainted_requests
@@ -133,11 +134,9 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         *,
-        client: str | None = None,
-        priority: int = 0,
+        spec: RequestSpec = RequestSpec(),
         arrival_time: float | None = None,
         prompt_token_ids: list[int] | None = None,
-        cache_salt: str | None = None,
     ) -> None:
         """Queue a request. Raises InvalidRequestError (and queues nothing) for bad input.
         prompt_token_ids, if given, are the already tokenized text prompt."""
@@ -174,9 +173,7 @@ class LLMEngine:
                     sampling_params=child_params,
                     eos_token_ids=self.eos_token_ids,
                     arrival_time=arrival,
-                    client=client,
-                    priority=priority,
-                    cache_salt=cache_salt,
+                    spec=spec,
                 )
             )
 
@@ -212,6 +209,9 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked)
+
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats()
 
     @property
     def num_unfinished_requests(self) -> int:

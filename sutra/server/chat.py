@@ -7,7 +7,7 @@ import time
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sutra.engine.async_engine import CompletionDelta
+from sutra.engine.client import CompletionDelta
 from sutra.model.sampling import TokenLogprobs
 from sutra.model.tokenizer import Tokenizer
 from sutra.sampling_params import SamplingParams
@@ -69,14 +69,12 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
             prompt_len,
             engine.max_model_len,
             param,
-            engine.engine.max_request_tokens,
+            engine.max_request_tokens,
         )
         return body.sampling_params(max_tokens, body.num_logprobs)
 
     request_id = new_id("chatcmpl")
-    client = state.client_of(http_request, body.user)
-    priority = state.priority_of(http_request, body.priority)
-    submitted = submit_all(state, request_id, [prompt], make_params, client, priority, body.cache_salt)
+    submitted = await submit_all(state, request_id, [prompt], make_params, state.spec_of(http_request, body))
     tok = engine.tokenizer
     headers = await estimate_headers(state, submitted)
     if body.stream:

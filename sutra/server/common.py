@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from sutra.engine.async_engine import AsyncEngine, CompletionDelta, RequestDelta
+from sutra.core.request import RequestSpec
+from sutra.engine.client import CompletionDelta, EngineClient, RequestDelta
 from sutra.errors import InvalidRequestError, prompt_too_long
 from sutra.sampling_params import SamplingParams
 from sutra.server.errors import APIError, to_api_error
@@ -24,7 +25,7 @@ from sutra.server.tenants import PriorityCaps
 
 @dataclass
 class ServerState:
-    engine: AsyncEngine
+    engine: EngineClient
     model_name: str
     metrics: ServerMetrics
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
@@ -49,13 +50,15 @@ class ServerState:
         body.check_supported()
         body.check_text()
 
-    def client_of(self, http_request: Request, user: str | None) -> str | None:
-        """Who is served, for fairness and metrics: the API key's tenant, else `user`, else nobody."""
-        return getattr(http_request.state, "tenant", None) or user or None
-
-    def priority_of(self, http_request: Request, priority: int) -> int:
-        """The request's priority within what the operator allows its API key's tenant."""
-        return self.priority_caps.clamp(getattr(http_request.state, "tenant", None), priority)
+    def spec_of(self, http_request: Request, body: SamplingFields) -> RequestSpec:
+        """How the request is served. Its client (for fairness and metrics) is the API key's tenant,
+        else `user`, else nobody; its priority is capped at what the operator allows that tenant."""
+        tenant = getattr(http_request.state, "tenant", None)
+        return RequestSpec(
+            client=tenant or body.user or None,
+            priority=self.priority_caps.clamp(tenant, body.priority),
+            cache_salt=body.cache_salt,
+        )
 
 
 def new_id(prefix: str) -> str:
@@ -101,24 +104,17 @@ class Submitted:
     num_choices: int
 
 
-def submit_all(
+async def submit_all(
     state: ServerState,
     base_id: str,
     prompts: list[list[int]],
     make_params: Callable[[int], SamplingParams],  # prompt length -> params
-    client: str | None,
-    priority: int,
-    cache_salt: str | None = None,
+    spec: RequestSpec,
 ) -> list[Submitted]:
     """Queue one engine request per prompt, all or none: a bad prompt rejects the whole batch."""
     params_list = [make_params(len(ids)) for ids in prompts]
     rids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
-    state.engine.submit_many(
-        list(zip(rids, prompts, params_list, strict=True)),
-        client=client,
-        priority=priority,
-        cache_salt=cache_salt,
-    )
+    await state.engine.submit_many(list(zip(rids, prompts, params_list, strict=True)), spec)
     return [
         Submitted(rid, len(ids), i * params.n, params.n)
         for i, (rid, ids, params) in enumerate(zip(rids, prompts, params_list, strict=True))
@@ -136,7 +132,7 @@ async def estimate_headers(state: ServerState, submitted: list[Submitted]) -> di
 
 
 async def merged_deltas(
-    engine: AsyncEngine, submitted: list[Submitted]
+    engine: EngineClient, submitted: list[Submitted]
 ) -> AsyncIterator[tuple[Submitted, RequestDelta]]:
     """Deltas of several requests as they come; leaving early aborts the unfinished ones."""
     if len(submitted) == 1:
@@ -173,7 +169,7 @@ async def merged_deltas(
 
 
 @contextlib.asynccontextmanager
-async def abort_on_disconnect(http_request: Request, engine: AsyncEngine, request_ids: list[str]):
+async def abort_on_disconnect(http_request: Request, engine: EngineClient, request_ids: list[str]):
     """A client that goes away aborts its requests, which frees their KV blocks."""
 
     async def watch() -> None:

@@ -8,7 +8,7 @@ import time
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sutra.engine.async_engine import CompletionDelta
+from sutra.engine.client import CompletionDelta
 from sutra.model.sampling import TokenLogprobs
 from sutra.model.tokenizer import Tokenizer
 from sutra.sampling_params import SamplingParams
@@ -62,14 +62,12 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
 
     def make_params(prompt_len: int) -> SamplingParams:
         max_tokens = resolve_max_tokens(
-            body.max_tokens, prompt_len, engine.max_model_len, "max_tokens", engine.engine.max_request_tokens
+            body.max_tokens, prompt_len, engine.max_model_len, "max_tokens", engine.max_request_tokens
         )
         return body.sampling_params(max_tokens, body.logprobs)
 
     request_id = new_id("cmpl")
-    client = state.client_of(http_request, body.user)
-    priority = state.priority_of(http_request, body.priority)
-    submitted = submit_all(state, request_id, prompts, make_params, client, priority, body.cache_salt)
+    submitted = await submit_all(state, request_id, prompts, make_params, state.spec_of(http_request, body))
     tok = engine.tokenizer
     headers = await estimate_headers(state, submitted)
     if body.stream:

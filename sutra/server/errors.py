@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sutra.engine.async_engine import EngineDeadError, EngineDrainingError, EngineOverloadedError
+from sutra.engine.client import EngineDeadError, EngineDrainingError, EngineOverloadedError
 from sutra.errors import InvalidRequestError, RequestFailedError, SutraError
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from types import FrameType
 
 import uvicorn
 
-from sutra.engine.async_engine import AsyncEngine, EngineDrainingError
+from sutra.engine.async_engine import AsyncEngine
+from sutra.engine.client import EngineClient, EngineDrainingError
 from sutra.engine.engine import LLMEngine
 from sutra.server.app import create_app
 from sutra.server.client_series import DEFAULT_IDLE_S, DEFAULT_MAX_SERIES
@@ -159,7 +160,7 @@ class _Server(uvicorn.Server):
     than exit 0). Here the signal only starts the drain; the tick below ends it.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, shutdown_timeout: float) -> None:
         super().__init__(config)
         self.engine = engine
         self.shutdown_timeout = shutdown_timeout

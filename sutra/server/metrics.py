@@ -18,9 +18,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sutra.engine.async_engine import AsyncEngine
-from sutra.engine.engine import LLMEngine
-from sutra.outputs import RequestOutput
+from sutra.core.stats import EngineStats
+from sutra.engine.client import EngineClient, RequestDelta
 from sutra.server.client_series import DEFAULT_IDLE_S, DEFAULT_MAX_SERIES, ClientSeries
 
 # `*_created` timestamps double the output and no dashboard reads them (vLLM turns them off too).
@@ -124,20 +123,21 @@ class ServerMetrics:
         self._progress: dict[str, _Progress] = {}
 
     # ---- EngineListener --------------------------------------------------------------------
-    def on_step(self, engine: AsyncEngine, outputs: list[RequestOutput]) -> None:
+    def on_step(self, engine: EngineClient, deltas: list[RequestDelta]) -> None:
         lab = self._labels
-        for out in outputs:
-            rid, m = out.request_id, out.metrics
-            client = self.clients.label(engine.client_of(rid))
+        for delta in deltas:
+            rid, m = delta.request_id, delta.metrics
+            info = engine.request_info(rid)
+            client = self.clients.label(None if info is None else info.client)
             progress = self._progress.get(rid)
             if progress is None:
                 progress = self._progress[rid] = _Progress()
                 if m.queue_time is not None:
                     self.queue_time.labels(**lab).observe(m.queue_time)
                     self.client_queue_time.labels(**lab, client=client).observe(m.queue_time)
-                self.client_prompt_tokens.labels(**lab, client=client).inc(len(out.prompt_token_ids))
-            num_tokens = sum(len(c.token_ids) for c in out.outputs)
-            new_tokens = num_tokens - progress.num_tokens
+                self.client_prompt_tokens.labels(**lab, client=client).inc(delta.num_prompt_tokens)
+            new_tokens = sum(len(c.token_ids) for c in delta.completions)
+            num_tokens = progress.num_tokens + new_tokens
             if new_tokens > 0 and m.last_token_time is not None:
                 if progress.num_tokens == 0:
                     if m.time_to_first_token is not None:
@@ -147,15 +147,15 @@ class ServerMetrics:
                 progress.num_tokens, progress.last_token_time = num_tokens, m.last_token_time
                 self.generation_tokens.labels(**lab).inc(new_tokens)
                 self.client_tokens.labels(**lab, client=client).inc(new_tokens)
-            if out.finished:
+            if delta.finished:
                 del self._progress[rid]
-                self.prompt_tokens.labels(**lab).inc(len(out.prompt_token_ids))
+                self.prompt_tokens.labels(**lab).inc(delta.num_prompt_tokens)
                 if m.finished_time is not None:
                     self.e2e.labels(**lab).observe(m.finished_time - m.arrival_time)
                     self._observe_estimate(engine.estimate_of(rid), m.finished_time)
-                for c in out.outputs:
+                for c in delta.completions:
                     self.finished.labels(**lab, finished_reason=c.finish_reason or "abort").inc()
-        self.observe_state(engine.engine)
+        self.observe_state(engine.stats())
 
     def _observe_estimate(self, estimate: tuple[float, float] | None, finished_time: float) -> None:
         if estimate is None:
@@ -167,7 +167,7 @@ class ServerMetrics:
         if actual > 0:
             self.estimate_relative_error.labels(**self._labels).observe(error / actual)
 
-    def on_abort(self, engine: AsyncEngine, request_id: str) -> None:
+    def on_abort(self, engine: EngineClient, request_id: str) -> None:
         self._progress.pop(request_id, None)
         self.finished.labels(**self._labels, finished_reason="abort").inc()
 
@@ -178,20 +178,18 @@ class ServerMetrics:
             except KeyError:  # this family never saw the client
                 pass
 
-    def observe_state(self, engine: LLMEngine) -> None:
+    def observe_state(self, stats: EngineStats) -> None:
         self.clients.expire()
         lab = self._labels
-        scheduler, kv = engine.scheduler, engine.kv
-        preemptions = scheduler.num_preemptions
-        self.preemptions.labels(**lab).inc(preemptions - self._seen_preemptions)
-        self._seen_preemptions = preemptions
-        self.running.labels(**lab).set(len(scheduler.running))
-        self.waiting.labels(**lab).set(scheduler.num_waiting)
-        self.kv_usage.labels(**lab).set(kv.usage)
-        self.kv_free_blocks.labels(**lab).set(kv.num_free_blocks)
-        self.kv_total_blocks.labels(**lab).set(kv.pool.num_blocks)
-        if kv.prefix_queries:
-            self.prefix_hit_rate.labels(**lab).set(kv.prefix_hits / kv.prefix_queries)
+        self.preemptions.labels(**lab).inc(max(0, stats.num_preemptions - self._seen_preemptions))
+        self._seen_preemptions = stats.num_preemptions
+        self.running.labels(**lab).set(stats.num_running)
+        self.waiting.labels(**lab).set(stats.num_waiting)
+        self.kv_usage.labels(**lab).set(stats.kv_usage)
+        self.kv_free_blocks.labels(**lab).set(stats.kv_free_blocks)
+        self.kv_total_blocks.labels(**lab).set(stats.kv_total_blocks)
+        if stats.prefix_hit_rate is not None:
+            self.prefix_hit_rate.labels(**lab).set(stats.prefix_hit_rate)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,19 +8,32 @@ from sutra.config import SchedulerConfig
 from sutra.core.kv_cache import KVCacheManager
 from sutra.core.output import RunnerOutput, SchedulerOutput
 from sutra.core.policies import Policy
-from sutra.core.request import Request
+from sutra.core.request import Request, RequestSpec
 from sutra.core.scheduler import Scheduler
 from sutra.sampling_params import SamplingParams
 
 _ids = itertools.count()
 
 
-def make_request(prompt_len: int = 8, max_tokens: int = 4, tokens: list[int] | None = None, **kw) -> Request:
+def make_request(
+    prompt_len: int = 8,
+    max_tokens: int = 4,
+    tokens: list[int] | None = None,
+    client: str | None = None,
+    priority: int = 0,
+    cache_salt: str | None = None,
+    **kw,
+) -> Request:
     n = next(_ids)
     prompt = tokens if tokens is not None else [(n * 1000 + i) % 50_000 + 10 for i in range(prompt_len)]
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
     return Request(
-        request_id=f"r{n}", prompt_token_ids=prompt, sampling_params=params, arrival_time=float(n), **kw
+        request_id=f"r{n}",
+        prompt_token_ids=prompt,
+        sampling_params=params,
+        arrival_time=float(n),
+        spec=RequestSpec(client=client, priority=priority, cache_salt=cache_salt),
+        **kw,
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from sutra.config import SchedulerConfig
 from sutra.core.policies import POLICIES, Policy, PriorityPolicy, RPMPolicy, VTCPolicy, make_policy
-from sutra.core.request import Request
+from sutra.core.request import Request, RequestSpec
 from sutra.sampling_params import SamplingParams
 from tests.core.fake_runner import FakeRunner, make_request, make_scheduler, run_to_completion, step
 from tests.core.workload import admit_next
@@ -144,7 +144,7 @@ def _decisions(name: str, ttl_s: float, sends: list) -> tuple[list[list[tuple[st
             tokens = [(serial * 131 + j) % 5000 + 10 for j in range(prompt_len)]
             scheduler.add_request(
                 Request(
-                    f"w{serial}", tokens, sp, arrival_time=float(serial), client=client, priority=priority
+                    f"w{serial}", tokens, sp, arrival_time=float(serial), spec=RequestSpec(client, priority)
                 )
             )
         out = step(scheduler, runner)

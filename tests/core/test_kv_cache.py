@@ -122,10 +122,10 @@ def test_block_hash_is_sha256_of_parent_and_little_endian_token_ids():
 _HASHES_IN_A_CHILD = """
 import sys
 from sutra.core.kv_cache import KVCacheManager
-from sutra.core.request import Request
+from sutra.core.request import Request, RequestSpec
 from sutra.sampling_params import SamplingParams
 kv = KVCacheManager(num_blocks=8, block_size=2)
-r = Request("r", [1, 2, 3, 4, 5], SamplingParams(), cache_salt=sys.argv[1] or None)
+r = Request("r", [1, 2, 3, 4, 5], SamplingParams(), spec=RequestSpec(cache_salt=sys.argv[1] or None))
 kv.allocate(r, 5)
 print(",".join(kv.pool.blocks[b].block_hash.hex() for b in kv.block_ids("r")[:2]))
 """

@@ -8,14 +8,9 @@ import asyncio
 import pytest
 
 from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from sutra.engine.async_engine import (
-    IDLE_POLL_S,
-    AsyncEngine,
-    EngineDeadError,
-    EngineDrainingError,
-    EngineOverloadedError,
-    _Stream,
-)
+from sutra.core.request import RequestSpec
+from sutra.engine.async_engine import IDLE_POLL_S, AsyncEngine, _Stream
+from sutra.engine.client import EngineDeadError, EngineDrainingError, EngineOverloadedError
 from sutra.engine.engine import LLMEngine
 from sutra.errors import InvalidRequestError
 from sutra.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -64,7 +59,7 @@ def test_deltas_add_up_to_the_offline_result(engine):
 def test_text_that_may_start_a_stop_string_is_held_back():
     params = SamplingParams(stop=["\n\nUser"])
     admitted = asyncio.new_event_loop().create_future()
-    stream = _Stream(asyncio.Queue(), params, None, [0], [0], len("\n\nUser") - 1, admitted)
+    stream = _Stream(asyncio.Queue(), params, RequestSpec(), [0], [0], len("\n\nUser") - 1, admitted)
     completion = CompletionOutput(index=0, text="Hello\n\nUs", token_ids=[1, 2, 3])
     out = RequestOutput("r", None, [5], [completion], RequestMetrics(arrival_time=0.0))
     first = AsyncEngine._delta(out, stream).completions[0]
@@ -102,9 +97,11 @@ def test_abort_ends_the_stream_and_frees_blocks(engine):
 def test_waiting_bound_refuses_at_submit(engine):
     async def main():
         aengine = AsyncEngine(engine, max_waiting_requests=1)
-        aengine.submit("x", [1, 2, 3], SamplingParams(max_tokens=1))  # loop not started: it stays waiting
+        await aengine.submit(
+            "x", [1, 2, 3], SamplingParams(max_tokens=1)
+        )  # loop not started: it stays waiting
         with pytest.raises(EngineOverloadedError, match="limit 1"):
-            aengine.submit("y", [1, 2, 3], SamplingParams(max_tokens=1))
+            await aengine.submit("y", [1, 2, 3], SamplingParams(max_tokens=1))
         aengine.abort("x")
         await aengine.shutdown()
 
@@ -115,13 +112,13 @@ def test_submit_many_queues_all_or_none(engine):
     async def main():
         aengine = AsyncEngine(engine, max_waiting_requests=3)
         one = SamplingParams(max_tokens=1)
-        aengine.submit("x", [1, 2, 3], one)  # loop not started: it stays waiting
+        await aengine.submit("x", [1, 2, 3], one)  # loop not started: it stays waiting
         with pytest.raises(EngineOverloadedError, match="limit 3"):
-            aengine.submit_many([("a", [4], one), ("b", [5], one), ("c", [6], one)])
+            await aengine.submit_many([("a", [4], one), ("b", [5], one), ("c", [6], one)])
         with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
-            aengine.submit_many([("a", [4], one), ("b", [engine.arch.vocab_size], one)])
+            await aengine.submit_many([("a", [4], one), ("b", [engine.arch.vocab_size], one)])
         assert aengine.num_waiting == 1
-        aengine.submit_many([("a", [4], one), ("b", [5], one)])
+        await aengine.submit_many([("a", [4], one), ("b", [5], one)])
         assert aengine.num_waiting == 3
         for rid in ("x", "a", "b"):
             aengine.abort(rid)
@@ -212,7 +209,7 @@ def test_a_failing_listener_is_skipped_and_the_others_still_hear(engine):
         aengine.start()
         try:
             deltas = await _collect_bounded(aengine, "a", list(range(10)), params)
-            aengine.submit("b", list(range(10)), SamplingParams(max_tokens=500, ignore_eos=True))
+            await aengine.submit("b", list(range(10)), SamplingParams(max_tokens=500, ignore_eos=True))
             aengine.abort("b")  # the failing on_abort must not reach the caller
             more = await _collect_bounded(aengine, "c", list(range(10)), params)
             return deltas, more, counting
@@ -234,8 +231,8 @@ def test_when_the_loop_dies_every_waiter_errors_at_once_and_the_engine_says_so(e
         aengine.listeners.append(_KillingListener())
         aengine.start()
         try:
-            aengine.submit("x", list(range(10)), params)
-            aengine.submit("y", list(range(20)), params)
+            await aengine.submit("x", list(range(10)), params)
+            await aengine.submit("y", list(range(20)), params)
             results = await asyncio.wait_for(
                 asyncio.gather(
                     _drain(aengine, "x"),
@@ -245,7 +242,7 @@ def test_when_the_loop_dies_every_waiter_errors_at_once_and_the_engine_says_so(e
                 LOOP_TIMEOUT_S,
             )
             with pytest.raises(EngineDeadError, match="loop stopped"):
-                aengine.submit("z", list(range(10)), params)
+                await aengine.submit("z", list(range(10)), params)
             return results, aengine.dead_reason
         finally:
             await aengine.shutdown()
@@ -265,7 +262,7 @@ def test_shutdown_ends_every_waiting_stream(engine):
     async def main():
         aengine = AsyncEngine(engine)
         aengine.start()
-        aengine.submit("long", list(range(10)), SamplingParams(max_tokens=1000, ignore_eos=True))
+        await aengine.submit("long", list(range(10)), SamplingParams(max_tokens=1000, ignore_eos=True))
         reader = asyncio.create_task(_drain(aengine, "long"))
         await asyncio.sleep(0.2)
         await aengine.shutdown()
@@ -292,8 +289,8 @@ def test_a_failing_add_fails_that_request_alone(engine, monkeypatch):
         aengine = AsyncEngine(engine)
         aengine.start()
         try:
-            aengine.submit("bad", list(range(10)), params)
-            aengine.submit("good", list(range(10)), params)
+            await aengine.submit("bad", list(range(10)), params)
+            await aengine.submit("good", list(range(10)), params)
             # As a server handler does: wait for the engine to take it, then read the stream.
             assert await asyncio.wait_for(aengine.estimated_finish("bad"), LOOP_TIMEOUT_S) is None
             with pytest.raises(RuntimeError, match="cannot add this one"):
@@ -322,7 +319,7 @@ def test_a_failing_delta_fails_that_request_alone(engine):
         aengine._delta = delta
         aengine.start()
         try:
-            aengine.submit("bad", list(range(10)), params)
+            await aengine.submit("bad", list(range(10)), params)
             good = asyncio.create_task(_collect_bounded(aengine, "good", list(range(30)), params))
             with pytest.raises(EngineDeadError, match="delta bug"):
                 await asyncio.wait_for(_drain(aengine, "bad"), LOOP_TIMEOUT_S)
@@ -358,7 +355,7 @@ def test_a_failing_abort_does_not_stop_the_loop(engine, monkeypatch):
         aengine = AsyncEngine(engine)
         aengine.start()
         try:
-            aengine.submit("gone", list(range(10)), SamplingParams(max_tokens=500, ignore_eos=True))
+            await aengine.submit("gone", list(range(10)), SamplingParams(max_tokens=500, ignore_eos=True))
             await asyncio.wait_for(aengine.estimated_finish("gone"), LOOP_TIMEOUT_S)
             aengine.abort("gone")
             return await _collect_bounded(aengine, "next", list(range(10)), params)
@@ -378,7 +375,7 @@ def test_a_batch_larger_than_the_waiting_bound_is_invalid_not_overloaded(engine)
         one = SamplingParams(max_tokens=1)
         # Even into an empty queue it could never fit: retrying is no use, so it is the request's error.
         with pytest.raises(InvalidRequestError, match="has 4 prompts but the server queues at most 3") as e:
-            aengine.submit_many([(f"r{i}", [4], one) for i in range(4)])
+            await aengine.submit_many([(f"r{i}", [4], one) for i in range(4)])
         assert e.value.param == "prompt"
         assert aengine.num_waiting == 0
         await aengine.shutdown()
@@ -391,13 +388,13 @@ def test_draining_refuses_new_requests_and_abort_all_ends_the_rest(engine):
         aengine = AsyncEngine(engine)
         aengine.start()
         try:
-            aengine.submit("long", list(range(10)), SamplingParams(max_tokens=1000, ignore_eos=True))
+            await aengine.submit("long", list(range(10)), SamplingParams(max_tokens=1000, ignore_eos=True))
             reader = asyncio.create_task(_drain(aengine, "long"))
             await asyncio.wait_for(aengine.estimated_finish("long"), LOOP_TIMEOUT_S)
             aengine.begin_drain()
             assert aengine.is_draining and aengine.num_in_flight == 1
             with pytest.raises(EngineDrainingError, match="shutting down"):
-                aengine.submit("new", list(range(10)), SamplingParams(max_tokens=1))
+                await aengine.submit("new", list(range(10)), SamplingParams(max_tokens=1))
             assert aengine.abort_all(EngineDrainingError("out of time")) == 1
             with pytest.raises(EngineDrainingError, match="out of time"):
                 await asyncio.wait_for(reader, LOOP_TIMEOUT_S)
@@ -436,7 +433,7 @@ def test_a_step_that_schedules_nothing_waits_instead_of_spinning():
         try:
             one = SamplingParams(max_tokens=2, ignore_eos=True)
             await _collect_bounded(aengine, "first", list(range(10)), one)
-            aengine.submit("throttled", list(range(10)), one)  # same client: over 1 per minute
+            await aengine.submit("throttled", list(range(10)), one)  # same client: over 1 per minute
             await asyncio.sleep(0.2)
             before = steps["n"]
             await asyncio.sleep(1.0)

@@ -13,6 +13,7 @@ import pytest
 
 from sutra import LLM, SamplingParams
 from sutra.config import ModelConfig
+from sutra.core.request import RequestSpec
 from sutra.model import llama
 from sutra.model.cpu_kernels import cpu_kernels
 
@@ -68,11 +69,13 @@ def run_preempted(llm: LLM, prompt: list[int]) -> list[Trace]:
     and those 4 tokens run again as a prefill."""
     engine, result = llm.engine, []
     for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
-        engine.add_request(name, prompt, params, priority=5)
+        engine.add_request(name, prompt, params, spec=RequestSpec(priority=5))
         outputs = {}
         for _ in range(4):  # the prefill and three decodes
             outputs.update({o.request_id: o for o in engine.step()})
-        engine.add_request(f"urgent-{name}", prompt[:20], SamplingParams(max_tokens=2), priority=0)
+        engine.add_request(
+            f"urgent-{name}", prompt[:20], SamplingParams(max_tokens=2), spec=RequestSpec(priority=0)
+        )
         while engine.has_unfinished_requests():
             outputs.update({o.request_id: o for o in engine.step()})
         assert outputs[name].metrics.num_preemptions == 1

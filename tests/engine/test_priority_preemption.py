@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from sutra import SamplingParams
+from sutra.core.request import RequestSpec
 from tests.engine.reference import hf_greedy, hf_model
 
 pytestmark = pytest.mark.slow
@@ -19,13 +20,13 @@ def test_urgent_request_preempts_and_the_victim_output_is_unchanged(make_llm):
     high_prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Japan?"}])
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 
-    engine.add_request("low", low_prompt, params, priority=5)
+    engine.add_request("low", low_prompt, params, spec=RequestSpec(priority=5))
     outputs = {}
     for _ in range(4):  # prefill and three decodes: the only seat is taken
         outputs.update({o.request_id: o for o in engine.step()})
     assert len(outputs["low"].outputs[0].token_ids) == 4
 
-    engine.add_request("high", high_prompt, params, priority=0)
+    engine.add_request("high", high_prompt, params, spec=RequestSpec(priority=0))
     outputs.update({o.request_id: o for o in engine.step()})
     assert len(outputs["high"].outputs[0].token_ids) == 1  # started at once
     assert [r.request_id for r in engine.scheduler.running] == ["high"]

@@ -20,7 +20,8 @@ import pytest
 import uvicorn
 
 from sutra.config import CacheConfig, EngineConfig, ModelConfig
-from sutra.engine.async_engine import AsyncEngine, EngineListener
+from sutra.engine.async_engine import AsyncEngine
+from sutra.engine.client import EngineListener
 from sutra.engine.engine import LLMEngine
 from sutra.server.app import create_app
 from sutra.server.common import ServerState
@@ -73,7 +74,7 @@ class _PoisonListener:
     """Ends the engine loop at the first step of a request from the client "poison"."""
 
     def on_step(self, engine: AsyncEngine, outputs: list) -> None:
-        if any(engine.client_of(out.request_id) == "poison" for out in outputs):
+        if any((info := engine.request_info(d.request_id)) and info.client == "poison" for d in outputs):
             raise _LoopKiller("poisoned")
 
     def on_abort(self, engine: AsyncEngine, request_id: str) -> None:
