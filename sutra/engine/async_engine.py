@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sutra.core.request import RequestSpec
-from sutra.core.stats import EngineStats
+from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.client import (
     CompletionDelta,
     EngineDeadError,
@@ -109,6 +109,12 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    async def load_summary(self) -> InstanceLoad:
+        """The instance's load (Llumnix freeness), taken on the step thread: between two steps, never
+        while one changes the queues."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.engine.scheduler.load_summary, self._draining)
 
     @property
     def dead_reason(self) -> str | None:
