@@ -128,6 +128,7 @@ class KVCacheManager:
         self._tables: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # chained hashes of the request's full blocks
         self._num_registered: dict[str, int] = {}  # how many of those are published in the cache
+        self._reserved: dict[int, KVBlock] = {}  # blocks held for KV arriving from another instance
         self.prefix_queries = 0  # tokens of admitted requests looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -206,6 +207,44 @@ class KVCacheManager:
                 self.pool.register(table[i], hashes[i])
             self._num_registered[request.request_id] = max(start, num_full)
         return True
+
+    # ---- KV that arrives from elsewhere (migration, hand-off) -----------------------------------
+    def reserve(self, num_blocks: int) -> list[int] | None:
+        """Hold num_blocks fresh blocks for incoming KV; None (and nothing held) if too few are free."""
+        if num_blocks > self.num_free_blocks:
+            return None
+        blocks = self.pool.take(num_blocks)
+        self._reserved.update((b.block_id, b) for b in blocks)
+        return [b.block_id for b in blocks]
+
+    def release_reserved(self, block_ids: list[int]) -> None:
+        """Give back reserved blocks whose request never arrived (an aborted migration)."""
+        for block_id in block_ids:
+            self.pool.release(self._reserved.pop(block_id))
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        return len(self._reserved)
+
+    def adopt(self, request: Request, block_ids: list[int]) -> None:
+        """Make reserved blocks, now holding the KV of the request's first num_computed_tokens tokens
+        in order, its block table; its full blocks join the prefix cache (their KV is written)."""
+        if request.request_id in self._tables:
+            raise ValueError(f"request {request.request_id!r} already has KV blocks here")
+        if self.blocks_needed(request.num_computed_tokens) > len(block_ids):
+            raise ValueError(
+                f"{len(block_ids)} blocks cannot hold the KV of {request.num_computed_tokens} tokens"
+            )
+        missing = [b for b in block_ids if b not in self._reserved]
+        if missing:
+            raise ValueError(f"blocks {missing} were not reserved")
+        self._tables[request.request_id] = [self._reserved.pop(b) for b in block_ids]
+        if self.enable_prefix_caching:
+            hashes, num_full = self._full_block_hashes(request, request.num_computed_tokens)
+            table = self._tables[request.request_id]
+            for i in range(num_full):
+                self.pool.register(table[i], hashes[i])
+            self._num_registered[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
         """Return a request's blocks; tail first, so a shared prefix outlives its private suffix."""

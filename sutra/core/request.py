@@ -16,6 +16,10 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    # Kept with its KV but not scheduled while it moves to another instance; then resumed, or
+    # released here (MIGRATED) once the other instance holds it.
+    PAUSED = "paused"
+    MIGRATED = "migrated"
 
     @property
     def finished(self) -> bool:

@@ -91,6 +91,56 @@ class Scheduler:
         for request_id in request_ids:
             self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
+    # ---- requests that move between instances (migration) --------------------------------------
+    # Call these between steps (after update_from_output, before the next schedule()).
+    def pause(self, request_id: str) -> Request:
+        """Stop scheduling a running request; it keeps its KV blocks and its runner state."""
+        request = self._moving(request_id, RequestStatus.RUNNING)
+        self.running.remove(request)
+        request.status = RequestStatus.PAUSED
+        return request
+
+    def resume(self, request_id: str) -> None:
+        """A paused request runs on here (its move was called off)."""
+        request = self._moving(request_id, RequestStatus.PAUSED)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def release(self, request_id: str) -> Request:
+        """A paused request now lives on another instance: drop it here, its blocks and runner state
+        with it, without finishing it."""
+        request = self._moving(request_id, RequestStatus.PAUSED)
+        request.status = RequestStatus.MIGRATED
+        self.policy.on_finished(request)
+        self.kv.free(request)
+        del self.requests[request_id]
+        if self._runner_blocks.pop(request_id, None) is not None:
+            self._finished_for_runner.append(request_id)
+        return request
+
+    def adopt(self, request: Request, block_ids: list[int]) -> None:
+        """A request arrives running, its first num_computed_tokens tokens' KV already written into
+        these reserved blocks (kv.reserve); it continues from there without recomputing anything."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if not 0 < request.num_computed_tokens < request.num_tokens:
+            raise ValueError(
+                f"an adopted request needs KV for some but not all of its tokens, got "
+                f"{request.num_computed_tokens} of {request.num_tokens}"
+            )
+        self.kv.adopt(request, block_ids)
+        request.status = RequestStatus.RUNNING
+        self.requests[request.request_id] = request
+        self.running.append(request)
+        self.policy.adopt(request)
+
+    def _moving(self, request_id: str, status: RequestStatus) -> Request:
+        request = self.requests.get(request_id)
+        if request is None or request.status is not status:
+            found = "not here" if request is None else request.status.value
+            raise ValueError(f"request {request_id!r} is {found}, not {status.value}")
+        return request
+
     @property
     def num_waiting(self) -> int:
         return len(self.policy)
@@ -327,6 +377,7 @@ class Scheduler:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.policy.remove(request)
+        # A PAUSED request is in neither: it only holds its blocks.
         request.status = status
         self.policy.on_finished(request)
         self.kv.free(request)

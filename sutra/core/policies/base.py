@@ -31,6 +31,12 @@ class Policy(ABC):
     @abstractmethod
     def __len__(self) -> int: ...
 
+    def adopt(self, request: Request) -> None:
+        """A request arrives already running (moved here with its KV): the policy tracks its client
+        as it would any admitted request's, but it never waits."""
+        self.add(request)
+        self.remove(request)
+
     def waiting_order(self) -> list[Request]:
         """The waiting requests in the order they would be admitted if nothing else arrived (a
         snapshot for completion-time estimates; it changes no state)."""
