@@ -17,6 +17,14 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self._stop_tail = max((len(s) for s in params.stop), default=0)
 
+    def state(self) -> tuple[list[int], int, int]:
+        """What continuing elsewhere needs (a migrated request): the decode window and offsets."""
+        return list(self.ids), self.prefix_offset, self.read_offset
+
+    def restore(self, state: tuple[list[int], int, int]) -> None:
+        ids, self.prefix_offset, self.read_offset = state
+        self.ids = list(ids)
+
     def add(self, output: CompletionOutput, token_id: int, final: bool = False) -> str | None:
         """Append one token's text to output.text; return the stop string it completed, if any.
         final: this is the completion's last token, so text held back for a character that later
