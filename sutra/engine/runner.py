@@ -12,6 +12,7 @@ import torch
 
 from sutra.config import EngineConfig
 from sutra.core.output import RunnerOutput, SchedulerOutput
+from sutra.engine.kv_transfer import KVBlocks, KVLayout, gather_blocks, scatter_blocks
 from sutra.model import hugepages
 from sutra.model.attention import SeqSlice, build_metadata, kv_cache_shapes
 from sutra.model.llama import LlamaModel
@@ -95,6 +96,20 @@ class ModelRunner:
             )
             for _ in range(a.num_layers)
         ]
+
+    # ---- whole KV blocks in and out (live migration) --------------------------------------
+    def kv_layout(self) -> KVLayout:
+        a = self.arch
+        return KVLayout.create(a.num_layers, a.num_kv_heads, a.head_dim, self.block_size, self.dtype)
+
+    def export_blocks(self, block_ids: list[int]) -> KVBlocks:
+        """Every layer's K and V of these blocks, as one contiguous CPU array."""
+        return gather_blocks(self.kv_caches, block_ids, self.kv_layout())
+
+    def import_blocks(self, block_ids: list[int], blocks: KVBlocks) -> None:
+        """Write exported blocks into these blocks of this cache (in order). Raises
+        KVLayoutMismatchError or ValueError, before writing anything, if they cannot go here."""
+        scatter_blocks(self.kv_caches, block_ids, blocks, self.kv_layout())
 
     # ---- one step --------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
