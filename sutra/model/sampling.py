@@ -5,9 +5,10 @@ logprobs of the raw logits for the rows that ask for them.
 
 Top-k/top-p rows are cut on a small window of their best tokens (one partial sort); a full-vocabulary
 sort happens only when a cut spills past the windows tried (very flat rows). Cuts are by value, so
-tied tokens stay or go together. The draw is inverse-CDF in token-id order with one uniform per row,
-from the row's own generator when it has one: a seeded row gives the same tokens whatever batch it is
-in, and one uniform per row is far cheaper than a vocabulary of exponentials.
+tied tokens stay or go together, and a row's masses come from its own tokens only: the wider window a
+batch mate needs changes none of its bits. The draw is inverse-CDF in token-id order with one uniform
+per row, from the row's own generator when it has one: a seeded row gives the same tokens whatever
+batch it is in, and one uniform per row is far cheaper than a vocabulary of exponentials.
 
 A row with nothing to sample (every token banned, or NaN / infinite logits) fails alone: its token is
 -1 and SamplerOutput.errors says why; the other rows sample as if it were not there. Detecting it
@@ -215,16 +216,20 @@ def top_k_top_p_window(
     vocab = logits.shape[1]
     ks = [k if 0 < k < vocab else vocab for k in top_k]
     k_on = torch.tensor([k < vocab for k in ks], device=logits.device).unsqueeze(1)
+    any_k = any(k < vocab for k in ks)
     p = _column(top_p, logits)
     p_only = any(k == vocab and tp < 1.0 for k, tp in zip(ks, top_p, strict=True))
-    # Top-p without top-k normalizes by the whole row's mass: the only full pass besides the topk.
-    lse_full = _scaled_logsumexp(logits, temps) if p_only else None
+    # Top-p without top-k measures mass against the whole row: the only full pass besides the topk. A
+    # softmax reduces each row by itself; a plain sum over a lone row may be split across threads and
+    # round differently than the same row inside a batch.
+    full_probs = torch.softmax(logits / temps, dim=-1) if p_only else None
     k_need = max([k + 1 for k in ks if k < vocab], default=0)  # +1: see `spilled` in _cut
     first = max(k_need, _FIRST_WINDOW if p_only else 0)
     # Temperature keeps the order, so the partial sort runs on the raw logits.
     for width in sorted({min(vocab, first), min(vocab, first * 16), vocab}):
         vals, ids = logits.topk(width, dim=-1)
-        vals, spilled = _cut(vals / temps, ks, k_on, p, any(tp < 1.0 for tp in top_p), lse_full)
+        window_probs = None if full_probs is None else full_probs.gather(1, ids)
+        vals, spilled = _cut(vals / temps, ks, k_on, any_k, p, any(tp < 1.0 for tp in top_p), window_probs)
         if not spilled:
             break
     # Kept tokens are a prefix of each row; at least one column stays so a row with nothing finite
@@ -233,22 +238,17 @@ def top_k_top_p_window(
     return vals[:, :kept], ids[:, :kept]
 
 
-def _scaled_logsumexp(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
-    """logsumexp(logits / temps) with one full-size temporary instead of three."""
-    top = logits.amax(dim=-1, keepdim=True)
-    mass = (logits - top).div_(temps).exp_().sum(dim=-1, keepdim=True)
-    return top / temps + mass.log()
-
-
 def _cut(
     vals: torch.Tensor,
     ks: list[int],
     k_on: torch.Tensor,
+    any_k: bool,
     p: torch.Tensor,
     any_p: bool,
-    lse_full: torch.Tensor | None,
+    window_probs: torch.Tensor | None,
 ) -> tuple[torch.Tensor, bool]:
-    """Applies the cuts to a descending window; also says whether a kept token may lie past it."""
+    """Applies the cuts to a descending window; also says whether a kept token may lie past it.
+    `window_probs`: the window's probabilities over the whole row, for rows without top-k."""
     neg_inf = float("-inf")
     width = vals.shape[1]
     kth = vals.gather(1, torch.tensor(ks, device=vals.device).clamp(max=width).sub(1).unsqueeze(1))
@@ -256,10 +256,12 @@ def _cut(
     spilled = k_on.squeeze(1) & (vals[:, -1] > neg_inf)  # ties at the k-th value run past the window
     if any_p:
         p_on = p < 1.0
-        lse = torch.logsumexp(vals, dim=-1, keepdim=True)
-        if lse_full is not None:  # rows without top-k need the whole row's mass, not the window's
-            lse = torch.where(k_on, lse, lse_full)
-        cum = (vals - lse).exp().cumsum(dim=-1)
+        if window_probs is None:
+            cum = _prefix_masses(vals)
+        else:  # rows without top-k need the whole row's mass, not the window's
+            cum = window_probs.cumsum(dim=-1)
+            if any_k:
+                cum = torch.where(k_on, _prefix_masses(vals), cum)
         # Keep the smallest prefix whose mass reaches p: a token stays while the mass before it is < p.
         before = torch.nn.functional.pad(cum[:, :-1], (1, 0))
         n_keep = (before < p).sum(dim=-1, keepdim=True)
@@ -267,6 +269,17 @@ def _cut(
         vals = vals.masked_fill(vals < cut, neg_inf)
     spilled |= vals[:, -1] > neg_inf
     return vals, bool(spilled.any())
+
+
+def _prefix_masses(vals: torch.Tensor) -> torch.Tensor:
+    """Cumulative share of each row's mass over a descending window whose cut tokens are -inf.
+
+    The window is as wide as the batch's widest cut needs, so the total is the last prefix sum and not a
+    reduction over the window: a reduction's order, and so its rounding, changes with the width, while a
+    CPU cumsum adds a row's values one by one in order and the zeros past its cut change no sum. A row's
+    masses are then the same bits whatever its batch mates."""
+    cum = (vals - vals[:, :1]).exp().cumsum(dim=-1)
+    return cum / cum[:, -1:]
 
 
 # ---- randomness ---------------------------------------------------------------------------------------

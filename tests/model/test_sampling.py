@@ -415,3 +415,76 @@ def test_mixed_batch_keeps_greedy_rows_greedy() -> None:
 def test_rejects_mismatched_batch() -> None:
     with pytest.raises(ValueError):
         Sampler()(torch.zeros(2, 5), [req()])
+
+
+# ---- batch independence of the top-k / top-p cut -------------------------------------------------------
+
+
+def knife_edge_top_ps(row: torch.Tensor, k: int, temperature: float, n: int = 4) -> list[float]:
+    """top_p on and a few float32 steps either side of the row's first `n` cumulative masses (over its
+    top-k tokens, or the whole row when k is 0): where a rounding difference in the normalising total
+    moves the cut by one token."""
+    scaled = (row.topk(k).values if k else row) / temperature
+    masses = torch.softmax(scaled, -1).sort(descending=True).values.cumsum(-1)[:n]
+    ps = []
+    for mass in masses[masses < 1.0]:
+        lo = hi = mass
+        ps.append(float(mass))
+        for _ in range(3):
+            lo, hi = lo.nextafter(torch.tensor(0.0)), hi.nextafter(torch.tensor(1.0))
+            ps += [float(lo), float(hi)]
+    return [p for p in ps if 0.0 < p <= 1.0]
+
+
+def assert_alone_equals_batched(logits: torch.Tensor, rows: list[dict], mates: list[dict]) -> None:
+    """Each row sampled alone gives the same token and logprobs, bit for bit, as inside one batch with
+    all the other rows and the `mates` (each mate on its own random logits)."""
+    mate_logits = torch.randn(len(mates), logits.shape[1], generator=torch.Generator().manual_seed(31)) * 3
+    torch.manual_seed(0)
+    batched = Sampler()(
+        torch.cat([logits, mate_logits]), [req(**p) for p in rows] + [req(**p) for p in mates]
+    )
+    assert not batched.errors
+    sampled = set()
+    for i, params in enumerate(rows):
+        alone = Sampler()(logits[i : i + 1], [req(**params)])
+        assert (alone.token_ids[0], alone.logprobs[0]) == (batched.token_ids[i], batched.logprobs[i]), params
+        sampled.add(alone.token_ids[0])
+    assert len(sampled) > 1
+
+
+@pytest.mark.parametrize(
+    "mates",
+    [
+        [dict(top_k=50, top_p=0.95, temperature=1.3, seed=3), dict(temperature=0.0)],  # a wider window
+        [dict(top_p=0.8, seed=4), dict(top_k=0, temperature=0.7, logprobs=3)],  # top-p over whole rows
+    ],
+)
+def test_top_k_top_p_row_does_not_depend_on_batch_mates(mates: list[dict]) -> None:
+    """top_k 5 with top_p right at the edge of the row's own nucleus: the cut, the draw and the logprobs
+    come from the row alone, not from the window the batch's widest row needs."""
+    logits = torch.randn(64, 400, generator=torch.Generator().manual_seed(30)) * 2
+    rows, row_ids = [], []
+    for i in range(logits.shape[0]):
+        temperature = (0.7, 1.0, 1.3)[i % 3]
+        for p in knife_edge_top_ps(logits[i], 5, temperature):
+            rows.append(dict(top_k=5, top_p=p, temperature=temperature, seed=len(rows), logprobs=2))
+            row_ids.append(i)
+    assert_alone_equals_batched(logits[row_ids], rows, mates)
+
+
+def test_top_p_row_does_not_depend_on_batch_mates() -> None:
+    """Top-p alone normalises by the whole row. Over a large vocabulary a plain sum over a lone row can
+    be split across threads and round differently than in a batch; the row's total must not move."""
+    gen = torch.Generator().manual_seed(32)
+    rows_n, vocab = 32, 40_000
+    # A few likely tokens over a long tail, so the nucleus edges sit at masses of a few tenths.
+    logits = torch.randn(rows_n, vocab, generator=gen) - 9
+    likely = torch.randperm(vocab, generator=gen)[: 4 * rows_n].view(rows_n, 4)
+    logits.scatter_(1, likely, torch.tensor([2.0, 1.4, 0.9, 0.3]) + torch.rand(rows_n, 4, generator=gen) / 5)
+    rows, row_ids = [], []
+    for i in range(rows_n):
+        for p in knife_edge_top_ps(logits[i], 0, 1.0, n=3):
+            rows.append(dict(top_p=p, seed=len(rows)))
+            row_ids.append(i)
+    assert_alone_equals_batched(logits[row_ids], rows, [dict(top_k=5, top_p=0.9, seed=5)])
