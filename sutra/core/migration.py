@@ -90,7 +90,10 @@ class OutgoingMigration:
         if self.phase is not Phase.PAUSED:
             raise MigrationAborted(f"migration {self.migration_id} cannot commit in phase {self.phase.value}")
         self.phase = Phase.COMMITTED
-        return scheduler.release(self.request_id)
+        try:
+            return scheduler.release(self.request_id)
+        except ValueError as e:  # aborted by its client while paused: it is gone already
+            raise MigrationAborted(f"request {self.request_id!r} ended while paused ({e})") from e
 
     def abort(self, scheduler: Scheduler) -> None:
         """Call the move off: a paused request runs on here. Safe at any phase, and twice."""

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
@@ -31,6 +31,7 @@ from sutra.engine.client import (
     PromptRequest,
     RequestDelta,
     RequestInfo,
+    RequestMoved,
 )
 from sutra.engine.engine import LLMEngine
 from sutra.errors import InvalidRequestError, SutraError
@@ -38,6 +39,7 @@ from sutra.outputs import RequestOutput
 from sutra.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # After a step that could schedule nothing (every waiting client throttled, nothing fits), the loop
 # sleeps until an add or abort arrives, or this long, so that a reopening rate window is noticed.
@@ -85,6 +87,9 @@ class AsyncEngine:
         self._pending_adds: list[_Add] = []
         self._pending_aborts: list[str] = []
         self._wakeup = asyncio.Event()
+        # Held while engine state is changed outside a step: adds and aborts on the event loop, and
+        # between_steps() work on the step thread (which steps themselves never overlap).
+        self._between_steps = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sutra-step")
         self._task: asyncio.Task[None] | None = None
         self._draining = False
@@ -261,6 +266,59 @@ class AsyncEngine:
             return None
         return RequestInfo(stream.spec.client, stream.prompt_token_ids, stream.arrival_time)
 
+    # ---- requests that move to and from other instances (sutra/engine/migration_endpoint.py) -----
+    async def between_steps(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) on the step thread, so between two steps: never while one changes state."""
+        async with self._between_steps:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def stream_position(self, request_id: str) -> tuple[int, int]:
+        """(characters, tokens) of the request's single completion its stream has handed out."""
+        stream = self._streams[request_id]
+        return stream.sent_text[0], stream.sent_tokens[0]
+
+    def hand_off(self, request_id: str, destination: str) -> bool:
+        """The request lives on `destination` now: its stream here ends with RequestMoved. False if
+        its reader had already left (aborted): then the destination must drop it too."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return False
+        self._deliver(request_id, stream, RequestMoved(request_id, destination))
+        return True
+
+    def take_over(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        spec: RequestSpec,
+        sent_text: int,
+        sent_tokens: int,
+    ) -> None:
+        """Open the stream of a request arriving from another instance, continuing where the source's
+        stream stopped. Call just before the engine adopts it; `wake()` after."""
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._streams[request_id] = _Stream(
+            queue=asyncio.Queue(),
+            params=params,
+            spec=spec,
+            sent_text=[sent_text],
+            sent_tokens=[sent_tokens],
+            holdback=max((len(s) for s in params.stop), default=1) - 1,
+            admitted=asyncio.get_running_loop().create_future(),
+            prompt_token_ids=prompt_token_ids,
+            arrival_time=time.monotonic(),
+        )
+        self._streams[request_id].admitted.set_result(None)
+
+    def drop_stream(self, request_id: str) -> None:
+        """Forget a stream opened by take_over whose request never arrived."""
+        self._streams.pop(request_id, None)
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
     # ---- the loop --------------------------------------------------------------------------
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -270,7 +328,8 @@ class AsyncEngine:
                 await self._wait_for_work(idle)
                 idle = False
                 try:
-                    added = self._apply_pending()
+                    async with self._between_steps:  # no migration operation runs meanwhile
+                        added = self._apply_pending()
                     if added:
                         # The estimate replays the scheduler over the whole queue: off the event loop.
                         estimates = await loop.run_in_executor(self._executor, self._estimates, added)

@@ -63,6 +63,15 @@ class RequestInfo:
     arrival_time: float
 
 
+class RequestMoved(Exception):  # noqa: N818 - a signal to a stream's reader, not an error
+    """Ends a request's stream on one instance: it continues on `destination` (live migration)."""
+
+    def __init__(self, request_id: str, destination: str) -> None:
+        super().__init__(f"request {request_id} moved to {destination}")
+        self.request_id = request_id
+        self.destination = destination
+
+
 # (request id, prompt token ids, sampling params): one engine request.
 PromptRequest = tuple[str, list[int], SamplingParams]
 

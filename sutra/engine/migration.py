@@ -46,6 +46,10 @@ class MovedRequest:
     logprobs: list[TokenLogprobs] | None
     metrics: RequestMetrics
     detokenizer_state: tuple[list[int], int, int]
+    # What the source's stream had handed its reader (characters, tokens), so the destination's
+    # stream continues from there: nothing lost, nothing repeated.
+    sent_text: int = 0
+    sent_tokens: int = 0
 
     def to_request(self, eos_token_ids: frozenset[int]) -> Request:
         request = Request(
