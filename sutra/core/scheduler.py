@@ -171,6 +171,7 @@ class Scheduler:
             head_demand_blocks=0 if head is None else self.kv.blocks_needed(head.num_tokens),
             headroom_blocks=headroom_blocks,
             draining=draining,
+            num_preemptions=self.num_preemptions,
         )
 
     # ---- one iteration ---------------------------------------------------------------------

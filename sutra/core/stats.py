@@ -26,6 +26,7 @@ class InstanceLoad:
     head_demand_blocks: int  # blocks the head of the waiting queue needs to start
     headroom_blocks: int = 0  # kept free for high-priority requests
     draining: bool = False
+    num_preemptions: int = 0  # since start: a rise between two summaries means memory pressure
 
     @property
     def virtual_used_blocks(self) -> float:
