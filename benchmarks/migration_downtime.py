@@ -175,7 +175,8 @@ def main() -> None:
     blocks = (max(contexts) + 16 * (2 * args.reps + 2) + 64) // 16 + 8
     config = EngineConfig(
         ModelConfig(dtype=args.dtype, max_model_len=8192, num_threads=args.threads),
-        CacheConfig(num_blocks=blocks),
+        # No prefix cache: recompute must really recompute, not find the prompt cached from an earlier move.
+        CacheConfig(num_blocks=blocks, enable_prefix_caching=False),
     )
     engines = {"a": LLMEngine(config), "b": LLMEngine(config)}
     results = []

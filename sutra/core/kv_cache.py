@@ -208,6 +208,16 @@ class KVCacheManager:
             self._num_registered[request.request_id] = max(start, num_full)
         return True
 
+    # ---- KV that is read or written outside a step (migration) ----------------------------------
+    def pin(self, block_ids: list[int]) -> None:
+        """Keep blocks from being freed and reused while their KV is read off the step thread."""
+        for block_id in block_ids:
+            self.pool.share(self.pool.blocks[block_id])
+
+    def unpin(self, block_ids: list[int]) -> None:
+        for block_id in block_ids:
+            self.pool.release(self.pool.blocks[block_id])
+
     # ---- KV that arrives from elsewhere (migration, hand-off) -----------------------------------
     def reserve(self, num_blocks: int) -> list[int] | None:
         """Hold num_blocks fresh blocks for incoming KV; None (and nothing held) if too few are free."""

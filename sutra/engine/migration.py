@@ -83,15 +83,34 @@ class MigrationSource:
         )
         return self.engine.runner.kv_layout()
 
-    def stage(self, migration_id: str) -> KVBlocks | None:
-        """The next pre-copy stage's blocks, or None when it is time to pause."""
+    def next_stage(self, migration_id: str) -> list[int] | None:
+        """Block ids of the next pre-copy stage, pinned until `unpin` (so export() may read them
+        while steps run: full blocks never change), or None when it is time to pause."""
         mig = self._get(migration_id)
         try:
             block_ids = mig.next_stage(self.engine.scheduler)
         except MigrationAborted:
             self.abort(migration_id)
             raise
-        return None if block_ids is None else self.engine.runner.export_blocks(block_ids)
+        if block_ids is not None:
+            self.engine.kv.pin(block_ids)
+        return block_ids
+
+    def export(self, block_ids: list[int]) -> KVBlocks:
+        return self.engine.runner.export_blocks(block_ids)
+
+    def unpin(self, block_ids: list[int]) -> None:
+        self.engine.kv.unpin(block_ids)
+
+    def stage(self, migration_id: str) -> KVBlocks | None:
+        """next_stage, export and unpin in one call (all between steps)."""
+        block_ids = self.next_stage(migration_id)
+        if block_ids is None:
+            return None
+        try:
+            return self.export(block_ids)
+        finally:
+            self.unpin(block_ids)
 
     def pause(self, migration_id: str) -> tuple[MovedRequest, KVBlocks]:
         """Stop the request; return its state and the rest of its KV (the partial block included)."""
@@ -134,11 +153,20 @@ class MigrationTarget:
             raise MigrationAborted(f"request id {request_id!r} is already in use here")
         self.inbox.open(migration_id, request_id)
 
+    def reserve(self, migration_id: str, num_blocks: int) -> list[int]:
+        """Blocks for a stage's KV; refused (and the migration aborted) if blocks are short."""
+        return self.inbox.reserve(migration_id, num_blocks)
+
+    def write(self, migration_id: str, block_ids: list[int], blocks: KVBlocks) -> None:
+        """Write a stage's KV into its reserved blocks. No step reads a reserved block, so this may
+        run while steps do; if it raises, the caller aborts the migration (between steps)."""
+        self.engine.runner.import_blocks(block_ids, blocks)
+
     def stage(self, migration_id: str, blocks: KVBlocks) -> None:
-        """Reserve blocks for a stage's KV and write it; refused (and aborted) if blocks are short."""
-        block_ids = self.inbox.reserve(migration_id, blocks.n_blocks)
+        """reserve and write in one call (between steps)."""
+        block_ids = self.reserve(migration_id, blocks.n_blocks)
         try:
-            self.engine.runner.import_blocks(block_ids, blocks)
+            self.write(migration_id, block_ids, blocks)
         except Exception:
             self.abort(migration_id)
             raise

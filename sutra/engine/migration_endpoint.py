@@ -2,8 +2,10 @@
 driver that runs the protocol over any two endpoints (two AsyncEngines in one process, or two Ray
 instance actors whose methods have these names).
 
-Every engine operation runs between steps (AsyncEngine.between_steps), so the request keeps decoding
-on the source while its full blocks are copied, and the downtime is one short last stage: pause,
+Every change of engine state runs between steps (AsyncEngine.between_steps); the pre-copy stages'
+copies run beside the steps (on pinned full blocks at the source, which never change, and reserved
+blocks at the destination, which no step reads), so the request keeps decoding on the source while
+most of its KV is copied, and the downtime is one short last stage: pause,
 copy at most `last_stage_blocks` blocks plus the request's state, adopt on the destination, release
 on the source. The source's stream ends with RequestMoved(destination), and the destination's stream
 starts where it stopped, so a reader that follows the move sees every token once, in order.
@@ -11,6 +13,7 @@ starts where it stopped, so a reader that follows the move sees every token once
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -50,7 +53,14 @@ class MigrationEndpoint:
         return await self.aengine.between_steps(lambda: source.begin(request_id, migration_id, **limits))
 
     async def out_stage(self, migration_id: str) -> KVBlocks | None:
-        return await self.aengine.between_steps(self.engine.migration_source.stage, migration_id)
+        source = self.engine.migration_source
+        block_ids = await self.aengine.between_steps(source.next_stage, migration_id)
+        if block_ids is None:
+            return None
+        try:  # the copy runs beside the steps: the request keeps decoding meanwhile
+            return await asyncio.to_thread(source.export, block_ids)
+        finally:
+            await self.aengine.between_steps(source.unpin, block_ids)
 
     async def out_pause(self, migration_id: str) -> tuple[MovedRequest, KVBlocks]:
         moved, blocks = await self.aengine.between_steps(self.engine.migration_source.pause, migration_id)
@@ -78,7 +88,9 @@ class MigrationEndpoint:
         await self.aengine.between_steps(target.open, migration_id, request_id, layout)
 
     async def in_stage(self, migration_id: str, blocks: KVBlocks) -> None:
-        await self.aengine.between_steps(self.engine.migration_target.stage, migration_id, blocks)
+        target = self.engine.migration_target
+        block_ids = await self.aengine.between_steps(target.reserve, migration_id, blocks.n_blocks)
+        await asyncio.to_thread(target.write, migration_id, block_ids, blocks)
 
     async def in_commit(self, migration_id: str, moved: MovedRequest, blocks: KVBlocks) -> None:
         self.aengine.take_over(

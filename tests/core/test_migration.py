@@ -231,3 +231,14 @@ def test_the_destination_bounds_its_open_migrations_and_checks_ids():
         inbox.open("b", "r2")
     with pytest.raises(MigrationAborted, match="not open"):
         inbox.reserve("zzz", 1)
+
+
+def test_pinned_blocks_outlive_their_request_until_unpinned():
+    src = Instance()
+    request = running_request(src)
+    blocks = src.scheduler.kv.block_ids(request.request_id)[:2]
+    src.scheduler.kv.pin(blocks)  # a pre-copy stage reading them off the step thread
+    src.scheduler.abort_requests([request.request_id])
+    assert src.free == NUM_BLOCKS - 2  # not reusable while they are read
+    src.scheduler.kv.unpin(blocks)
+    assert src.free == NUM_BLOCKS
