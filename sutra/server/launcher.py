@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
+from sutra.cluster.dispatch import DEFAULT_DISPATCH, DISPATCH_POLICIES
+from sutra.config import EngineConfig
 from sutra.engine.async_engine import AsyncEngine
 from sutra.engine.client import EngineClient, EngineDrainingError
 from sutra.engine.engine import LLMEngine
@@ -23,6 +26,9 @@ from sutra.server.limits import add_limit_args, limits_from_args
 from sutra.server.metrics import ServerMetrics
 from sutra.server.request_log import enable_request_log
 from sutra.server.tenants import PriorityCaps, parse_priority_caps
+
+if TYPE_CHECKING:
+    from sutra.cluster.manager import Cluster
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
@@ -101,6 +107,43 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="with --log-requests (implied), also log each request's prompt and output text",
     )
     add_limit_args(parser)
+    add_cluster_args(parser)
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("many instances (Ray)")
+    g.add_argument(
+        "--instances",
+        type=_positive_int_arg,
+        default=1,
+        metavar="N",
+        help="engine instances behind this one server, each a Ray actor with its own copy of the model "
+        "and its own KV cache (the KV flags, and --max-waiting-requests, apply per instance); 1 (the "
+        "default) runs the engine in the server process, without Ray",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join this Ray cluster (e.g. auto, or HOST:6379) instead of starting a local one; the "
+        "instances then run on Ray even with --instances 1",
+    )
+    g.add_argument(
+        "--dispatch",
+        default=DEFAULT_DISPATCH,
+        choices=sorted(DISPATCH_POLICIES),
+        help="which instance takes each request: least-load (the freest KV cache, counting requests "
+        "sent since its load was last read), round-robin (in turn), or llumnix (freeness, as "
+        "least-load for now) (%(default)s)",
+    )
+    g.add_argument(
+        "--threads-per-instance",
+        type=_positive_int_arg,
+        default=None,
+        metavar="T",
+        help="torch threads of each instance (default: --num-threads if given, else this machine's "
+        "cores divided by --instances, at least 1)",
+    )
 
 
 def served_model_name(model: str | None, override: str | None) -> str:
@@ -143,6 +186,13 @@ def metrics_from_args(args: argparse.Namespace, model_name: str) -> ServerMetric
         return ServerMetrics(model_name, args.max_client_metric_series, args.client_metric_idle_s)
     except ValueError as e:
         raise SystemExit(f"error: --max-client-metric-series / --client-metric-idle-s: {e}") from None
+
+
+def _positive_int_arg(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def _seconds_arg(text: str) -> float:
@@ -206,34 +256,66 @@ class _Server(uvicorn.Server):
         return True  # uvicorn then lets their responses (now errors) go out, and stops
 
 
-def cmd_serve(args: argparse.Namespace, engine_config) -> None:
+def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     api_keys = parse_api_keys(args.api_key)
     priority_caps = priority_caps_from_args(args, api_keys)
     name = served_model_name(engine_config.model.model, args.served_model_name)
     metrics = metrics_from_args(args, name)  # checked before the model loads
-    engine = LLMEngine(engine_config)
-    state = ServerState(
-        engine=AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests),
-        model_name=name,
-        metrics=metrics,
-        api_keys=api_keys,
-        priority_caps=priority_caps,
-        limits=limits_from_args(args),
-    )
-    if args.log_requests or args.log_request_text:
-        enable_request_log(state.engine, include_text=args.log_request_text)
-    config = uvicorn.Config(
-        create_app(state),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-        # After the drain every response is complete or ending with an error; this bounds the wait
-        # for a connection that would not close.
-        timeout_graceful_shutdown=5,
-    )
+    limits = limits_from_args(args)
+    cluster = start_cluster(args, engine_config) if uses_cluster(args) else None
     try:
-        asyncio.run(_Server(config, state.engine, args.shutdown_timeout).serve())
-    except KeyboardInterrupt:
-        sys.exit(130)
+        if cluster is not None:
+            engine: EngineClient = cluster.client(args.dispatch)
+        else:
+            if args.threads_per_instance is not None:
+                logger.warning("--threads-per-instance applies to Ray instances only; use --num-threads")
+            engine = AsyncEngine(LLMEngine(engine_config), max_waiting_requests=args.max_waiting_requests)
+        state = ServerState(
+            engine=engine,
+            model_name=name,
+            metrics=metrics,
+            api_keys=api_keys,
+            priority_caps=priority_caps,
+            limits=limits,
+        )
+        if args.log_requests or args.log_request_text:
+            enable_request_log(state.engine, include_text=args.log_request_text)
+        config = uvicorn.Config(
+            create_app(state),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+            # After the drain every response is complete or ending with an error; this bounds the
+            # wait for a connection that would not close.
+            timeout_graceful_shutdown=5,
+        )
+        try:
+            asyncio.run(_Server(config, state.engine, args.shutdown_timeout).serve())
+        except KeyboardInterrupt:
+            sys.exit(130)
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def uses_cluster(args: argparse.Namespace) -> bool:
+    """Instances on Ray: more than one, or a Ray cluster to join."""
+    return args.instances > 1 or bool(args.ray_address)
+
+
+def start_cluster(args: argparse.Namespace, engine_config: EngineConfig) -> Cluster:
+    try:
+        from sutra.cluster.manager import Cluster  # imports Ray: only when it is used
+    except ImportError as e:
+        raise SystemExit(
+            f"error: --instances above 1 and --ray-address need Ray ({e}); pip install 'sutra[cluster]'"
+        ) from None
+    return Cluster.start(
+        engine_config,
+        args.instances,
+        threads_per_instance=args.threads_per_instance or engine_config.model.num_threads,
+        ray_address=args.ray_address,
+        max_waiting_requests=args.max_waiting_requests,
+    )

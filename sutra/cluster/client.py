@@ -1,0 +1,552 @@
+"""ClusterClient: the EngineClient (sutra/engine/client.py) in front of many engine instances on Ray.
+
+The server talks to it exactly as to a local AsyncEngine. Tokenization happens here, with the
+instances' own tokenizer (no weights are loaded in this process); everything else is the instances'.
+
+- Submit: the dispatch policy picks an instance from the latest loads (read from every instance about
+  every 100 ms) and all the prompts of one HTTP request go there together. An instance that refuses
+  because it is full or draining, or turns out dead, is skipped for the next one; a user error (an
+  invalid request) is raised as the instance raised it.
+- Progress: one pump task per instance long-polls it and routes each update to its request's stream by
+  request id, whichever instance sent it, so a request that moves between instances keeps its stream.
+  Listeners see each poll's deltas as they arrive.
+- Abort: routed to the instance that holds the request, batched per instance.
+- Failure: an instance that dies (or stops answering) is dropped from dispatch and its requests end
+  with EngineDeadError; the client is dead when every instance is.
+
+Every wait on an instance has a timeout, so a hung instance cannot hang the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import ray
+from ray.exceptions import ActorDiedError, RayActorError
+
+from sutra.cluster.dispatch import (
+    DEFAULT_DISPATCH,
+    DispatchPolicy,
+    DispatchRequest,
+    NoInstanceError,
+    make_dispatch_policy,
+)
+from sutra.cluster.messages import InstanceInfo, InstanceReport, Update
+from sutra.core.request import RequestSpec
+from sutra.core.stats import EngineStats, InstanceLoad
+from sutra.engine.client import (
+    EngineDeadError,
+    EngineDrainingError,
+    EngineListener,
+    EngineOverloadedError,
+    PromptRequest,
+    RequestDelta,
+    RequestInfo,
+)
+from sutra.model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Control calls (submit, abort): generous, since a busy instance answers only between its GIL turns.
+RPC_TIMEOUT_S = 30.0
+# Load reads are frequent and only advisory: a slow one is skipped, the last load stands.
+REPORT_TIMEOUT_S = 5.0
+LOAD_REFRESH_S = 0.1
+# How long an instance holds a poll open when it has nothing to send.
+POLL_WAIT_S = 1.0
+# Polls in a row without an answer before an instance counts as dead.
+MAX_MISSED_POLLS = 3
+# Streams that ended before their reader arrived, kept for it (bounded, as in AsyncEngine). Here a
+# request can even finish before its reader comes, since the reader waits on other calls first.
+_MAX_UNDELIVERED = 256
+
+
+@dataclass
+class _Instance:
+    instance_id: str
+    actor: Any  # a Ray actor handle of InstanceActor
+    info: InstanceInfo
+    report: InstanceReport | None = None
+    dead_reason: str | None = None
+    pending_aborts: list[str] = field(default_factory=list)
+    abort_task: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.dead_reason is None
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue[RequestDelta | BaseException | None]  # None: aborted
+    spec: RequestSpec
+    prompt_token_ids: list[int]
+    arrival_time: float
+    admitted: asyncio.Future[float | None]  # the completion estimate, once an instance holds it
+    instance_id: str | None = None  # the instance holding the request, once submitted there
+    estimate: tuple[float, float] | None = None  # (seconds, monotonic time made, on its instance)
+    reading: bool = False  # a reader has called stream()
+
+
+class ClusterClient:
+    """The EngineClient over InstanceActors; see the module docstring. One client per set of
+    instances: each instance's updates are consumed by whoever polls it."""
+
+    def __init__(
+        self,
+        actors: Mapping[str, Any],
+        infos: Mapping[str, InstanceInfo],
+        tokenizer: Tokenizer,
+        dispatch: DispatchPolicy | str = DEFAULT_DISPATCH,
+        *,
+        rpc_timeout_s: float = RPC_TIMEOUT_S,
+        report_timeout_s: float = REPORT_TIMEOUT_S,
+        load_refresh_s: float = LOAD_REFRESH_S,
+        poll_wait_s: float = POLL_WAIT_S,
+    ) -> None:
+        if not actors:
+            raise ValueError("a cluster client needs at least one instance")
+        self._instances = {i: _Instance(i, actor, infos[i]) for i, actor in actors.items()}
+        self.tokenizer = tokenizer
+        # Every instance runs the same model and config; the smallest limits are the safe ones.
+        self.max_model_len = min(info.max_model_len for info in infos.values())
+        self._max_request_tokens = min(info.max_request_tokens for info in infos.values())
+        self._block_size = min(info.block_size for info in infos.values())
+        self.dispatch = make_dispatch_policy(dispatch) if isinstance(dispatch, str) else dispatch
+        self.listeners: list[EngineListener] = []
+        self.rpc_timeout_s = rpc_timeout_s
+        self.report_timeout_s = report_timeout_s
+        self.load_refresh_s = load_refresh_s
+        self.poll_wait_s = poll_wait_s
+        self._streams: dict[str, _Stream] = {}
+        self._undelivered: dict[str, _Stream] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._draining = False
+        self._closed = False
+        self._dead_reason: str | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start polling the instances and reading their loads (on the running event loop)."""
+        if self._tasks or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        for inst in self._instances.values():
+            self._tasks.append(loop.create_task(self._pump(inst), name=f"sutra-pump-{inst.instance_id}"))
+        self._tasks.append(loop.create_task(self._refresh_loop(), name="sutra-load-refresh"))
+
+    async def shutdown(self) -> None:
+        """Stop polling; requests in flight end with EngineDeadError and are aborted on their
+        instances. The instances themselves belong to whoever created them (see manager.py)."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        # Aborts already queued still go out: their requests would otherwise run on for nobody.
+        flushing = [inst.abort_task for inst in self._instances.values() if inst.abort_task is not None]
+        if flushing:
+            await asyncio.wait(flushing)
+        self._dead_reason = "the engine has shut down"
+        by_instance: dict[str, list[str]] = {}
+        error = EngineDeadError(self._dead_reason)
+        for request_id, stream in list(self._streams.items()):
+            if stream.instance_id is not None:
+                by_instance.setdefault(stream.instance_id, []).append(request_id)
+            self._end_stream(request_id, error, tell_instance=False)
+        aborts = [
+            self._call(self._instances[i].actor.abort.remote(ids), self.rpc_timeout_s)
+            for i, ids in by_instance.items()
+            if self._instances[i].alive
+        ]
+        for result in await asyncio.gather(*aborts, return_exceptions=True):
+            if isinstance(result, Exception):
+                logger.warning("aborting requests at shutdown failed: %s", summarize_error(result))
+
+    @property
+    def max_request_tokens(self) -> int:
+        return self._max_request_tokens
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the cluster cannot serve (shut down, or every instance dead); None while it can."""
+        return self._dead_reason
+
+    @property
+    def is_draining(self) -> bool:
+        return self._draining
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (EngineDrainingError); those in flight carry on. Only sets
+        a flag, so a signal handler may call it."""
+        self._draining = True
+
+    def abort_all(self, error: Exception) -> int:
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._end_stream(request_id, error)
+        return len(request_ids)
+
+    # ---- what the cluster looks like -------------------------------------------------------
+    @property
+    def instance_ids(self) -> list[str]:
+        """The instances alive (dispatch chooses among them)."""
+        return [i for i, inst in self._instances.items() if inst.alive]
+
+    def instance_of(self, request_id: str) -> str | None:
+        """The instance holding a request in flight (None before its submit returned)."""
+        stream = self._streams.get(request_id)
+        return None if stream is None else stream.instance_id
+
+    def loads(self) -> dict[str, InstanceLoad]:
+        """The latest load of every instance alive that has reported one."""
+        return {
+            i: inst.report.load
+            for i, inst in self._instances.items()
+            if inst.alive and inst.report is not None
+        }
+
+    def stats(self) -> EngineStats:
+        """The sum of the instances' latest stats (at most ~100 ms old)."""
+        return EngineStats.total(
+            [inst.report.stats for inst in self._instances.values() if inst.alive and inst.report]
+        )
+
+    # ---- requests --------------------------------------------------------------------------
+    async def encode(self, prompt: str) -> list[int]:
+        """Tokenize in a worker thread, off the event loop."""
+        return await asyncio.to_thread(self.tokenizer.encode, prompt)
+
+    async def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> list[int]:
+        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
+
+    async def submit_many(self, requests: list[PromptRequest], spec: RequestSpec = RequestSpec()) -> None:
+        """Send the requests, all together and all or none, to the instance the dispatch policy
+        picks. Raises what the instance raised (InvalidRequestError, EngineOverloadedError), or
+        EngineOverloadedError when no instance could take them."""
+        if self._dead_reason is not None:
+            raise EngineDeadError(self._dead_reason)
+        if self._draining:
+            raise EngineDrainingError("the server is shutting down and takes no new requests; retry later")
+        seen: set[str] = set()
+        for request_id, _, _ in requests:
+            if request_id in self._streams or request_id in seen:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            seen.add(request_id)
+        if not self.loads():
+            await self._refresh_loads()  # before the first refresh: dispatch needs loads
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        # Registered before the call: the instance's first updates may arrive before its answer.
+        streams = {
+            request_id: _Stream(asyncio.Queue(), spec, prompt, now, loop.create_future())
+            for request_id, prompt, _ in requests
+        }
+        self._streams.update(streams)
+        try:
+            instance_id = await self._place(requests, spec)
+        except BaseException:
+            for request_id, stream in streams.items():
+                if self._streams.get(request_id) is stream:
+                    del self._streams[request_id]
+            raise
+        for request_id, stream in streams.items():
+            if self._streams.get(request_id) is stream:
+                stream.instance_id = instance_id
+            else:  # ended (abort_all, or it already finished) while the call was under way
+                self._send_abort(instance_id, request_id)
+
+    async def _place(self, requests: list[PromptRequest], spec: RequestSpec) -> str:
+        """Submit to one instance after another, as dispatch picks them, until one takes the
+        requests; returns its id."""
+        request = self._dispatch_request(requests)
+        tried: set[str] = set()
+        refusal: EngineOverloadedError | None = None
+        while True:
+            loads = {i: load for i, load in self.loads().items() if i not in tried}
+            try:
+                instance_id = self.dispatch.choose(loads, request)
+            except NoInstanceError as e:
+                if self._dead_reason is not None:
+                    raise EngineDeadError(self._dead_reason) from None
+                raise refusal or EngineOverloadedError(str(e)) from None
+            tried.add(instance_id)
+            inst = self._instances[instance_id]
+            try:
+                error = await self._call(inst.actor.submit_many.remote(requests, spec), self.rpc_timeout_s)
+            except ActorDiedError as e:
+                self._instance_died(inst, summarize_error(e))
+                continue
+            except (RayActorError, TimeoutError) as e:
+                # It may have queued them: make sure it lets them go, and let the client retry.
+                for request_id, _, _ in requests:
+                    self._send_abort(instance_id, request_id)
+                raise EngineOverloadedError(
+                    f"engine instance {instance_id} did not answer ({summarize_error(e)}); retry later"
+                ) from None
+            if error is None:
+                return instance_id
+            if isinstance(error, EngineOverloadedError):  # full or draining: another may have room
+                refusal = error
+                continue
+            if isinstance(error, EngineDeadError):  # its engine loop has stopped
+                self._instance_died(inst, str(error))
+                continue
+            raise error
+
+    def _dispatch_request(self, requests: list[PromptRequest]) -> DispatchRequest:
+        bs = self._block_size
+        return DispatchRequest(
+            num_requests=sum(params.n for _, _, params in requests),
+            num_prompt_tokens=sum(len(prompt) for _, prompt, _ in requests),
+            # n samples of one prompt share its blocks (prefix caching); +1: the first output token
+            demand_blocks=sum(-(-(len(prompt) + 1) // bs) for _, prompt, _ in requests),
+        )
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:
+        """Deltas of a submitted request until it finishes; leaving early aborts it."""
+        stream = self._streams.get(request_id) or self._undelivered.pop(request_id, None)
+        if stream is None:
+            raise EngineDeadError(self._dead_reason or f"request {request_id!r} is not in flight")
+        stream.reading = True
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if item is None:
+                    return  # aborted: nothing more will come
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        self._notify_abort(request_id)  # while listeners can still look the request up
+        del self._streams[request_id]
+        stream.queue.put_nowait(None)  # wakes a reader, which then ends
+        if not stream.admitted.done():
+            stream.admitted.set_result(None)
+        if stream.instance_id is not None:
+            self._send_abort(stream.instance_id, request_id)
+
+    async def estimated_finish(self, request_id: str) -> float | None:
+        """Seconds from admission until the request should finish, as its instance estimated when
+        it took the request (waits until then)."""
+        stream = self._streams.get(request_id)
+        return None if stream is None else await stream.admitted
+
+    def estimate_of(self, request_id: str) -> tuple[float, float] | None:
+        stream = self._streams.get(request_id)
+        return None if stream is None else stream.estimate
+
+    def request_info(self, request_id: str) -> RequestInfo | None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return None
+        return RequestInfo(stream.spec.client, stream.prompt_token_ids, stream.arrival_time)
+
+    # ---- progress from the instances -------------------------------------------------------
+    async def _pump(self, inst: _Instance) -> None:
+        """Long-poll one instance until it dies or the client shuts down."""
+        ack, missed = 0, 0
+        while inst.alive and not self._closed:
+            try:
+                updates = await self._call(
+                    inst.actor.poll.remote(ack, self.poll_wait_s), self.poll_wait_s + self.rpc_timeout_s
+                )
+            except ActorDiedError as e:
+                self._instance_died(inst, summarize_error(e))
+                return
+            except (RayActorError, TimeoutError) as e:  # unreachable for now, or slow: ask again
+                missed += 1
+                logger.warning("engine instance %s missed a poll: %s", inst.instance_id, summarize_error(e))
+                if missed >= MAX_MISSED_POLLS:
+                    self._instance_died(inst, f"it did not answer {missed} polls in a row", kill=True)
+                    return
+                continue
+            missed = 0
+            fresh = [u for u in updates if u.seq > ack]  # a repeat of a lost reply: skip what we have
+            if not fresh:
+                continue
+            ack = fresh[-1].seq
+            try:
+                self._route(fresh)
+            except Exception:  # a bug here must not stop the pump (every stream would hang)
+                logger.exception("routing updates of engine instance %s failed", inst.instance_id)
+
+    def _route(self, updates: list[Update]) -> None:
+        """Hand each update to its request's stream, in order; listeners see the deltas first."""
+        deltas = [u.delta for u in updates if u.kind == "delta" and u.request_id in self._streams]
+        if deltas:
+            for listener in self.listeners:
+                try:
+                    listener.on_step(self, deltas)
+                except Exception:
+                    logger.exception("engine listener %s failed on a step; skipped", type(listener).__name__)
+        for u in updates:
+            stream = self._streams.get(u.request_id)
+            if stream is None:
+                continue  # aborted (or ended) here already
+            if u.kind == "admitted":
+                stream.estimate = u.estimate
+                if not stream.admitted.done():
+                    stream.admitted.set_result(None if u.estimate is None else u.estimate[0])
+            elif u.kind == "delta":
+                assert u.delta is not None
+                if u.delta.finished:
+                    del self._streams[u.request_id]
+                    if not stream.admitted.done():
+                        stream.admitted.set_result(None)
+                    self._keep_for_reader(u.request_id, stream)
+                stream.queue.put_nowait(u.delta)
+            elif u.kind == "error":
+                self._end_stream(u.request_id, u.error or EngineDeadError("unknown"), tell_instance=False)
+            else:
+                error = EngineDeadError("the engine instance ended the request before it finished")
+                self._end_stream(u.request_id, error, tell_instance=False)
+
+    # ---- loads -----------------------------------------------------------------------------
+    async def _refresh_loop(self) -> None:
+        while not self._closed:
+            try:
+                await self._refresh_loads()
+            except Exception:
+                logger.exception("reading the instances' loads failed")
+            await asyncio.sleep(self.load_refresh_s)
+
+    async def _refresh_loads(self) -> None:
+        alive = [inst for inst in self._instances.values() if inst.alive]
+        mark = self.dispatch.mark()
+        results = await asyncio.gather(
+            *(self._call(inst.actor.report.remote(), self.report_timeout_s) for inst in alive),
+            return_exceptions=True,
+        )
+        refreshed: list[str] = []
+        for inst, result in zip(alive, results, strict=True):
+            if isinstance(result, ActorDiedError):
+                self._instance_died(inst, summarize_error(result))
+            elif isinstance(result, BaseException):
+                logger.debug("no load from engine instance %s: %s", inst.instance_id, summarize_error(result))
+            elif result.dead_reason is not None:
+                self._instance_died(inst, f"its engine loop stopped: {result.dead_reason}")
+            else:
+                inst.report = result
+                refreshed.append(inst.instance_id)
+        self.dispatch.loads_refreshed(refreshed, mark)
+
+    # ---- ending requests -------------------------------------------------------------------
+    def _instance_died(self, inst: _Instance, reason: str, kill: bool = False) -> None:
+        """Stop using an instance; its requests end with EngineDeadError."""
+        if not inst.alive:
+            return
+        inst.dead_reason = reason
+        logger.error("engine instance %s is dead: %s", inst.instance_id, reason)
+        self.dispatch.forget(inst.instance_id)
+        if kill:  # it may be alive but stuck: it must not go on computing for nobody
+            try:
+                ray.kill(inst.actor)
+            except Exception as e:
+                logger.warning("could not kill engine instance %s: %s", inst.instance_id, summarize_error(e))
+        # Failover (resubmitting by recompute elsewhere) would go here; for now the requests fail.
+        error = EngineDeadError(f"engine instance {inst.instance_id} died ({reason}); retry the request")
+        for request_id, stream in list(self._streams.items()):
+            if stream.instance_id == inst.instance_id:
+                self._end_stream(request_id, error, tell_instance=False)
+        if self._dead_reason is None and not any(i.alive for i in self._instances.values()):
+            self._dead_reason = f"every engine instance has died (the last, {inst.instance_id}: {reason})"
+
+    def _end_stream(self, request_id: str, error: BaseException, tell_instance: bool = True) -> None:
+        """The request ends with `error` (its reader raises it); with tell_instance, its instance
+        lets it go too."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        self._notify_abort(request_id)  # while listeners can still look the request up
+        del self._streams[request_id]
+        stream.queue.put_nowait(error)
+        if not stream.admitted.done():
+            stream.admitted.set_result(None)
+        self._keep_for_reader(request_id, stream)
+        if tell_instance and stream.instance_id is not None:
+            self._send_abort(stream.instance_id, request_id)
+
+    def _keep_for_reader(self, request_id: str, stream: _Stream) -> None:
+        if not stream.reading:  # its reader may be about to call stream(): keep the end for it
+            if len(self._undelivered) >= _MAX_UNDELIVERED:
+                del self._undelivered[next(iter(self._undelivered))]
+            self._undelivered[request_id] = stream
+
+    def _notify_abort(self, request_id: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener.on_abort(self, request_id)
+            except Exception:
+                logger.exception("engine listener %s failed on an abort; skipped", type(listener).__name__)
+
+    def _send_abort(self, instance_id: str, request_id: str) -> None:
+        """Queue an abort for the instance; one task per instance sends them in batches."""
+        inst = self._instances.get(instance_id)
+        if inst is None or not inst.alive or self._closed:
+            return
+        inst.pending_aborts.append(request_id)
+        if inst.abort_task is None or inst.abort_task.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop: nothing runs, so nothing to abort either
+                return
+            inst.abort_task = loop.create_task(self._flush_aborts(inst))
+
+    async def _flush_aborts(self, inst: _Instance) -> None:
+        while inst.pending_aborts and inst.alive:
+            request_ids, inst.pending_aborts = inst.pending_aborts, []
+            try:
+                await self._call(inst.actor.abort.remote(request_ids), self.rpc_timeout_s)
+            except ActorDiedError as e:
+                self._instance_died(inst, summarize_error(e))
+            except Exception as e:
+                logger.warning("aborting %d requests on %s failed: %s", len(request_ids), inst.instance_id, e)
+
+    @staticmethod
+    async def _call(ref: Awaitable[T], timeout_s: float) -> T:
+        """Await an actor call's result for at most timeout_s (TimeoutError). asyncio.wait, not
+        wait_for: before Python 3.12 wait_for can swallow a cancellation."""
+        future = asyncio.ensure_future(ref)
+        try:
+            done, _ = await asyncio.wait([future], timeout=timeout_s)
+        finally:
+            if not future.done():
+                future.cancel()
+        if not done:
+            raise TimeoutError(f"no answer within {timeout_s:g} s")
+        return future.result()
+
+
+def summarize_error(error: BaseException) -> str:
+    """A Ray error in one line: its first and last lines (between them its full text holds a
+    traceback and the actor's address; the last line says why, e.g. killed, or the exception)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+    return text[:300]

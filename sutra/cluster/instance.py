@@ -1,0 +1,207 @@
+"""InstanceActor: one engine instance (an LLMEngine and its AsyncEngine) in a Ray actor process.
+
+A plain class: the manager decorates it with `ray.remote` where it creates the actors, so this module
+imports no Ray and can be tested in-process. Ray runs it as an async actor (its methods are
+coroutines), so every method runs on the actor's event loop, the loop the AsyncEngine lives on; the
+engine's steps run on the AsyncEngine's step thread as they do in a single-process server.
+
+Progress leaves the actor by long-poll: per request, one task reads `AsyncEngine.stream(rid)` and
+another waits for its admission, both appending `Update`s to an outbox; `poll(ack, timeout_s)` drops
+what the front end has acknowledged and returns the rest, waiting up to timeout_s for something to
+return. One poll carries every update of a
+step, so the RPC count follows steps, not tokens.
+
+Errors a user can cause (SutraError: an invalid request, a full queue) are returned, not raised, so
+the front end re-raises the same type with the same message; Ray would wrap a raised one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+
+from sutra.cluster.messages import InstanceInfo, InstanceReport, Update, UpdateKind
+from sutra.config import EngineConfig
+from sutra.core.request import RequestSpec
+from sutra.core.stats import EngineStats, InstanceLoad
+from sutra.engine.async_engine import AsyncEngine
+from sutra.engine.client import EngineDeadError, PromptRequest
+from sutra.engine.engine import LLMEngine
+from sutra.errors import SutraError
+from sutra.model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class InstanceActor:
+    """One engine instance; see the module docstring. Not thread-safe: Ray calls it on one loop."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        engine_config: EngineConfig,
+        num_threads: int,
+        max_waiting_requests: int | None = None,
+    ) -> None:
+        # Ray sets OMP_NUM_THREADS=1 in actor processes, which torch would take as its default: the
+        # thread count is always explicit here.
+        torch.set_num_threads(num_threads)
+        config = dataclasses.replace(
+            engine_config, model=dataclasses.replace(engine_config.model, num_threads=num_threads)
+        )
+        self.instance_id = instance_id
+        self._init_error: SutraError | None = None
+        try:
+            self.engine = LLMEngine(config)
+        except SutraError as e:  # e.g. no such model: info() reports it as it is, rather than the
+            self._init_error = e  # actor dying with it wrapped in Ray's text; the manager then kills it
+            return
+        # Built here (its loop-bound parts bind on first use) but started in the first async call:
+        # the actor's loop runs only inside its async methods.
+        self._async = AsyncEngine(self.engine, max_waiting_requests=max_waiting_requests)
+        self._started = False
+        self._info = InstanceInfo(
+            instance_id=instance_id,
+            max_model_len=self.engine.max_model_len,
+            max_request_tokens=self.engine.max_request_tokens,
+            block_size=config.cache.block_size,
+            num_threads=torch.get_num_threads(),
+            pid=os.getpid(),
+            node=socket.gethostname(),
+        )
+        self._outbox: list[Update] = []
+        self._seq = 0
+        self._outbox_ready = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()  # per request: its reader and its admission
+        self._reading: set[str] = set()  # requests whose reader runs
+        self._aborted: set[str] = set()  # of those, the ones aborted here
+
+    def _engine(self) -> AsyncEngine:
+        if not self._started:
+            self._async.start()
+            self._started = True
+        return self._async
+
+    # ---- what the front end reads once -------------------------------------------------------------
+    async def info(self) -> InstanceInfo | SutraError:
+        """Answers once the engine is built (the manager waits on it for readiness), or with the
+        user error that stopped it being built."""
+        return self._init_error or self._info
+
+    async def tokenizer(self) -> Tokenizer:
+        """The instance's tokenizer, so the front end tokenizes exactly as the engine does without
+        loading the model's weights."""
+        return self.engine.tokenizer
+
+    # ---- requests ----------------------------------------------------------------------------------
+    async def submit_many(
+        self, requests: list[PromptRequest], spec: RequestSpec = RequestSpec()
+    ) -> SutraError | None:
+        """Queue the requests, all or none; returns the error that refused them, if one did."""
+        engine = self._engine()
+        try:
+            await engine.submit_many(requests, spec)
+        except SutraError as e:
+            return e
+        for request_id, _, _ in requests:
+            self._reading.add(request_id)
+            for coro in (self._forward(request_id), self._admission(request_id)):
+                task = asyncio.create_task(coro)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        return None
+
+    async def abort(self, request_ids: list[str]) -> None:
+        engine = self._engine()
+        for request_id in request_ids:
+            if request_id in self._reading:
+                self._aborted.add(request_id)
+            engine.abort(request_id)
+
+    async def poll(self, ack: int, timeout_s: float) -> list[Update]:
+        """Every update after `ack` (the last seq the caller received), waiting up to timeout_s when
+        there is none. Updates up to `ack` are dropped: the caller has them."""
+        self._engine()
+        if self._outbox and self._outbox[0].seq <= ack:
+            self._outbox = [u for u in self._outbox if u.seq > ack]
+        if not self._outbox:
+            self._outbox_ready.clear()
+            # asyncio.wait, not wait_for: before Python 3.12 wait_for can swallow a cancellation.
+            waiter = asyncio.ensure_future(self._outbox_ready.wait())
+            try:
+                await asyncio.wait([waiter], timeout=timeout_s)
+            finally:
+                waiter.cancel()
+        return list(self._outbox)
+
+    async def _forward(self, request_id: str) -> None:
+        """Feed one request's deltas, and how it ended, into the outbox."""
+        finished = False
+        try:
+            async for delta in self._async.stream(request_id):
+                finished = delta.finished
+                self._post(request_id, "delta", delta=delta)
+            if not finished:
+                self._post(request_id, "ended")  # aborted here
+        except SutraError as e:
+            if request_id in self._aborted:  # aborted before its reader started: not in flight
+                self._post(request_id, "ended")
+            else:
+                self._post(request_id, "error", error=e)
+        except Exception as e:  # not a user error: it may not even pickle, so it travels as text
+            logger.exception("request %s failed on instance %s", request_id, self.instance_id)
+            self._post(request_id, "error", error=EngineDeadError(f"the engine failed on this request: {e}"))
+        finally:
+            self._reading.discard(request_id)
+            self._aborted.discard(request_id)
+
+    async def _admission(self, request_id: str) -> None:
+        """Post the request's admission, with its completion estimate, once the engine takes it: the
+        engine publishes estimates before the step's outputs, so this comes before its deltas."""
+        engine = self._async
+        seconds = await engine.estimated_finish(request_id)
+        if seconds is None:
+            estimate = None
+        else:  # this host's clock, as are the request's metrics: the two compare wherever it runs
+            estimate = engine.estimate_of(request_id) or (seconds, time.monotonic())
+        self._post(request_id, "admitted", estimate=estimate)
+
+    def _post(self, request_id: str, kind: UpdateKind, **fields: Any) -> None:
+        self._seq += 1
+        self._outbox.append(Update(self._seq, request_id, kind, **fields))
+        self._outbox_ready.set()
+
+    # ---- state -------------------------------------------------------------------------------------
+    async def stats(self) -> EngineStats:
+        return self._engine().stats()
+
+    async def load(self) -> InstanceLoad:
+        """The load summary, taken between two steps."""
+        return await self._engine().load_summary()
+
+    async def report(self) -> InstanceReport:
+        """Load, stats and liveness in one call (what the front end refreshes every ~100 ms)."""
+        engine = self._engine()
+        load = await engine.load_summary()
+        return InstanceReport(load, engine.stats(), engine.num_in_flight, engine.dead_reason)
+
+    async def begin_drain(self) -> None:
+        """Take no new requests (submit_many returns EngineDrainingError); the load reports this
+        instance as draining, so dispatch sends it nothing. Requests in flight carry on."""
+        self._engine().begin_drain()
+
+    async def num_in_flight(self) -> int:
+        return self._engine().num_in_flight
+
+    async def shutdown(self) -> None:
+        """Stop the engine loop; requests in flight end with EngineDeadError."""
+        for task in list(self._tasks):
+            task.cancel()
+        await self._async.shutdown()
