@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from sutra.cluster.dispatch import (
     make_dispatch_policy,
 )
 from sutra.cluster.messages import InstanceInfo, InstanceReport, Update
+from sutra.cluster.migrator import Migrator
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.client import (
@@ -60,6 +62,8 @@ REPORT_TIMEOUT_S = 5.0
 LOAD_REFRESH_S = 0.1
 # How long an instance holds a poll open when it has nothing to send.
 POLL_WAIT_S = 1.0
+# Load reads between two rounds of the migration trigger (llumnix dispatch): every ~0.5 s.
+REBALANCE_EVERY = 5
 # Polls in a row without an answer before an instance counts as dead.
 MAX_MISSED_POLLS = 3
 # Streams that ended before their reader arrived, kept for it (bounded, as in AsyncEngine). Here a
@@ -92,6 +96,9 @@ class _Stream:
     instance_id: str | None = None  # the instance holding the request, once submitted there
     estimate: tuple[float, float] | None = None  # (seconds, monotonic time made, on its instance)
     reading: bool = False  # a reader has called stream()
+    # Updates sent by another instance than the holder: a move's destination can report progress
+    # before the source's "moved" arrives over the other pump. Replayed in order once it does.
+    early: list[tuple[str, Update]] = field(default_factory=list)  # (sender, update)
 
 
 class ClusterClient:
@@ -130,6 +137,8 @@ class ClusterClient:
         self._draining = False
         self._closed = False
         self._dead_reason: str | None = None
+        self.migrator = Migrator(self)
+        self.rebalance_every = REBALANCE_EVERY
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -210,6 +219,28 @@ class ClusterClient:
         """The instance holding a request in flight (None before its submit returned)."""
         stream = self._streams.get(request_id)
         return None if stream is None else stream.instance_id
+
+    def actor_of(self, instance_id: str) -> Any:
+        return self._instances[instance_id].actor
+
+    def requests_on(self, instance_id: str) -> list[str]:
+        """The requests in flight that instance holds."""
+        return [rid for rid, s in self._streams.items() if s.instance_id == instance_id]
+
+    async def call(self, ref: Awaitable[T], timeout_s: float) -> T:
+        """An instance call's result, within timeout_s; a dead instance is dropped from the cluster."""
+        return await self._call(ref, timeout_s)
+
+    async def begin_drain_instance(self, instance_id: str) -> None:
+        """The instance takes no new requests (its load says draining, so dispatch skips it)."""
+        inst = self._instances[instance_id]
+        await self._call(inst.actor.begin_drain.remote(), self.rpc_timeout_s)
+        await self._refresh_loads()
+
+    async def retire(self, instance_id: str) -> None:
+        """Stop using an instance and kill its actor (after a drain); its requests left end."""
+        inst = self._instances[instance_id]
+        self._instance_died(inst, "retired by the operator", kill=True)
 
     def loads(self) -> dict[str, InstanceLoad]:
         """The latest load of every instance alive that has reported one."""
@@ -391,12 +422,33 @@ class ClusterClient:
                 continue
             ack = fresh[-1].seq
             try:
-                self._route(fresh)
+                self._route(fresh, inst.instance_id)
             except Exception:  # a bug here must not stop the pump (every stream would hang)
                 logger.exception("routing updates of engine instance %s failed", inst.instance_id)
 
-    def _route(self, updates: list[Update]) -> None:
-        """Hand each update to its request's stream, in order; listeners see the deltas first."""
+    def _route(self, updates: list[Update], sender: str) -> None:
+        """Hand each update to its request's stream, in order; updates for a request another
+        instance holds wait until it moves to their sender; listeners see the deltas first."""
+        ready: list[Update] = []
+        pending = deque((sender, u) for u in updates)
+        while pending:
+            source, u = pending.popleft()
+            stream = self._streams.get(u.request_id)
+            if stream is None:
+                if u.kind == "moved" and u.destination is not None:  # aborted while it moved
+                    self._send_abort(u.destination, u.request_id)
+                continue
+            if stream.instance_id is not None and stream.instance_id != source:
+                stream.early.append((source, u))
+                continue
+            ready.append(u)
+            if u.kind == "moved" and u.destination is not None:
+                stream.instance_id = u.destination
+                waiting, stream.early = stream.early, []
+                pending.extendleft(reversed(waiting))  # next in line: they came after the move
+        self._deliver(ready)
+
+    def _deliver(self, updates: list[Update]) -> None:
         deltas = [u.delta for u in updates if u.kind == "delta" and u.request_id in self._streams]
         if deltas:
             for listener in self.listeners:
@@ -422,18 +474,35 @@ class ClusterClient:
                 stream.queue.put_nowait(u.delta)
             elif u.kind == "error":
                 self._end_stream(u.request_id, u.error or EngineDeadError("unknown"), tell_instance=False)
+            elif u.kind == "moved":
+                pass  # the new holder was noted in _route
             else:
                 error = EngineDeadError("the engine instance ended the request before it finished")
                 self._end_stream(u.request_id, error, tell_instance=False)
 
     # ---- loads -----------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
+        rounds = 0
+        rebalancing: asyncio.Task[int] | None = None
         while not self._closed:
             try:
                 await self._refresh_loads()
             except Exception:
                 logger.exception("reading the instances' loads failed")
+            rounds += 1
+            if self.dispatch.migrates and rounds % self.rebalance_every == 0:
+                if rebalancing is None or rebalancing.done():
+                    rebalancing = asyncio.create_task(self._rebalance())
             await asyncio.sleep(self.load_refresh_s)
+        if rebalancing is not None:
+            rebalancing.cancel()
+
+    async def _rebalance(self) -> int:
+        try:
+            return await self.migrator.rebalance()
+        except Exception:
+            logger.exception("a rebalancing round failed")
+            return 0
 
     async def _refresh_loads(self) -> None:
         alive = [inst for inst in self._instances.values() if inst.alive]

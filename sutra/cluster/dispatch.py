@@ -46,6 +46,7 @@ class DispatchPolicy(ABC):
     """Chooses an instance for each request, from the latest loads of the instances alive."""
 
     name: str = ""
+    migrates: bool = False  # the cluster runs the migration trigger (cluster/rebalance.py) for it
 
     def __init__(self) -> None:
         self._seq = 0  # dispatches so far
@@ -138,6 +139,7 @@ class LlumnixPolicy(LeastLoadPolicy):
     requests between them, plug in here."""
 
     name = "llumnix"
+    migrates = True
 
 
 DISPATCH_POLICIES: dict[str, Callable[[], DispatchPolicy]] = {

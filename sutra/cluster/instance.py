@@ -27,17 +27,31 @@ from typing import Any
 
 import torch
 
-from sutra.cluster.messages import InstanceInfo, InstanceReport, Update, UpdateKind
+from sutra.cluster.messages import InstanceInfo, InstanceReport, MigrationReply, Update, UpdateKind
 from sutra.config import EngineConfig
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.async_engine import AsyncEngine
-from sutra.engine.client import EngineDeadError, PromptRequest
+from sutra.engine.client import EngineDeadError, PromptRequest, RequestMoved
 from sutra.engine.engine import LLMEngine
+from sutra.engine.migration_endpoint import MigrationEndpoint
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+MIGRATION_OPS = frozenset(
+    {
+        "out_begin",
+        "out_stage",
+        "out_pause",
+        "out_commit",
+        "out_abort",
+        "in_open",
+        "in_stage",
+        "in_commit",
+        "in_abort",
+    }
+)
 
 
 class InstanceActor:
@@ -66,6 +80,7 @@ class InstanceActor:
         # Built here (its loop-bound parts bind on first use) but started in the first async call:
         # the actor's loop runs only inside its async methods.
         self._async = AsyncEngine(self.engine, max_waiting_requests=max_waiting_requests)
+        self._migration = MigrationEndpoint(self._async)
         self._started = False
         self._info = InstanceInfo(
             instance_id=instance_id,
@@ -111,12 +126,16 @@ class InstanceActor:
         except SutraError as e:
             return e
         for request_id, _, _ in requests:
-            self._reading.add(request_id)
-            for coro in (self._forward(request_id), self._admission(request_id)):
-                task = asyncio.create_task(coro)
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            self._start_forwarding(request_id, admission=True)
         return None
+
+    def _start_forwarding(self, request_id: str, admission: bool) -> None:
+        self._reading.add(request_id)
+        coros = [self._forward(request_id)] + ([self._admission(request_id)] if admission else [])
+        for coro in coros:
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def abort(self, request_ids: list[str]) -> None:
         engine = self._engine()
@@ -150,6 +169,8 @@ class InstanceActor:
                 self._post(request_id, "delta", delta=delta)
             if not finished:
                 self._post(request_id, "ended")  # aborted here
+        except RequestMoved as moved:
+            self._post(request_id, "moved", destination=moved.destination)
         except SutraError as e:
             if request_id in self._aborted:  # aborted before its reader started: not in flight
                 self._post(request_id, "ended")
@@ -172,6 +193,25 @@ class InstanceActor:
         else:  # this host's clock, as are the request's metrics: the two compare wherever it runs
             estimate = engine.estimate_of(request_id) or (seconds, time.monotonic())
         self._post(request_id, "admitted", estimate=estimate)
+
+    # ---- live migration (sutra/engine/migration_endpoint.py; the driver is cluster/migrator.py) -----
+    async def migration(self, op: str, *args: Any) -> MigrationReply:
+        """One step of a migration, as this instance's MigrationEndpoint names it."""
+        if op not in MIGRATION_OPS:
+            raise ValueError(f"unknown migration step {op!r}")
+        self._engine()
+        try:
+            value = await getattr(self._migration, op)(*args)
+        except SutraError as e:  # MigrationAborted, a KV layout mismatch, a bad request id
+            return MigrationReply(error=e)
+        if op == "in_commit":  # the request runs here now: its progress leaves by this outbox
+            self._start_forwarding(args[1].request_id, admission=False)
+        return MigrationReply(value)
+
+    async def migration_candidate(self) -> str | None:
+        """The request to move when this instance must shed load: the decoding one that holds the
+        fewest blocks (cheapest to move; Llumnix's default)."""
+        return await self._engine().between_steps(self.engine.migration_source.candidate)
 
     def _post(self, request_id: str, kind: UpdateKind, **fields: Any) -> None:
         self._seq += 1

@@ -4,7 +4,7 @@ are (deltas, EngineStats and InstanceLoad are plain data too)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.client import RequestDelta
@@ -37,8 +37,9 @@ class InstanceReport:
 
 # admitted: the engine took the request (`estimate` is its completion estimate, if one was made);
 # delta: progress; error: the request ended with `error`; ended: the instance ended the request
-# without finishing it (it was aborted there).
-UpdateKind = Literal["admitted", "delta", "error", "ended"]
+# without finishing it (it was aborted there); moved: the request continues on `destination` (live
+# migration), whose updates for it follow from there.
+UpdateKind = Literal["admitted", "delta", "error", "ended", "moved"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +58,13 @@ class Update:
     delta: RequestDelta | None = None
     error: SutraError | None = None
     estimate: tuple[float, float] | None = None  # (seconds from admission, monotonic time made)
+    destination: str | None = None  # where a moved request went
+
+
+@dataclass(frozen=True)
+class MigrationReply:
+    """The answer to one migration step on an instance: its value, or the error that called the
+    migration off (returned, not raised, so the driver sees MigrationAborted as such)."""
+
+    value: Any = None
+    error: SutraError | None = None

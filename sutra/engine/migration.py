@@ -83,6 +83,19 @@ class MigrationSource:
         )
         return self.engine.runner.kv_layout()
 
+    def candidate(self) -> str | None:
+        """The running single-sample request past its prefill with the fewest blocks, if any."""
+        engine = self.engine
+        moving = {m.request_id for m in self.outgoing.values()}
+        decoding = [
+            r
+            for r in engine.scheduler.running
+            if not r.is_prefilling and r.request_id not in moving and engine.num_samples(r.request_id) == 1
+        ]
+        if not decoding:
+            return None
+        return min(decoding, key=lambda r: len(engine.kv.block_ids(r.request_id))).request_id
+
     def next_stage(self, migration_id: str) -> list[int] | None:
         """Block ids of the next pre-copy stage, pinned until `unpin` (so export() may read them
         while steps run: full blocks never change), or None when it is time to pause."""
