@@ -52,6 +52,7 @@ class Follower:
         self.where = where
         self.times: list[float] = []  # arrival time of each token
         self.tokens: list[int] = []
+        self.moves: list[int] = []  # token counts when the stream followed a move
         self.task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -65,6 +66,7 @@ class Follower:
                 return
             except RequestMoved as moved:
                 self.where = moved.destination
+                self.moves.append(len(self.tokens))
 
     async def wait_tokens(self, n: int) -> None:
         while len(self.tokens) < n:
@@ -72,9 +74,17 @@ class Follower:
                 raise RuntimeError(f"the request ended after {len(self.tokens)} tokens")
             await asyncio.sleep(0.002)
 
-    def gap_since(self, start: float, first_index: int) -> float:
-        """Longest gap between tokens from `start` until the token after index first_index arrived."""
-        stamps = [start] + [t for t in self.times[first_index:] if t >= start]
+    async def first_token_after_move(self, num_moves: int) -> int:
+        """The index of the first token that came from the destination of move number num_moves."""
+        while len(self.moves) < num_moves or len(self.tokens) <= self.moves[num_moves - 1]:
+            if self.task.done():
+                raise RuntimeError("the request ended before a token came from its destination")
+            await asyncio.sleep(0.002)
+        return self.moves[num_moves - 1]
+
+    def gap_since(self, start: float, last_index: int) -> float:
+        """Longest gap between tokens from `start` until token last_index arrived."""
+        stamps = [start] + [t for t in self.times[: last_index + 1] if t >= start]
         return max(b - a for a, b in zip(stamps, stamps[1:], strict=False))
 
 
@@ -108,10 +118,10 @@ async def run_context(engines: dict[str, LLMEngine], context: int, reps: int, ri
             result = await migrate(ends[where], ends[other], rid, f"{rid}-{i}", other, **limits)
             if not result.migrated:
                 raise RuntimeError(f"{method} migration at {context} tokens failed: {result.reason}")
-            await follower.wait_tokens(n + 2)
+            first_there = await follower.first_token_after_move(i + 1)
             rows[method].append(
                 {
-                    "downtime_s": follower.gap_since(start, n),
+                    "downtime_s": follower.gap_since(start, first_there),
                     "stall_s": result.downtime_s,
                     "stages": result.stages,
                     "mib": result.bytes_copied / 2**20,
