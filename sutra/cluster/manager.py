@@ -10,6 +10,7 @@ small: no dashboard, a 512 MiB object store (only small deltas and stats cross i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -85,11 +86,13 @@ class Cluster:
         infos: dict[str, InstanceInfo],
         tokenizer: Tokenizer,
         owns_ray: bool,
+        make_actor: Any = None,  # () -> actor handle of a new instance, for add_instance
     ) -> None:
         self.actors = actors
         self.infos = infos
         self.tokenizer = tokenizer
         self._owns_ray = owns_ray
+        self._make_actor = make_actor
         self._closed = False
 
     @classmethod
@@ -113,13 +116,14 @@ class Cluster:
         threads = threads_per_instance or default_threads_per_instance(num_instances)
         owns_ray = connect_ray(ray_address, object_store_memory)
         actor_class = ray.remote(num_cpus=0, max_restarts=0)(InstanceActor)
+
+        def make_actor(instance_id: str) -> Any:
+            return actor_class.remote(instance_id, engine_config, threads, max_waiting_requests)
+
         actors: dict[str, Any] = {}
         try:
             for k in range(num_instances):
-                instance_id = f"i{k}"
-                actors[instance_id] = actor_class.remote(
-                    instance_id, engine_config, threads, max_waiting_requests
-                )
+                actors[f"i{k}"] = make_actor(f"i{k}")
             infos = _wait_ready(actors, ready_timeout_s)
             first = next(iter(actors.values()))
             tokenizer = ray.get(first.tokenizer.remote(), timeout=RPC_TIMEOUT_S)
@@ -134,7 +138,27 @@ class Cluster:
             threads,
             ", ".join(f"{i} (pid {info.pid} on {info.node})" for i, info in infos.items()),
         )
-        return cls(actors, infos, tokenizer, owns_ray)
+        return cls(actors, infos, tokenizer, owns_ray, make_actor)
+
+    def add_instance(self, ready_timeout_s: float = READY_TIMEOUT_S) -> tuple[str, Any, InstanceInfo]:
+        """Start one more instance with the same model and settings; returns (id, actor, info) once
+        it is ready (ClusterClient.add_instance then puts it to work)."""
+        if self._make_actor is None or self._closed:
+            raise ClusterStartError("this cluster cannot start instances")
+        instance_id = f"i{len(self.actors)}"
+        actor = self._make_actor(instance_id)
+        try:
+            info = _wait_ready({instance_id: actor}, ready_timeout_s)[instance_id]
+        except BaseException:
+            _kill({instance_id: actor})
+            raise
+        self.actors[instance_id] = actor
+        self.infos[instance_id] = info
+        return instance_id, actor, info
+
+    async def add_instance_async(self) -> tuple[str, Any, InstanceInfo]:
+        """add_instance off the event loop (building an engine takes seconds)."""
+        return await asyncio.to_thread(self.add_instance)
 
     def client(self, dispatch: DispatchPolicy | str = DEFAULT_DISPATCH, **options: Any) -> ClusterClient:
         """The EngineClient over the instances (options: ClusterClient's timeouts and periods)."""

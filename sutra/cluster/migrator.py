@@ -82,7 +82,7 @@ class Migrator:
                 result = await migrate(src, dst, request_id, mid, destination, **limits)
             except Exception as e:  # an instance died or timed out: the call-off ran; report it
                 logger.warning("migration of %s from %s to %s failed: %s", request_id, source, destination, e)
-                result = MigrationResult(migrated=False, reason=f"{type(e).__name__}: {e}")
+                result = MigrationResult(migrated=False, reason=f"{type(e).__name__}: {e}", failed=True)
         finally:
             self.busy -= {source, destination}
         if result.migrated:

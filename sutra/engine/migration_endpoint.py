@@ -122,6 +122,11 @@ class MigrationResult:
     bytes_copied: int = 0
     downtime_s: float = 0.0  # from the pause to the destination holding the request
     reason: str = ""  # why it was called off
+    failed: bool = False  # called off by a fault (an instance died or timed out), not a refusal
+
+    @property
+    def outcome(self) -> str:
+        return "migrated" if self.migrated else "failed" if self.failed else "aborted"
 
 
 async def migrate(

@@ -8,6 +8,7 @@ import secrets
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from sutra.server.admin import admin_key_matches, install_admin_routes, is_admin_path
 from sutra.server.body_limit import BodySizeLimit
 from sutra.server.chat import create_chat_completion
 from sutra.server.common import ServerState
@@ -27,13 +28,28 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Sutra", lifespan=lifespan)
     app.state.sutra = state
     install_error_handlers(app)
+    migrator = getattr(state.engine, "migrator", None)  # a cluster of instances
+    if migrator is not None:
+        cluster_metrics = state.metrics.enable_cluster()
+        migrator.listeners.append(
+            lambda r: cluster_metrics.observe_migration(r.outcome, r.downtime_s, r.bytes_copied)
+        )
+        if state.admin_key:
+            install_admin_routes(app, state.engine, state.cluster)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         # Keys guard every route (the API, /docs, /redoc, /openapi.json, unknown paths) but /health and
         # /metrics, open for probes and scrapers as in vLLM. The path is the ASGI scope's, the one the
         # router matches: request.url is rebuilt from the Host header (CVE-2026-48710, `Host: x?`).
-        if state.api_keys and request.scope["path"] not in OPEN_PATHS:
+        path = request.scope["path"]
+        if is_admin_path(path):  # the admin key alone opens /admin, and nothing else
+            if not state.admin_key or not admin_key_matches(
+                request.headers.get("authorization", ""), state.admin_key
+            ):
+                return APIError(401, "Incorrect admin key provided.", code="invalid_admin_key").response()
+            return await call_next(request)
+        if state.api_keys and path not in OPEN_PATHS:
             tenant = _tenant_of(request.headers.get("authorization", ""), state.api_keys)
             if tenant is None:
                 return APIError(
@@ -60,6 +76,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         state.metrics.observe_state(state.engine.stats())
+        if state.metrics.cluster is not None:
+            state.metrics.cluster.observe_instances(state.engine.instance_stats(), state.engine.loads())
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -31,6 +32,8 @@ class ServerState:
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
     limits: RequestLimits = field(default_factory=RequestLimits)
     priority_caps: PriorityCaps = field(default_factory=PriorityCaps)
+    admin_key: str | None = None  # opens /admin (servers with Ray instances)
+    cluster: Any = None  # sutra.cluster.manager.Cluster when the instances run on Ray
     created: int = field(default_factory=lambda: int(time.time()))
 
     def check_model(self, model: str | None) -> None:

@@ -133,8 +133,8 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_DISPATCH,
         choices=sorted(DISPATCH_POLICIES),
         help="which instance takes each request: least-load (the freest KV cache, counting requests "
-        "sent since its load was last read), round-robin (in turn), or llumnix (freeness, as "
-        "least-load for now) (%(default)s)",
+        "sent since its load was last read), round-robin (in turn), or llumnix (freeness-based "
+        "dispatch plus live migration between instances to balance them) (%(default)s)",
     )
     g.add_argument(
         "--threads-per-instance",
@@ -143,6 +143,13 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="torch threads of each instance (default: --num-threads if given, else this machine's "
         "cores divided by --instances, at least 1)",
+    )
+    g.add_argument(
+        "--admin-key",
+        default=None,
+        metavar="KEY",
+        help="turn on the operator routes under /admin (list instances, migrate a request, drain, add an "
+        "instance), answering only to this bearer key; for servers with Ray instances",
     )
 
 
@@ -268,6 +275,8 @@ def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
         if cluster is not None:
             engine: EngineClient = cluster.client(args.dispatch)
         else:
+            if args.admin_key:
+                logger.warning("--admin-key applies to servers with Ray instances (--instances above 1)")
             if args.threads_per_instance is not None:
                 logger.warning("--threads-per-instance applies to Ray instances only; use --num-threads")
             engine = AsyncEngine(LLMEngine(engine_config), max_waiting_requests=args.max_waiting_requests)
@@ -276,6 +285,8 @@ def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
             model_name=name,
             metrics=metrics,
             api_keys=api_keys,
+            admin_key=args.admin_key,
+            cluster=cluster,
             priority_caps=priority_caps,
             limits=limits,
         )

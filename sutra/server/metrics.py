@@ -21,6 +21,7 @@ from prometheus_client import (
 from sutra.core.stats import EngineStats
 from sutra.engine.client import EngineClient, RequestDelta
 from sutra.server.client_series import DEFAULT_IDLE_S, DEFAULT_MAX_SERIES, ClientSeries
+from sutra.server.cluster_metrics import ClusterMetrics
 
 # `*_created` timestamps double the output and no dashboard reads them (vLLM turns them off too).
 disable_created_metrics()
@@ -120,6 +121,7 @@ class ServerMetrics:
             (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0),
         )
         self._seen_preemptions = 0
+        self.cluster: ClusterMetrics | None = None  # per-instance families, when serving a cluster
         self._progress: dict[str, _Progress] = {}
 
     # ---- EngineListener --------------------------------------------------------------------
@@ -177,6 +179,11 @@ class ServerMetrics:
                 family.remove(self._labels["model_name"], client)
             except KeyError:  # this family never saw the client
                 pass
+
+    def enable_cluster(self) -> ClusterMetrics:
+        if self.cluster is None:
+            self.cluster = ClusterMetrics(self.registry, self._labels["model_name"])
+        return self.cluster
 
     def observe_state(self, stats: EngineStats) -> None:
         self.clients.expire()
