@@ -1,4 +1,5 @@
-"""The server through the official `openai` client, sync and async, streaming and not."""
+"""The server through the official `openai` client, sync and async, streaming and not: every test
+runs against one engine and against two engine instances on Ray behind the same server."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import openai
 import pytest
 
 from tests.engine.reference import hf_greedy, hf_model
+from tests.server_process import run_server
 
 pytestmark = pytest.mark.slow
 
@@ -15,27 +17,38 @@ PROMPT = "The capital of Japan is"
 QUESTION = [{"role": "user", "content": "What is the capital of Japan?"}]
 
 
-@pytest.fixture(scope="module")
-def client(sutra_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{sutra_server.base_url}/v1", api_key="unused", max_retries=0)
+@pytest.fixture(scope="module", params=["one-engine", pytest.param("two-instances", marks=pytest.mark.ray)])
+def api_server(request, sutra_server):
+    if request.param == "one-engine":
+        yield sutra_server
+        return
+    pytest.importorskip("ray")
+    args = ["--dtype", "float32", "--num-kv-blocks", "512", "--instances", "2", "--threads-per-instance", "1"]
+    with run_server(*args) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def aclient(sutra_server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{sutra_server.base_url}/v1", api_key="unused", max_retries=0)
+def client(api_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api_server.base_url}/v1", api_key="unused", max_retries=0)
 
 
-def test_models_lists_the_served_model(client, sutra_server):
+@pytest.fixture(scope="module")
+def aclient(api_server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{api_server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model(client, api_server):
     models = client.models.list().data
-    assert [m.id for m in models] == [sutra_server.model] == ["SmolLM2-135M-Instruct"]
+    assert [m.id for m in models] == [api_server.model] == ["SmolLM2-135M-Instruct"]
 
 
-def test_greedy_completion_matches_transformers(client, sutra_server, smollm2_hf_tokenizer):
+def test_greedy_completion_matches_transformers(client, api_server, smollm2_hf_tokenizer):
     """Token-identical to Hugging Face transformers' greedy decoding on the same (float32) weights."""
     prompt_ids = smollm2_hf_tokenizer.encode(PROMPT)
     expected_ids, _ = hf_greedy(hf_model(), prompt_ids, 24)
     out = client.completions.create(
-        model=sutra_server.model, prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        model=api_server.model, prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
     )
     assert out.choices[0].text == smollm2_hf_tokenizer.decode(expected_ids)
     assert out.usage.prompt_tokens == len(prompt_ids)
@@ -44,13 +57,13 @@ def test_greedy_completion_matches_transformers(client, sutra_server, smollm2_hf
     assert out.choices[0].finish_reason == "length"
 
 
-def test_token_id_prompt_and_batch_of_prompts(client, sutra_server, smollm2_hf_tokenizer):
+def test_token_id_prompt_and_batch_of_prompts(client, api_server, smollm2_hf_tokenizer):
     ids = smollm2_hf_tokenizer.encode(PROMPT)
-    by_ids = client.completions.create(model=sutra_server.model, prompt=ids, max_tokens=6, temperature=0)
-    by_text = client.completions.create(model=sutra_server.model, prompt=PROMPT, max_tokens=6, temperature=0)
+    by_ids = client.completions.create(model=api_server.model, prompt=ids, max_tokens=6, temperature=0)
+    by_text = client.completions.create(model=api_server.model, prompt=PROMPT, max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
     batch = client.completions.create(
-        model=sutra_server.model,
+        model=api_server.model,
         prompt=[PROMPT, "Once upon a time"],
         max_tokens=6,
         temperature=0,
@@ -65,9 +78,9 @@ def test_token_id_prompt_and_batch_of_prompts(client, sutra_server, smollm2_hf_t
     assert batch.usage.prompt_tokens == prompt_lens  # each prompt once, not once per choice
 
 
-def test_chat_greedy_answer(client, sutra_server):
+def test_chat_greedy_answer(client, api_server):
     out = client.chat.completions.create(
-        model=sutra_server.model, messages=QUESTION, max_tokens=20, temperature=0
+        model=api_server.model, messages=QUESTION, max_tokens=20, temperature=0
     )
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == "The capital of Japan is Tokyo."
@@ -75,9 +88,9 @@ def test_chat_greedy_answer(client, sutra_server):
     assert out.usage.completion_tokens == 8  # the 7 tokens of the answer and the end-of-turn token
 
 
-def test_min_tokens_holds_off_the_end_of_turn(client, sutra_server):
+def test_min_tokens_holds_off_the_end_of_turn(client, api_server):
     out = client.chat.completions.create(
-        model=sutra_server.model,
+        model=api_server.model,
         messages=QUESTION,
         max_tokens=14,
         temperature=0,
@@ -89,8 +102,8 @@ def test_min_tokens_holds_off_the_end_of_turn(client, sutra_server):
 
 
 @pytest.mark.parametrize("kind", ["completions", "chat"])
-def test_streamed_text_equals_whole_text_for_a_seed(client, sutra_server, kind):
-    kwargs = dict(model=sutra_server.model, max_tokens=40, temperature=0.9, top_p=0.95, seed=1234)
+def test_streamed_text_equals_whole_text_for_a_seed(client, api_server, kind):
+    kwargs = dict(model=api_server.model, max_tokens=40, temperature=0.9, top_p=0.95, seed=1234)
     if kind == "completions":
         whole = client.completions.create(prompt=PROMPT, **kwargs)
         chunks = list(
@@ -119,20 +132,20 @@ def test_streamed_text_equals_whole_text_for_a_seed(client, sutra_server, kind):
     assert finish == [whole.choices[0].finish_reason]
 
 
-def test_stop_string_and_seeded_samples(client, sutra_server):
+def test_stop_string_and_seeded_samples(client, api_server):
     out = client.completions.create(
-        model=sutra_server.model, prompt=PROMPT, max_tokens=20, temperature=0, stop=[" Alps"]
+        model=api_server.model, prompt=PROMPT, max_tokens=20, temperature=0, stop=[" Alps"]
     )
     assert out.choices[0].finish_reason == "stop"
     assert out.choices[0].text == " Tokyo.\n\nThe Japanese"
     assert out.choices[0].model_extra["stop_reason"] == " Alps"
     streamed = client.completions.create(
-        model=sutra_server.model, prompt=PROMPT, max_tokens=20, temperature=0, stop=[" Alps"], stream=True
+        model=api_server.model, prompt=PROMPT, max_tokens=20, temperature=0, stop=[" Alps"], stream=True
     )
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text  # the stop never leaks
     a, b = (
         client.completions.create(
-            model=sutra_server.model, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=7, n=2
+            model=api_server.model, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=7, n=2
         )
         for _ in range(2)
     )
@@ -140,9 +153,9 @@ def test_stop_string_and_seeded_samples(client, sutra_server):
     assert a.choices[0].text != a.choices[1].text  # n samples are different streams
 
 
-def test_logprobs_in_both_apis(client, sutra_server):
+def test_logprobs_in_both_apis(client, api_server):
     out = client.completions.create(
-        model=sutra_server.model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3
+        model=api_server.model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3
     )
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
@@ -151,7 +164,7 @@ def test_logprobs_in_both_apis(client, sutra_server):
         assert len(top) == 3 and logprob <= 0
         assert max(top.values()) == pytest.approx(logprob, abs=1e-4) and top[token] == pytest.approx(logprob)
     chat = client.chat.completions.create(
-        model=sutra_server.model,
+        model=api_server.model,
         messages=QUESTION,
         max_tokens=5,
         temperature=0,
@@ -164,18 +177,18 @@ def test_logprobs_in_both_apis(client, sutra_server):
     assert bytes(content[0].bytes).decode() == content[0].token
 
 
-def test_concurrent_async_requests_all_complete(aclient, sutra_server):
+def test_concurrent_async_requests_all_complete(aclient, api_server):
     async def one(i: int):
         if i % 2:
             return await aclient.completions.create(
-                model=sutra_server.model,
+                model=api_server.model,
                 prompt=f"Count to {i}:",
                 max_tokens=12,
                 temperature=0,
                 extra_body={"ignore_eos": True},
             )
         stream = await aclient.chat.completions.create(
-            model=sutra_server.model,
+            model=api_server.model,
             messages=[{"role": "user", "content": f"Say {i}"}],
             max_tokens=12,
             stream=True,
@@ -191,18 +204,16 @@ def test_concurrent_async_requests_all_complete(aclient, sutra_server):
     for i, result in enumerate(results):
         usage = result.usage if i % 2 else result[-1].usage
         assert usage.completion_tokens == 12
-    sutra_server.wait_idle()
-    assert sutra_server.metric("sutra:kv_cache_free_blocks") == sutra_server.metric(
-        "sutra:kv_cache_total_blocks"
-    )
+    api_server.wait_idle()
+    assert api_server.metric("sutra:kv_cache_free_blocks") == api_server.metric("sutra:kv_cache_total_blocks")
 
 
-def test_user_field_is_the_client_in_metrics(client, sutra_server):
-    before = _client_tokens(sutra_server, "alice")
+def test_user_field_is_the_client_in_metrics(client, api_server):
+    before = _client_tokens(api_server, "alice")
     client.completions.create(
-        model=sutra_server.model, prompt=PROMPT, max_tokens=4, user="alice", extra_body={"ignore_eos": True}
+        model=api_server.model, prompt=PROMPT, max_tokens=4, user="alice", extra_body={"ignore_eos": True}
     )
-    assert _client_tokens(sutra_server, "alice") == before + 4
+    assert _client_tokens(api_server, "alice") == before + 4
 
 
 def _client_tokens(server, client_name: str) -> float:
@@ -210,13 +221,13 @@ def _client_tokens(server, client_name: str) -> float:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_usage_counts_the_prompt_once_whatever_n_is(client, sutra_server, smollm2_hf_tokenizer, stream):
+def test_usage_counts_the_prompt_once_whatever_n_is(client, api_server, smollm2_hf_tokenizer, stream):
     """OpenAI and vLLM count a prompt once, however many choices are sampled from it."""
     prompt_len = len(smollm2_hf_tokenizer.encode(PROMPT))
     chat_len = len(
         smollm2_hf_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=False)
     )
-    common = dict(model=sutra_server.model, max_tokens=3, n=3, extra_body={"ignore_eos": True})
+    common = dict(model=api_server.model, max_tokens=3, n=3, extra_body={"ignore_eos": True})
     if stream:
         common.update(stream=True, stream_options={"include_usage": True})
     cmpl = client.completions.create(prompt=PROMPT, **common)
@@ -240,11 +251,11 @@ def _name_bytes(name: str) -> bytes:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_chat_logprob_bytes_join_into_the_reply(client, sutra_server, stream):
+def test_chat_logprob_bytes_join_into_the_reply(client, api_server, stream):
     """Each entry's `bytes` are the token's own UTF-8 bytes, so for a reply whose characters are
     split across tokens the entries' bytes join into exactly the reply (a character cut off by
     max_tokens reads U+FFFD in both)."""
-    kwargs = dict(model=sutra_server.model, messages=JAPANESE, max_tokens=24, temperature=0, logprobs=True)
+    kwargs = dict(model=api_server.model, messages=JAPANESE, max_tokens=24, temperature=0, logprobs=True)
     if stream:
         chunks = list(client.chat.completions.create(stream=True, **kwargs))
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -268,10 +279,10 @@ def test_chat_logprob_bytes_join_into_the_reply(client, sutra_server, stream):
     assert any(ord(ch) > 0x3000 for ch in content)
 
 
-def test_completion_text_offsets_index_into_the_text(client, sutra_server):
+def test_completion_text_offsets_index_into_the_text(client, api_server):
     """text_offset[i] is where token i's text starts in the returned text: the characters the tokens
     before it completed, not the lengths of their printable names. Streaming gives the same."""
-    kwargs = dict(model=sutra_server.model, prompt=CHINESE, max_tokens=16, temperature=0, logprobs=0)
+    kwargs = dict(model=api_server.model, prompt=CHINESE, max_tokens=16, temperature=0, logprobs=0)
     out = client.completions.create(**kwargs)
     text, lp = out.choices[0].text, out.choices[0].logprobs
     token_bytes = [_name_bytes(t) for t in lp.tokens]
@@ -288,10 +299,10 @@ def test_completion_text_offsets_index_into_the_text(client, sutra_server):
     assert "".join(c.choices[0].text for c in streamed) == text
 
 
-def test_a_character_cut_off_by_max_tokens_is_not_dropped(client, sutra_server):
+def test_a_character_cut_off_by_max_tokens_is_not_dropped(client, api_server):
     """The last token's bytes are flushed when the completion ends: the text is the whole decode of
     its tokens, with the cut-off character as U+FFFD (as decode() renders it)."""
-    kwargs = dict(model=sutra_server.model, prompt=CHINESE, max_tokens=3, temperature=0, logprobs=0)
+    kwargs = dict(model=api_server.model, prompt=CHINESE, max_tokens=3, temperature=0, logprobs=0)
     out = client.completions.create(**kwargs)
     tokens = out.choices[0].logprobs.tokens
     assert tokens[-1].startswith("bytes:") and out.choices[0].finish_reason == "length"
@@ -302,9 +313,9 @@ def test_a_character_cut_off_by_max_tokens_is_not_dropped(client, sutra_server):
 
 
 @pytest.mark.parametrize("kind", ["completions", "chat"])
-def test_each_streamed_choice_finishes_exactly_once(client, sutra_server, kind):
+def test_each_streamed_choice_finishes_exactly_once(client, api_server, kind):
     """With n > 1 a choice that finished early is not re-sent in later chunks."""
-    kwargs = dict(model=sutra_server.model, max_tokens=48, temperature=1.0, seed=11, n=4, stream=True)
+    kwargs = dict(model=api_server.model, max_tokens=48, temperature=1.0, seed=11, n=4, stream=True)
     if kind == "completions":
         chunks = list(client.completions.create(prompt="Say hi.", stop=["."], **kwargs))
     else:
@@ -321,7 +332,7 @@ def test_each_streamed_choice_finishes_exactly_once(client, sutra_server, kind):
     assert len(set(finished_at.values())) > 1, "the choices should finish at different times"
 
 
-def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(client, sutra_server):
+def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(client, api_server):
     """Same salt: the second request is served from the cache. Another salt or none: nothing is
     shared, so `cached_tokens` reveals nothing about other tenants' prompts."""
     prompt = "Salted prefix caching test. " * 12  # several full 16-token blocks
@@ -329,7 +340,7 @@ def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(client, sutra_server
     def cached(salt: str | None) -> int:
         extra = {} if salt is None else {"cache_salt": salt}
         reply = client.completions.create(
-            model=sutra_server.model, prompt=prompt, max_tokens=1, temperature=0, extra_body=extra
+            model=api_server.model, prompt=prompt, max_tokens=1, temperature=0, extra_body=extra
         )
         return reply.usage.prompt_tokens_details.cached_tokens
 
