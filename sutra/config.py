@@ -54,6 +54,10 @@ class SchedulerConfig:
     # change a decision, and never more than max_idle_clients kept (the longest idle goes first).
     client_idle_ttl_s: float = 600.0
     max_idle_clients: int = 4096
+    # Llumnix's priority headroom: while a high-priority request (priority < 0) is on an instance,
+    # its load summary counts this many more blocks as used, so dispatch and migration keep other
+    # work away and the urgent request keeps room to grow. 0: off.
+    priority_headroom_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -89,6 +93,9 @@ class SchedulerConfig:
         ttl = self.client_idle_ttl_s
         if not is_number(ttl) or not 0 <= ttl < float("inf"):
             raise ValueError(f"client_idle_ttl_s must be a finite number of seconds >= 0, got {ttl!r}")
+        headroom = self.priority_headroom_blocks
+        if not isinstance(headroom, int) or isinstance(headroom, bool) or headroom < 0:
+            raise ValueError(f"priority_headroom_blocks must be an integer >= 0, got {headroom!r}")
         cap = self.max_idle_clients
         if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
             raise ValueError(f"max_idle_clients must be an integer >= 0, got {cap!r}")

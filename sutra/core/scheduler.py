@@ -161,8 +161,10 @@ class Scheduler:
             prefix_hits=kv.prefix_hits,
         )
 
-    def load_summary(self, draining: bool = False, headroom_blocks: int = 0) -> InstanceLoad:
+    def load_summary(self, draining: bool = False) -> InstanceLoad:
         head = self.policy.peek()
+        urgent = any(r.priority < 0 for r in self.requests.values())
+        headroom_blocks = self.config.priority_headroom_blocks if urgent else 0
         return InstanceLoad(
             total_blocks=self.kv.pool.num_blocks,
             used_blocks=self.kv.pool.num_blocks - self.kv.num_free_blocks,

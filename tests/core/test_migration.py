@@ -242,3 +242,16 @@ def test_pinned_blocks_outlive_their_request_until_unpinned():
     assert src.free == NUM_BLOCKS - 2  # not reusable while they are read
     src.scheduler.kv.unpin(blocks)
     assert src.free == NUM_BLOCKS
+
+
+def test_a_high_priority_request_reserves_headroom_in_the_load_summary():
+    src = Instance(priority_headroom_blocks=20)
+    running_request(src, priority=0)
+    calm = src.scheduler.load_summary()
+    assert calm.headroom_blocks == 0
+    urgent = make_request(8, 4, priority=-1)
+    src.scheduler.add_request(urgent)
+    pressed = src.scheduler.load_summary()
+    assert pressed.headroom_blocks == 20 and pressed.freeness < calm.freeness
+    run_to_completion(src.scheduler, src.runner)
+    assert src.scheduler.load_summary().headroom_blocks == 0

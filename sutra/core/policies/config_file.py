@@ -31,6 +31,7 @@ POLICY_FIELDS = (
     "rpm_limit",
     "client_idle_ttl_s",
     "max_idle_clients",
+    "priority_headroom_blocks",
 )
 
 
