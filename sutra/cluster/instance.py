@@ -229,6 +229,8 @@ class InstanceActor:
     async def report(self) -> InstanceReport:
         """Load, stats and liveness in one call (what the front end refreshes every ~100 ms)."""
         engine = self._engine()
+        # Blocks reserved for a migration whose source went silent (died) past the lease come back.
+        await engine.between_steps(self.engine.migration_target.expire)
         load = await engine.load_summary()
         return InstanceReport(load, engine.stats(), engine.num_in_flight, engine.dead_reason)
 

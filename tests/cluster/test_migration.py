@@ -164,3 +164,33 @@ def test_a_drain_moves_every_request_off_and_all_of_them_finish(ray_session, ref
         assert all(_tokens(s) == reference for s in seen.values())
     finally:
         cluster.shutdown()
+
+
+def test_a_source_killed_mid_migration_leaves_no_block_reserved_on_the_destination(ray_session):
+    from ray import kill
+
+    from sutra.cluster.migrator import ActorPeer
+
+    cluster = Cluster.start(TINY_CONFIG, 2, threads_per_instance=1, ready_timeout_s=300)
+    try:
+
+        async def body(client: ClusterClient):
+            await client.submit_many([("r", PROMPT, GREEDY)])
+            seen: list[RequestDelta] = []
+            reader = asyncio.create_task(_collect(client, "r", seen))
+            await _wait_for(lambda: len(_tokens(seen)) >= 5, what="5 tokens")
+            source = client.instance_of("r")
+            destination = next(i for i in client.instance_ids if i != source)
+            src, dst = ActorPeer(client, source), ActorPeer(client, destination)
+            layout = await src.out_begin("r", "m", {"last_stage_blocks": 0})
+            await dst.in_open("m", "r", layout)
+            await dst.in_stage("m", await src.out_stage("m"))
+            await _wait_for(lambda: client.loads()[destination].used_blocks > 0, what="blocks reserved")
+            kill(client.actor_of(source))  # the source dies mid pre-copy and never calls again
+            await asyncio.gather(reader, return_exceptions=True)
+            # The destination's lease (10 s) runs out and its reservation comes back.
+            await _wait_for(lambda: client.loads()[destination].used_blocks == 0, timeout_s=30, what="freed")
+
+        asyncio.run(_with_client(cluster, RoundRobinPolicy(), body))
+    finally:
+        cluster.shutdown()
