@@ -3,12 +3,13 @@ and a simulator can drive the same policies.
 
 Registered policies (`sutra serve --dispatch`):
 - round-robin: instances in turn, whatever their load (the baseline).
-- least-load: the instance with the highest freeness (Llumnix's virtual-usage measure, see
-  `InstanceLoad`), counting the requests dispatched to it since its load was last read, so a burst
-  arriving between two reads spreads out instead of piling onto one instance (Llumnix's INFaaS++
-  baseline).
-- llumnix: the same freeness-based choice; this class is where migration triggers (pairing loaded
-  sources with free destinations) plug in.
+- least-load: the instance holding the prompt's longest known prefix while it has room (prefix
+  affinity, cluster/affinity.py), else the one with the highest freeness (Llumnix's virtual-usage
+  measure, see `InstanceLoad`), counting the requests dispatched to it since its load was last read,
+  so a burst arriving between two reads spreads out instead of piling onto one instance (Llumnix's
+  INFaaS++ baseline, plus prefix affinity).
+- llumnix: the same choice, and the cluster rebalances the instances by live migration
+  (cluster/rebalance.py, cluster/migrator.py).
 
 Draining instances (`InstanceLoad.draining`) get nothing under any policy.
 
@@ -40,6 +41,9 @@ class DispatchRequest:
     num_requests: int  # engine requests (prompts times n)
     num_prompt_tokens: int
     demand_blocks: int  # KV blocks their prompts need to start
+    # The instance that served the longest known prefix of the prompt (cluster/affinity.py): a
+    # load-aware policy takes it while it has room, to reuse its prefix cache.
+    preferred: str | None = None
 
 
 class DispatchPolicy(ABC):
@@ -125,6 +129,13 @@ class LeastLoadPolicy(DispatchPolicy):
     name = "least-load"
 
     def _pick(self, loads: Mapping[str, InstanceLoad], request: DispatchRequest) -> str:
+        preferred = request.preferred
+        if (
+            preferred in loads
+            and adjusted_freeness(loads[preferred], self.pending(preferred) + [request]) > 0
+        ):
+            return preferred
+
         def key(instance_id: str) -> tuple[float, int, str]:
             load, pending = loads[instance_id], self.pending(instance_id)
             queued = load.num_running + load.num_waiting + sum(r.num_requests for r in pending)
@@ -134,9 +145,9 @@ class LeastLoadPolicy(DispatchPolicy):
 
 
 class LlumnixPolicy(LeastLoadPolicy):
-    """Llumnix: dispatch by freeness (the choice least-load makes). Migration is what sets it apart:
-    its triggers, which pair instances below a freeness threshold with those above it and move
-    requests between them, plug in here."""
+    """Llumnix: dispatch by freeness (the choice least-load makes); what sets it apart is that the
+    cluster runs the migration trigger for it (`migrates`: cluster/rebalance.py pairs instances
+    short of room with free ones, and cluster/migrator.py moves a request per pair)."""
 
     name = "llumnix"
     migrates = True

@@ -121,3 +121,36 @@ def test_llumnix_dispatches_as_least_load():
     requests = [DispatchRequest(1, 50 * k, 3 * k + 1) for k in range(1, 7)]
     least, llumnix = LeastLoadPolicy(), LlumnixPolicy()
     assert [llumnix.choose(loads, r) for r in requests] == [least.choose(loads, r) for r in requests]
+
+
+def test_least_load_prefers_the_instance_with_the_prefix_while_it_has_room():
+    from sutra.cluster.dispatch import DispatchRequest, LeastLoadPolicy, LlumnixPolicy, RoundRobinPolicy
+    from sutra.core.stats import InstanceLoad
+
+    loads = {"i0": InstanceLoad(100, 60, 4, 0, 0), "i1": InstanceLoad(100, 0, 0, 0, 0)}
+    sticky = DispatchRequest(num_requests=1, num_prompt_tokens=64, demand_blocks=5, preferred="i0")
+    for policy in (LeastLoadPolicy(), LlumnixPolicy()):
+        assert policy.choose(loads, sticky) == "i0"  # busier, but it has the prefix and room
+    full = {"i0": InstanceLoad(100, 98, 4, 0, 0), "i1": InstanceLoad(100, 0, 0, 0, 0)}
+    assert LeastLoadPolicy().choose(full, sticky) == "i1"  # no room there: the load decides
+    gone = DispatchRequest(num_requests=1, num_prompt_tokens=64, demand_blocks=5, preferred="i7")
+    assert LeastLoadPolicy().choose(loads, gone) == "i1"
+    rr = RoundRobinPolicy()
+    assert [rr.choose(loads, sticky) for _ in range(2)] == ["i0", "i1"]  # blind to affinity
+
+
+def test_prefix_affinity_finds_the_longest_known_prefix_per_salt():
+    from sutra.cluster.affinity import PrefixAffinity, prefix_hashes
+
+    affinity = PrefixAffinity(max_entries=8)
+    shared = list(range(32))
+    affinity.record(prefix_hashes(shared + [1, 2, 3], 16, None), "i0")
+    affinity.record(prefix_hashes(shared[:16], 16, None), "i1")
+    assert affinity.lookup(prefix_hashes(shared + list(range(50, 70)), 16, None)) == "i0"
+    assert affinity.lookup(prefix_hashes(shared + list(range(50, 70)), 16, "tenant")) is None
+    assert affinity.lookup(prefix_hashes(list(range(100, 140)), 16, None)) is None
+    affinity.forget("i0")
+    assert affinity.lookup(prefix_hashes(shared, 16, None)) == "i1"
+    for k in range(20):
+        affinity.record(prefix_hashes(list(range(k * 16, k * 16 + 16)), 16, None), "i1")
+    assert len(affinity) == 8  # bounded
