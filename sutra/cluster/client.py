@@ -11,8 +11,10 @@ instances' own tokenizer (no weights are loaded in this process); everything els
   request id, whichever instance sent it, so a request that moves between instances keeps its stream.
   Listeners see each poll's deltas as they arrive.
 - Abort: routed to the instance that holds the request, batched per instance.
-- Failure: an instance that dies (or stops answering) is dropped from dispatch and its requests end
-  with EngineDeadError; the client is dead when every instance is.
+- Failure: an instance that dies (or stops answering) is dropped from dispatch and its requests
+  resume on other instances by recompute, their streams carrying on (cluster/failover.py); those
+  that cannot (n > 1, no instance left) end with EngineDeadError. The client is dead when every
+  instance is.
 
 Every wait on an instance has a timeout, so a hung instance cannot hang the server.
 """
@@ -24,7 +26,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import ray
@@ -37,6 +39,7 @@ from sutra.cluster.dispatch import (
     NoInstanceError,
     make_dispatch_policy,
 )
+from sutra.cluster.failover import Failover, Progress, instance_died_error
 from sutra.cluster.messages import InstanceInfo, InstanceReport, Update
 from sutra.cluster.migrator import Migrator
 from sutra.core.request import RequestSpec
@@ -99,6 +102,7 @@ class _Stream:
     # Updates sent by another instance than the holder: a move's destination can report progress
     # before the source's "moved" arrives over the other pump. Replayed in order once it does.
     early: list[tuple[str, Update]] = field(default_factory=list)  # (sender, update)
+    progress: Progress | None = None  # what its reader got, to resume from (None: n > 1, cannot)
 
 
 class ClusterClient:
@@ -138,6 +142,7 @@ class ClusterClient:
         self._closed = False
         self._dead_reason: str | None = None
         self.migrator = Migrator(self)
+        self.failover = Failover(self)
         self.rebalance_every = REBALANCE_EVERY
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -161,6 +166,7 @@ class ClusterClient:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        await self.failover.close()
         # Aborts already queued still go out: their requests would otherwise run on for nobody.
         flushing = [inst.abort_task for inst in self._instances.values() if inst.abort_task is not None]
         if flushing:
@@ -220,6 +226,15 @@ class ClusterClient:
         stream = self._streams.get(request_id)
         return None if stream is None else stream.instance_id
 
+    def add_instance(self, instance_id: str, actor: Any, info: InstanceInfo) -> None:
+        """Put a new, ready instance to work: dispatch may choose it from its first load report."""
+        if instance_id in self._instances:
+            raise ValueError(f"instance id {instance_id!r} is already in use")
+        inst = self._instances[instance_id] = _Instance(instance_id, actor, info)
+        if self._tasks and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._tasks.append(loop.create_task(self._pump(inst), name=f"sutra-pump-{instance_id}"))
+
     def actor_of(self, instance_id: str) -> Any:
         return self._instances[instance_id].actor
 
@@ -238,9 +253,14 @@ class ClusterClient:
         await self._refresh_loads()
 
     async def retire(self, instance_id: str) -> None:
-        """Stop using an instance and kill its actor (after a drain); its requests left end."""
+        """Stop using an instance and kill its actor (after a drain); its requests left resume
+        elsewhere (or end; see failover.py)."""
         inst = self._instances[instance_id]
         self._instance_died(inst, "retired by the operator", kill=True)
+
+    def instance_stats(self) -> dict[str, EngineStats]:
+        """The latest stats of every instance alive that has reported (for per-instance metrics)."""
+        return {i: inst.report.stats for i, inst in self._instances.items() if inst.alive and inst.report}
 
     def loads(self) -> dict[str, InstanceLoad]:
         """The latest load of every instance alive that has reported one."""
@@ -285,8 +305,10 @@ class ClusterClient:
         now = time.monotonic()
         # Registered before the call: the instance's first updates may arrive before its answer.
         streams = {
-            request_id: _Stream(asyncio.Queue(), spec, prompt, now, loop.create_future())
-            for request_id, prompt, _ in requests
+            request_id: _Stream(
+                asyncio.Queue(), spec, prompt, now, loop.create_future(), progress=self.failover.track(params)
+            )
+            for request_id, prompt, params in requests
         }
         self._streams.update(streams)
         try:
@@ -296,9 +318,13 @@ class ClusterClient:
                 if self._streams.get(request_id) is stream:
                     del self._streams[request_id]
             raise
+        inst = self._instances[instance_id]
         for request_id, stream in streams.items():
             if self._streams.get(request_id) is stream:
                 stream.instance_id = instance_id
+                if not inst.alive:  # it died before its answer was read: nothing else sees to these
+                    error = instance_died_error(instance_id, inst.dead_reason)
+                    self.failover.rescue(request_id, stream, error)
             else:  # ended (abort_all, or it already finished) while the call was under way
                 self._send_abort(instance_id, request_id)
 
@@ -416,6 +442,8 @@ class ClusterClient:
                     self._instance_died(inst, f"it did not answer {missed} polls in a row", kill=True)
                     return
                 continue
+            if not inst.alive:  # declared dead meanwhile: its requests resume from what was routed
+                return
             missed = 0
             fresh = [u for u in updates if u.seq > ack]  # a repeat of a lost reply: skip what we have
             if not fresh:
@@ -430,10 +458,13 @@ class ClusterClient:
         """Hand each update to its request's stream, in order; updates for a request another
         instance holds wait until it moves to their sender; listeners see the deltas first."""
         ready: list[Update] = []
+        orphans: list[tuple[str, str]] = []  # (request id, destination): moved to a dead instance
         pending = deque((sender, u) for u in updates)
         while pending:
             source, u = pending.popleft()
             stream = self._streams.get(u.request_id)
+            if u.kind == "moved":
+                self.migrator.moved_seen(u.request_id, source)
             if stream is None:
                 if u.kind == "moved" and u.destination is not None:  # aborted while it moved
                     self._send_abort(u.destination, u.request_id)
@@ -446,10 +477,32 @@ class ClusterClient:
                 stream.instance_id = u.destination
                 waiting, stream.early = stream.early, []
                 pending.extendleft(reversed(waiting))  # next in line: they came after the move
+                if not self._instances[u.destination].alive:
+                    orphans.append((u.request_id, u.destination))
         self._deliver(ready)
+        for request_id, destination in orphans:  # it died with the request still on the source
+            stream = self._streams.get(request_id)
+            if stream is not None and stream.instance_id == destination:
+                reason = self._instances[destination].dead_reason
+                self.failover.rescue(request_id, stream, instance_died_error(destination, reason))
 
     def _deliver(self, updates: list[Update]) -> None:
-        deltas = [u.delta for u in updates if u.kind == "delta" and u.request_id in self._streams]
+        outgoing: list[Update] = []
+        finished: set[str] = set()  # a resumed request can end here, on a stop string, mid-batch
+        for u in updates:
+            stream = self._streams.get(u.request_id)
+            if stream is None or u.request_id in finished:
+                continue  # aborted (or ended) here already
+            if u.kind == "delta":
+                assert u.delta is not None
+                delta = self.failover.handed_out(stream, u.delta)
+                if delta.finished:
+                    finished.add(u.request_id)
+                if delta is not u.delta:
+                    u = replace(u, delta=delta)
+            outgoing.append(u)
+        updates = outgoing
+        deltas = [u.delta for u in updates if u.kind == "delta"]
         if deltas:
             for listener in self.listeners:
                 try:
@@ -526,7 +579,7 @@ class ClusterClient:
 
     # ---- ending requests -------------------------------------------------------------------
     def _instance_died(self, inst: _Instance, reason: str, kill: bool = False) -> None:
-        """Stop using an instance; its requests end with EngineDeadError."""
+        """Stop using an instance; its requests resume elsewhere, or end with EngineDeadError."""
         if not inst.alive:
             return
         inst.dead_reason = reason
@@ -537,13 +590,12 @@ class ClusterClient:
                 ray.kill(inst.actor)
             except Exception as e:
                 logger.warning("could not kill engine instance %s: %s", inst.instance_id, summarize_error(e))
-        # Failover (resubmitting by recompute elsewhere) would go here; for now the requests fail.
-        error = EngineDeadError(f"engine instance {inst.instance_id} died ({reason}); retry the request")
-        for request_id, stream in list(self._streams.items()):
-            if stream.instance_id == inst.instance_id:
-                self._end_stream(request_id, error, tell_instance=False)
         if self._dead_reason is None and not any(i.alive for i in self._instances.values()):
             self._dead_reason = f"every engine instance has died (the last, {inst.instance_id}: {reason})"
+        error = instance_died_error(inst.instance_id, reason)
+        for request_id, stream in list(self._streams.items()):
+            if stream.instance_id == inst.instance_id:
+                self.failover.rescue(request_id, stream, error)
 
     def _end_stream(self, request_id: str, error: BaseException, tell_instance: bool = True) -> None:
         """The request ends with `error` (its reader raises it); with tell_instance, its instance

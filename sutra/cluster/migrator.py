@@ -13,11 +13,13 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sutra.cluster.messages import MigrationReply
 from sutra.cluster.rebalance import Rebalancer
 from sutra.core.migration import MigrationAborted
+from sutra.engine.migration import MovedRequest
 from sutra.engine.migration_endpoint import MigrationResult, migrate
 
 if TYPE_CHECKING:
@@ -29,19 +31,43 @@ STEP_TIMEOUT_S = 30.0  # one migration step (a copy of up to ~1 GiB on a busy CP
 DRAIN_POLL_S = 0.2
 
 
+@dataclass
+class Move:
+    """A migration under way, as far as the front end knows: what failover needs should the source
+    die before its "moved" update arrives (sutra/cluster/failover.py)."""
+
+    source: str
+    destination: str
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    moved: MovedRequest | None = None  # the request as the source paused it
+    committed: bool = False  # the destination has taken the request over
+
+
 class ActorPeer:
     """One instance actor as a MigrationPeer (the names the driver calls)."""
 
-    def __init__(self, client: ClusterClient, instance_id: str, timeout_s: float = STEP_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        client: ClusterClient,
+        instance_id: str,
+        timeout_s: float = STEP_TIMEOUT_S,
+        move: Move | None = None,
+    ) -> None:
         self.client = client
         self.instance_id = instance_id
         self.actor = client.actor_of(instance_id)
         self.timeout_s = timeout_s
+        self.move = move
 
     async def _step(self, op: str, *args: Any) -> Any:
         reply: MigrationReply = await self.client.call(self.actor.migration.remote(op, *args), self.timeout_s)
         if reply.error is not None:
             raise reply.error
+        if self.move is not None:
+            if op == "out_pause":
+                self.move.moved = reply.value[0]
+            elif op == "in_commit":
+                self.move.committed = True
         return reply.value
 
     def __getattr__(self, op: str) -> Callable[..., Any]:
@@ -58,6 +84,8 @@ class Migrator:
         self.client = client
         self.rebalancer = rebalancer or Rebalancer()
         self.busy: set[str] = set()  # instances in a migration now
+        # By request id: moves under way, and committed ones whose "moved" update is yet to be routed.
+        self.moving: dict[str, Move] = {}
         # Told of every migration that was tried (metrics): (result).
         self.listeners: list[Callable[[MigrationResult], None]] = []
         self.num_migrated = 0
@@ -74,9 +102,13 @@ class Migrator:
             raise MigrationAborted(f"request {request_id!r} already runs on {destination}")
         if {source, destination} & self.busy:
             raise MigrationAborted(f"{source} or {destination} is in another migration")
+        if request_id in self.moving:  # its last move's "moved" update is still on its way
+            raise MigrationAborted(f"request {request_id!r} is still moving")
         self.busy |= {source, destination}
+        move = self.moving[request_id] = Move(source, destination)
         try:
-            src, dst = ActorPeer(self.client, source), ActorPeer(self.client, destination)
+            src = ActorPeer(self.client, source, move=move)
+            dst = ActorPeer(self.client, destination, move=move)
             mid = f"{request_id}->{destination}-{uuid.uuid4().hex[:8]}"
             try:
                 result = await migrate(src, dst, request_id, mid, destination, **limits)
@@ -85,6 +117,11 @@ class Migrator:
                 result = MigrationResult(migrated=False, reason=f"{type(e).__name__}: {e}", failed=True)
         finally:
             self.busy -= {source, destination}
+            move.ended.set()
+            if not move.committed:
+                self.moved_seen(request_id, source)
+        if move.committed and not result.migrated:  # the source will send no "moved" update
+            self.client.failover.follow(request_id, move)
         if result.migrated:
             self.num_migrated += 1
             logger.info(
@@ -102,6 +139,13 @@ class Migrator:
             except Exception:
                 logger.exception("migration listener failed")
         return result
+
+    def moved_seen(self, request_id: str, source: str) -> None:
+        """The front end has routed the source's "moved" update (or the move is off): forget it. A
+        committed move is kept until then, for failover should the source die first."""
+        move = self.moving.get(request_id)
+        if move is not None and move.source == source:
+            del self.moving[request_id]
 
     async def candidate(self, instance_id: str) -> str | None:
         """The request the instance would move out first (fewest blocks, decoding, n == 1)."""

@@ -171,5 +171,7 @@ async def migrate(
 
 
 async def _call_off(src: Any, dst: Any, migration_id: str) -> None:
-    await dst.in_abort(migration_id)
-    await src.out_abort(migration_id)
+    try:
+        await dst.in_abort(migration_id)
+    finally:  # a destination that died must not leave the request paused on the source
+        await src.out_abort(migration_id)
