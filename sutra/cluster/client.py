@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import ActorDiedError, RayActorError
 
+from sutra.cluster.affinity import PrefixAffinity, prefix_hashes
 from sutra.cluster.dispatch import (
     DEFAULT_DISPATCH,
     DispatchPolicy,
@@ -142,6 +143,7 @@ class ClusterClient:
         self._closed = False
         self._dead_reason: str | None = None
         self.migrator = Migrator(self)
+        self.affinity = PrefixAffinity()
         self.failover = Failover(self)
         self.rebalance_every = REBALANCE_EVERY
 
@@ -331,7 +333,9 @@ class ClusterClient:
     async def _place(self, requests: list[PromptRequest], spec: RequestSpec) -> str:
         """Submit to one instance after another, as dispatch picks them, until one takes the
         requests; returns its id."""
-        request = self._dispatch_request(requests)
+        # The first prompt's prefix steers the batch: all its prompts go to one instance.
+        hashes = prefix_hashes(requests[0][1], self._block_size, spec.cache_salt)
+        request = self._dispatch_request(requests, self.affinity.lookup(hashes))
         tried: set[str] = set()
         refusal: EngineOverloadedError | None = None
         while True:
@@ -357,6 +361,7 @@ class ClusterClient:
                     f"engine instance {instance_id} did not answer ({summarize_error(e)}); retry later"
                 ) from None
             if error is None:
+                self.affinity.record(hashes, instance_id)
                 return instance_id
             if isinstance(error, EngineOverloadedError):  # full or draining: another may have room
                 refusal = error
@@ -366,9 +371,12 @@ class ClusterClient:
                 continue
             raise error
 
-    def _dispatch_request(self, requests: list[PromptRequest]) -> DispatchRequest:
+    def _dispatch_request(
+        self, requests: list[PromptRequest], preferred: str | None = None
+    ) -> DispatchRequest:
         bs = self._block_size
         return DispatchRequest(
+            preferred=preferred,
             num_requests=sum(params.n for _, _, params in requests),
             num_prompt_tokens=sum(len(prompt) for _, prompt, _ in requests),
             # n samples of one prompt share its blocks (prefix caching); +1: the first output token
@@ -582,6 +590,7 @@ class ClusterClient:
         """Stop using an instance; its requests resume elsewhere, or end with EngineDeadError."""
         if not inst.alive:
             return
+        self.affinity.forget(inst.instance_id)
         inst.dead_reason = reason
         logger.error("engine instance %s is dead: %s", inst.instance_id, reason)
         self.dispatch.forget(inst.instance_id)
