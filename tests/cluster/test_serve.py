@@ -101,3 +101,20 @@ def check_admin_routes(server, client: openai.OpenAI) -> None:
         "i0",
         added.json()["id"],
     ]
+
+
+def test_serve_joins_a_running_ray_cluster_and_leaves_it_running(ray_session):
+    """--ray-address: the instances are actors of the cluster given (here, the test run's own), and
+    the server leaves that cluster running when it exits."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    args = ["--ray-address", address, "--model", "random:tiny-llama", "--num-kv-blocks", "64"]
+    with run_server(*args, "--threads-per-instance", "1") as server:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model=server.model, prompt="Hello", max_tokens=4, temperature=0)
+        assert out.choices[0].finish_reason == "length"
+        assert server.metric("sutra:kv_cache_total_blocks") == 64
+        server.stop()
+        assert server.wait_exit(timeout=60) == 0
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2  # still up
