@@ -195,4 +195,6 @@ class Migrator:
                 continue
             moved += result.migrated
             failed += not result.migrated
+            if not result.migrated:  # refused (the destination is short of room) or it ended: wait
+                await asyncio.sleep(DRAIN_POLL_S)
         return {"moved": moved, "failed": failed, "left": len(self.client.requests_on(instance_id))}
