@@ -154,7 +154,8 @@ def test_abort_frees_the_blocks_on_the_owning_instance(two_instances):
             got.append(delta)
             if len(got) == 3:
                 client.abort("doomed")
-        assert len(got) == 3 and not got[-1].finished
+        # Deltas routed before the abort may still be read; then the stream ends, unfinished.
+        assert 3 <= len(got) < 900 and not got[-1].finished
         assert client.num_in_flight == 0 and client.request_info("doomed") is None
         deadline = time.monotonic() + 20
         while True:  # the abort is applied between the instance's steps
