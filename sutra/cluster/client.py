@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -51,9 +51,8 @@ from sutra.engine.client import (
     EngineListener,
     EngineOverloadedError,
     PromptRequest,
-    RequestDelta,
-    RequestInfo,
 )
+from sutra.engine.streams import Stream, StreamHub
 from sutra.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -70,9 +69,6 @@ POLL_WAIT_S = 1.0
 REBALANCE_EVERY = 5
 # Polls in a row without an answer before an instance counts as dead.
 MAX_MISSED_POLLS = 3
-# Streams that ended before their reader arrived, kept for it (bounded, as in AsyncEngine). Here a
-# request can even finish before its reader comes, since the reader waits on other calls first.
-_MAX_UNDELIVERED = 256
 
 
 @dataclass
@@ -90,25 +86,20 @@ class _Instance:
         return self.dead_reason is None
 
 
-@dataclass
-class _Stream:
-    queue: asyncio.Queue[RequestDelta | BaseException | None]  # None: aborted
-    spec: RequestSpec
-    prompt_token_ids: list[int]
-    arrival_time: float
-    admitted: asyncio.Future[float | None]  # the completion estimate, once an instance holds it
+@dataclass(kw_only=True)
+class _Stream(Stream):
     instance_id: str | None = None  # the instance holding the request, once submitted there
-    estimate: tuple[float, float] | None = None  # (seconds, monotonic time made, on its instance)
-    reading: bool = False  # a reader has called stream()
     # Updates sent by another instance than the holder: a move's destination can report progress
     # before the source's "moved" arrives over the other pump. Replayed in order once it does.
     early: list[tuple[str, Update]] = field(default_factory=list)  # (sender, update)
     progress: Progress | None = None  # what its reader got, to resume from (None: n > 1, cannot)
 
 
-class ClusterClient:
+class ClusterClient(StreamHub):
     """The EngineClient over InstanceActors; see the module docstring. One client per set of
     instances: each instance's updates are consumed by whoever polls it."""
+
+    _streams: dict[str, _Stream]
 
     def __init__(
         self,
@@ -124,6 +115,7 @@ class ClusterClient:
     ) -> None:
         if not actors:
             raise ValueError("a cluster client needs at least one instance")
+        super().__init__()
         self._instances = {i: _Instance(i, actor, infos[i]) for i, actor in actors.items()}
         self.tokenizer = tokenizer
         # Every instance runs the same model and config; the smallest limits are the safe ones.
@@ -136,12 +128,8 @@ class ClusterClient:
         self.report_timeout_s = report_timeout_s
         self.load_refresh_s = load_refresh_s
         self.poll_wait_s = poll_wait_s
-        self._streams: dict[str, _Stream] = {}
-        self._undelivered: dict[str, _Stream] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._draining = False
         self._closed = False
-        self._dead_reason: str | None = None
         self.migrator = Migrator(self)
         self.affinity = PrefixAffinity()
         self.failover = Failover(self)
@@ -192,30 +180,6 @@ class ClusterClient:
     @property
     def max_request_tokens(self) -> int:
         return self._max_request_tokens
-
-    @property
-    def dead_reason(self) -> str | None:
-        """Why the cluster cannot serve (shut down, or every instance dead); None while it can."""
-        return self._dead_reason
-
-    @property
-    def is_draining(self) -> bool:
-        return self._draining
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
-
-    def begin_drain(self) -> None:
-        """Refuse new requests from now on (EngineDrainingError); those in flight carry on. Only sets
-        a flag, so a signal handler may call it."""
-        self._draining = True
-
-    def abort_all(self, error: Exception) -> int:
-        request_ids = list(self._streams)
-        for request_id in request_ids:
-            self._end_stream(request_id, error)
-        return len(request_ids)
 
     # ---- what the cluster looks like -------------------------------------------------------
     @property
@@ -308,7 +272,12 @@ class ClusterClient:
         # Registered before the call: the instance's first updates may arrive before its answer.
         streams = {
             request_id: _Stream(
-                asyncio.Queue(), spec, prompt, now, loop.create_future(), progress=self.failover.track(params)
+                queue=asyncio.Queue(),
+                spec=spec,
+                prompt_token_ids=prompt,
+                arrival_time=now,
+                admitted=loop.create_future(),
+                progress=self.failover.track(params),
             )
             for request_id, prompt, params in requests
         }
@@ -383,53 +352,15 @@ class ClusterClient:
             demand_blocks=sum(-(-(len(prompt) + 1) // bs) for _, prompt, _ in requests),
         )
 
-    async def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:
-        """Deltas of a submitted request until it finishes; leaving early aborts it."""
-        stream = self._streams.get(request_id) or self._undelivered.pop(request_id, None)
-        if stream is None:
-            raise EngineDeadError(self._dead_reason or f"request {request_id!r} is not in flight")
-        stream.reading = True
-        finished = False
-        try:
-            while not finished:
-                item = await stream.queue.get()
-                if item is None:
-                    return  # aborted: nothing more will come
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
-
     def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
         if stream is None:
             return
         self._notify_abort(request_id)  # while listeners can still look the request up
         del self._streams[request_id]
-        stream.queue.put_nowait(None)  # wakes a reader, which then ends
-        if not stream.admitted.done():
-            stream.admitted.set_result(None)
+        self._close(request_id, stream, None)  # wakes a reader, which then ends
         if stream.instance_id is not None:
             self._send_abort(stream.instance_id, request_id)
-
-    async def estimated_finish(self, request_id: str) -> float | None:
-        """Seconds from admission until the request should finish, as its instance estimated when
-        it took the request (waits until then)."""
-        stream = self._streams.get(request_id)
-        return None if stream is None else await stream.admitted
-
-    def estimate_of(self, request_id: str) -> tuple[float, float] | None:
-        stream = self._streams.get(request_id)
-        return None if stream is None else stream.estimate
-
-    def request_info(self, request_id: str) -> RequestInfo | None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return None
-        return RequestInfo(stream.spec.client, stream.prompt_token_ids, stream.arrival_time)
 
     # ---- progress from the instances -------------------------------------------------------
     async def _pump(self, inst: _Instance) -> None:
@@ -527,12 +458,11 @@ class ClusterClient:
                     stream.admitted.set_result(None if u.estimate is None else u.estimate[0])
             elif u.kind == "delta":
                 assert u.delta is not None
-                if u.delta.finished:
+                if u.delta.finished:  # kept for a reader yet to come: here one may finish first
                     del self._streams[u.request_id]
-                    if not stream.admitted.done():
-                        stream.admitted.set_result(None)
-                    self._keep_for_reader(u.request_id, stream)
-                stream.queue.put_nowait(u.delta)
+                    self._close(u.request_id, stream, u.delta)
+                else:
+                    stream.queue.put_nowait(u.delta)
             elif u.kind == "error":
                 self._end_stream(u.request_id, u.error or EngineDeadError("unknown"), tell_instance=False)
             elif u.kind == "moved":
@@ -614,18 +544,9 @@ class ClusterClient:
             return
         self._notify_abort(request_id)  # while listeners can still look the request up
         del self._streams[request_id]
-        stream.queue.put_nowait(error)
-        if not stream.admitted.done():
-            stream.admitted.set_result(None)
-        self._keep_for_reader(request_id, stream)
+        self._close(request_id, stream, error)
         if tell_instance and stream.instance_id is not None:
             self._send_abort(stream.instance_id, request_id)
-
-    def _keep_for_reader(self, request_id: str, stream: _Stream) -> None:
-        if not stream.reading:  # its reader may be about to call stream(): keep the end for it
-            if len(self._undelivered) >= _MAX_UNDELIVERED:
-                del self._undelivered[next(iter(self._undelivered))]
-            self._undelivered[request_id] = stream
 
     def _notify_abort(self, request_id: str) -> None:
         for listener in self.listeners:

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sutra.core.request import RequestSpec
@@ -30,10 +30,10 @@ from sutra.engine.client import (
     EngineOverloadedError,
     PromptRequest,
     RequestDelta,
-    RequestInfo,
     RequestMoved,
 )
 from sutra.engine.engine import LLMEngine
+from sutra.engine.streams import Stream, StreamHub
 from sutra.errors import InvalidRequestError, SutraError
 from sutra.outputs import RequestOutput
 from sutra.sampling_params import SamplingParams
@@ -44,24 +44,14 @@ T = TypeVar("T")
 # After a step that could schedule nothing (every waiting client throttled, nothing fits), the loop
 # sleeps until an add or abort arrives, or this long, so that a reopening rate window is noticed.
 IDLE_POLL_S = 0.05
-# Streams that ended in an error before their reader arrived, kept for it (bounded: a reader that
-# never comes must not leak them).
-_MAX_UNDELIVERED = 256
 
 
-@dataclass
-class _Stream:
-    queue: asyncio.Queue[RequestDelta | BaseException | None]  # None: aborted
+@dataclass(kw_only=True)
+class _Stream(Stream):
     params: SamplingParams
-    spec: RequestSpec
     sent_text: list[int]  # per completion: characters already handed out
     sent_tokens: list[int]
     holdback: int  # characters kept back while a stop string may still be forming
-    admitted: asyncio.Future[float | None]  # the completion estimate, once the engine holds the request
-    estimate: tuple[float, float] | None = None  # (seconds, monotonic time it was made)
-    prompt_token_ids: list[int] = field(default_factory=list)
-    arrival_time: float = 0.0
-    reading: bool = False  # a reader has called stream()
 
 
 @dataclass
@@ -73,17 +63,18 @@ class _Add:
     arrival_time: float
 
 
-class AsyncEngine:
+class AsyncEngine(StreamHub):
     """The local EngineClient (sutra/engine/client.py)."""
 
+    _streams: dict[str, _Stream]
+
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+        super().__init__()
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.max_waiting_requests = max_waiting_requests
         self.listeners: list[EngineListener] = []
-        self._streams: dict[str, _Stream] = {}
-        self._undelivered: dict[str, _Stream] = {}
         self._pending_adds: list[_Add] = []
         self._pending_aborts: list[str] = []
         self._wakeup = asyncio.Event()
@@ -92,8 +83,6 @@ class AsyncEngine:
         self._between_steps = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sutra-step")
         self._task: asyncio.Task[None] | None = None
-        self._draining = False
-        self._dead_reason: str | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -120,32 +109,6 @@ class AsyncEngine:
         while one changes the queues."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.engine.scheduler.load_summary, self._draining)
-
-    @property
-    def dead_reason(self) -> str | None:
-        """Why the engine loop stopped; None while it runs (or before it starts)."""
-        return self._dead_reason
-
-    @property
-    def is_draining(self) -> bool:
-        return self._draining
-
-    @property
-    def num_in_flight(self) -> int:
-        """Requests submitted and not yet finished, failed or aborted."""
-        return len(self._streams)
-
-    def begin_drain(self) -> None:
-        """Refuse new requests from now on (EngineDrainingError); those in flight carry on. Only sets
-        a flag, so a signal handler may call it."""
-        self._draining = True
-
-    def abort_all(self, error: Exception) -> int:
-        """End every request in flight with `error` (its stream raises it); returns how many."""
-        request_ids = list(self._streams)
-        for request_id in request_ids:
-            self._end_stream(request_id, error)
-        return len(request_ids)
 
     # ---- requests --------------------------------------------------------------------------
     @property
@@ -210,27 +173,6 @@ class AsyncEngine:
             self._pending_adds.append(_Add(request_id, prompt_token_ids, params, spec, now))
         self._wakeup.set()
 
-    async def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:
-        """Deltas of a submitted request until it finishes. Leaving early (e.g. the client went
-        away and the task was cancelled) aborts the request and frees its KV blocks."""
-        stream = self._streams.get(request_id) or self._undelivered.pop(request_id, None)
-        if stream is None:
-            raise EngineDeadError(self._dead_reason or f"request {request_id!r} is not in flight")
-        stream.reading = True
-        finished = False
-        try:
-            while not finished:
-                item = await stream.queue.get()
-                if item is None:
-                    return  # aborted: nothing more will come
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
-
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, **submit_kwargs: Any
     ) -> AsyncIterator[RequestDelta]:
@@ -244,27 +186,9 @@ class AsyncEngine:
         if stream is not None:
             self._notify_abort(request_id)  # while listeners can still look the request up
             del self._streams[request_id]
-            stream.queue.put_nowait(None)  # wakes a reader, which then ends
-            if not stream.admitted.done():
-                stream.admitted.set_result(None)
+            self._close(request_id, stream, None)  # wakes a reader, which then ends
             self._pending_aborts.append(request_id)
             self._wakeup.set()
-
-    async def estimated_finish(self, request_id: str) -> float | None:
-        """Seconds from when the engine took the request until it should finish (the PCS idea);
-        waits for the engine loop to take it (at the latest after the current step)."""
-        stream = self._streams.get(request_id)
-        return None if stream is None else await stream.admitted
-
-    def estimate_of(self, request_id: str) -> tuple[float, float] | None:
-        stream = self._streams.get(request_id)
-        return None if stream is None else stream.estimate
-
-    def request_info(self, request_id: str) -> RequestInfo | None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return None
-        return RequestInfo(stream.spec.client, stream.prompt_token_ids, stream.arrival_time)
 
     # ---- requests that move to and from other instances (sutra/engine/migration_endpoint.py) -----
     async def between_steps(self, fn: Callable[..., T], *args: Any) -> T:
@@ -283,7 +207,7 @@ class AsyncEngine:
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return False
-        self._deliver(request_id, stream, RequestMoved(request_id, destination))
+        self._close(request_id, stream, RequestMoved(request_id, destination))
         return True
 
     def take_over(
@@ -426,7 +350,7 @@ class AsyncEngine:
                 continue  # aborted while the step ran; the abort is pending
             if out.error is not None:  # this request alone failed in the step
                 del self._streams[out.request_id]
-                self._deliver(out.request_id, stream, out.error)
+                self._close(out.request_id, stream, out.error)
                 continue
             try:
                 deltas.append(self._delta(out, stream))
@@ -478,18 +402,9 @@ class AsyncEngine:
             return
         self._notify_abort(request_id)  # while listeners can still look the request up
         del self._streams[request_id]
-        self._deliver(request_id, stream, error)
+        self._close(request_id, stream, error)
         self._pending_aborts.append(request_id)
         self._wakeup.set()
-
-    def _deliver(self, request_id: str, stream: _Stream, error: BaseException) -> None:
-        stream.queue.put_nowait(error)
-        if not stream.admitted.done():
-            stream.admitted.set_result(None)
-        if not stream.reading:  # its reader may be about to call stream(): keep the error for it
-            if len(self._undelivered) >= _MAX_UNDELIVERED:
-                del self._undelivered[next(iter(self._undelivered))]
-            self._undelivered[request_id] = stream
 
     def _die(self, cause: BaseException) -> None:
         """The loop is ending: no waiter may hang, and new requests are refused from now on."""
@@ -501,7 +416,7 @@ class AsyncEngine:
         error = EngineDeadError(self._dead_reason)
         for request_id, stream in list(self._streams.items()):
             self._notify_abort(request_id)
-            self._deliver(request_id, stream, error)
+            self._close(request_id, stream, error)
         self._streams.clear()
         self._pending_adds.clear()
 

@@ -59,7 +59,17 @@ def test_deltas_add_up_to_the_offline_result(engine):
 def test_text_that_may_start_a_stop_string_is_held_back():
     params = SamplingParams(stop=["\n\nUser"])
     admitted = asyncio.new_event_loop().create_future()
-    stream = _Stream(asyncio.Queue(), params, RequestSpec(), [0], [0], len("\n\nUser") - 1, admitted)
+    stream = _Stream(
+        queue=asyncio.Queue(),
+        spec=RequestSpec(),
+        prompt_token_ids=[5],
+        arrival_time=0.0,
+        admitted=admitted,
+        params=params,
+        sent_text=[0],
+        sent_tokens=[0],
+        holdback=len("\n\nUser") - 1,
+    )
     completion = CompletionOutput(index=0, text="Hello\n\nUs", token_ids=[1, 2, 3])
     out = RequestOutput("r", None, [5], [completion], RequestMetrics(arrival_time=0.0))
     first = AsyncEngine._delta(out, stream).completions[0]
