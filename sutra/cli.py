@@ -1,4 +1,4 @@
-"""`sutra generate | chat | serve | bench`: the command line."""
+"""`sutra generate | chat | serve | bench | profile`: the command line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sutra.engine.engine import LLMEngine
 from sutra.errors import SutraError
 from sutra.sampling_params import SamplingParams
 from sutra.server.launcher import add_serve_args, cmd_serve
+from sutra.sim.cli import add_profile_parser
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.set_defaults(func=lambda args: cmd_serve(args, engine_config(args)))
     add_bench_parser(sub)
+    add_profile_parser(sub, add_engine_args, engine_config)
     return parser
 
 

@@ -1,0 +1,138 @@
+"""`sutra profile`: measure this machine's step latency for the current model, for the cost model.
+
+Each point times the model runner (ModelRunner.run: the forward pass over the flattened batch, the
+LM head and the sampler, what one engine step costs beyond the scheduler) on a batch the scheduler can
+form: one prefill chunk of `chunk` tokens after `context` cached tokens, or a batch of `batch`
+decodes each at `context` tokens. Requests are handed to the runner through its ordinary diff
+(NewRequestData) with distinct KV blocks where the cache holds them (the KV contents do not change
+the time), so the kernels run as in serving. Each point is the median of `reps` runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sutra.core.output import NewRequestData, SchedulerOutput
+from sutra.engine.engine import LLMEngine
+from sutra.sampling_params import SamplingParams
+
+PROFILE_VERSION = 1
+GREEDY = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+
+@dataclass
+class PrefillPoint:
+    chunk: int  # tokens computed in the step
+    context: int  # tokens already cached before the chunk
+    seconds: float
+
+
+@dataclass
+class DecodePoint:
+    batch: int  # decodes in the step
+    context: int  # tokens each one attends to before its new token
+    seconds: float
+
+
+@dataclass
+class Profile:
+    model: str
+    dtype: str
+    device: str
+    num_threads: int
+    block_size: int
+    machine: str
+    prefill: list[PrefillPoint] = field(default_factory=list)
+    decode: list[DecodePoint] = field(default_factory=list)
+    version: int = PROFILE_VERSION
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        data = json.loads(Path(path).read_text())
+        if data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"{path}: profile version {data.get('version')!r}, expected {PROFILE_VERSION}")
+        data["prefill"] = [PrefillPoint(**p) for p in data["prefill"]]
+        data["decode"] = [DecodePoint(**p) for p in data["decode"]]
+        return cls(**data)
+
+
+class _Bench:
+    """Runs crafted batches through an engine's runner; the scheduler is not involved."""
+
+    def __init__(self, engine: LLMEngine, reps: int) -> None:
+        self.runner = engine.runner
+        self.block_size = engine.kv.block_size
+        self.num_blocks = engine.kv.pool.num_blocks
+        self.vocab = engine.arch.vocab_size
+        self.reps = reps
+        self._ids = 0
+
+    def time_batch(self, slices: list[tuple[int, int]]) -> float:
+        """Median seconds of one step over (context, new tokens) slices."""
+        times = []
+        for rep in range(self.reps + 1):  # the first run warms up
+            scheduled, out = {}, SchedulerOutput()
+            next_block = 0
+            for context, new in slices:
+                self._ids += 1
+                rid = f"profile-{self._ids}"
+                total = context + new
+                needed = -(-total // self.block_size)
+                if next_block + needed > self.num_blocks:
+                    next_block = 0  # the cache is full: share blocks (rarely, for the largest batches)
+                blocks = list(range(next_block, next_block + needed))
+                next_block += needed
+                tokens = [(7 * i + 11) % self.vocab for i in range(total)]
+                out.new_requests.append(NewRequestData(rid, tokens, total, blocks, context, GREEDY))
+                scheduled[rid] = new
+            out.num_scheduled_tokens = scheduled
+            self.runner.apply_diff(out)
+            start = time.perf_counter()
+            self.runner.run(scheduled)
+            elapsed = time.perf_counter() - start
+            self.runner.apply_diff(SchedulerOutput(finished_request_ids=list(scheduled)))
+            if rep:
+                times.append(elapsed)
+        return statistics.median(times)
+
+
+def profile_engine(
+    engine: LLMEngine,
+    chunks: list[int],
+    contexts: list[int],
+    batches: list[int],
+    reps: int = 3,
+    model_name: str = "",
+) -> Profile:
+    """Measure prefill chunks at each context and decode batches at each context (points that
+    exceed the context length or the KV cache are skipped)."""
+    bench = _Bench(engine, reps)
+    limit = min(engine.max_model_len, engine.kv.pool.num_blocks * engine.kv.block_size)
+    profile = Profile(
+        model=model_name,
+        dtype=str(engine.runner.dtype).removeprefix("torch."),
+        device=str(engine.runner.device),
+        num_threads=torch.get_num_threads(),
+        block_size=engine.kv.block_size,
+        machine=platform.processor() or platform.machine(),
+    )
+    for context in contexts:
+        for chunk in chunks:
+            if context + chunk <= limit:
+                seconds = bench.time_batch([(context, chunk)])
+                profile.prefill.append(PrefillPoint(chunk, context, seconds))
+        for batch in batches:
+            if context + 1 <= limit:
+                seconds = bench.time_batch([(context, 1)] * batch)
+                profile.decode.append(DecodePoint(batch, context, seconds))
+    return profile
