@@ -1,4 +1,4 @@
-"""A fake model runner for scheduler tests: it 'computes' slices and samples a fixed token."""
+"""Scheduler test helpers: requests, schedulers, and the simulator's executor as the model runner."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import itertools
 
 from sutra.config import SchedulerConfig
 from sutra.core.kv_cache import KVCacheManager
-from sutra.core.output import RunnerOutput, SchedulerOutput
+from sutra.core.output import SchedulerOutput
 from sutra.core.policies import Policy
 from sutra.core.request import Request, RequestSpec
 from sutra.core.scheduler import Scheduler
 from sutra.sampling_params import SamplingParams
+from sutra.sim.executor import SimExecutor
 
 _ids = itertools.count()
 
@@ -58,39 +59,8 @@ def make_scheduler(
     return Scheduler(cfg, kv, max_model_len=max_model_len, policy=None if isinstance(policy, str) else policy)
 
 
-class FakeRunner:
-    """Mirrors the real runner's contract: keeps per-request state from the diff-style output and
-    samples (token 7, or the token given per request) when a slice reaches the end of known tokens."""
-
-    def __init__(self, token: int = 7) -> None:
-        self.token = token
-        self.state: dict[str, dict] = {}
-        self.steps: list[SchedulerOutput] = []
-
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        self.steps.append(out)
-        for rid in out.finished_request_ids + out.preempted_request_ids:
-            self.state.pop(rid, None)
-        for new in out.new_requests:
-            assert new.request_id not in self.state
-            self.state[new.request_id] = {
-                "tokens": list(new.token_ids),
-                "computed": new.num_computed_tokens,
-                "blocks": list(new.block_ids),
-            }
-        for cached in out.cached_requests:
-            st = self.state[cached.request_id]
-            assert st["computed"] == cached.num_computed_tokens
-            st["blocks"].extend(cached.new_block_ids)
-        result = RunnerOutput()
-        for rid, n in out.num_scheduled_tokens.items():
-            st = self.state[rid]
-            st["computed"] += n
-            assert st["computed"] <= len(st["tokens"])
-            if st["computed"] == len(st["tokens"]):
-                st["tokens"].append(self.token)
-                result.sampled_token_ids[rid] = self.token
-        return result
+# The scheduler tests drive the simulator's executor: one runner contract for both.
+FakeRunner = SimExecutor
 
 
 def step(scheduler: Scheduler, runner: FakeRunner) -> SchedulerOutput:

@@ -1,0 +1,56 @@
+"""SimExecutor: a model runner with no model. It keeps the per-request state the real runner keeps,
+from the scheduler's diff-style output (checking that the two agree), "computes" the scheduled
+slices, samples a fixed token where a slice reaches the end of a request's known tokens, and, with a
+cost model, says how long the real step would have taken.
+
+It is the scheduler's executor in the simulator and in the scheduler's unit tests alike, so the two
+exercise one contract. Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sutra.core.output import RunnerOutput, SchedulerOutput
+
+
+class SimExecutor:
+    def __init__(self, token: int = 7, cost_model: Any = None, keep_steps: bool = True) -> None:
+        self.token = token
+        self.cost_model = cost_model  # sutra.sim.cost_model.CostModel, or None: steps take no time
+        self.keep_steps = keep_steps  # keep every SchedulerOutput (tests read them; long runs should not)
+        self.state: dict[str, dict] = {}
+        self.steps: list[SchedulerOutput] = []
+        self.last_step_seconds = 0.0
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        if self.keep_steps:
+            self.steps.append(out)
+        for rid in out.finished_request_ids + out.preempted_request_ids:
+            self.state.pop(rid, None)
+        for new in out.new_requests:
+            if new.request_id in self.state:
+                raise RuntimeError(f"request {new.request_id} is new to the executor twice")
+            self.state[new.request_id] = {
+                "tokens": list(new.token_ids),
+                "computed": new.num_computed_tokens,
+                "blocks": list(new.block_ids),
+            }
+        for cached in out.cached_requests:
+            st = self.state[cached.request_id]
+            if st["computed"] != cached.num_computed_tokens:
+                raise RuntimeError(f"executor and scheduler disagree on request {cached.request_id}")
+            st["blocks"].extend(cached.new_block_ids)
+        slices = []
+        result = RunnerOutput()
+        for rid, n in out.num_scheduled_tokens.items():
+            st = self.state[rid]
+            slices.append((st["computed"], n))
+            st["computed"] += n
+            if st["computed"] > len(st["tokens"]):
+                raise RuntimeError(f"request {rid} was scheduled past its known tokens")
+            if st["computed"] == len(st["tokens"]):
+                st["tokens"].append(self.token)
+                result.sampled_token_ids[rid] = self.token
+        self.last_step_seconds = self.cost_model.step_seconds(slices) if self.cost_model and slices else 0.0
+        return result
