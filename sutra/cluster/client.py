@@ -47,7 +47,6 @@ from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.client import (
     EngineDeadError,
-    EngineDrainingError,
     EngineListener,
     EngineOverloadedError,
     PromptRequest,
@@ -243,23 +242,11 @@ class ClusterClient(StreamHub):
         )
 
     # ---- requests --------------------------------------------------------------------------
-    async def encode(self, prompt: str) -> list[int]:
-        """Tokenize in a worker thread, off the event loop."""
-        return await asyncio.to_thread(self.tokenizer.encode, prompt)
-
-    async def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True
-    ) -> list[int]:
-        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
-
     async def submit_many(self, requests: list[PromptRequest], spec: RequestSpec = RequestSpec()) -> None:
         """Send the requests, all together and all or none, to the instance the dispatch policy
         picks. Raises what the instance raised (InvalidRequestError, EngineOverloadedError), or
         EngineOverloadedError when no instance could take them."""
-        if self._dead_reason is not None:
-            raise EngineDeadError(self._dead_reason)
-        if self._draining:
-            raise EngineDrainingError("the server is shutting down and takes no new requests; retry later")
+        self._check_accepting()
         seen: set[str] = set()
         for request_id, _, _ in requests:
             if request_id in self._streams or request_id in seen:

@@ -25,7 +25,6 @@ from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.client import (
     CompletionDelta,
     EngineDeadError,
-    EngineDrainingError,
     EngineListener,
     EngineOverloadedError,
     PromptRequest,
@@ -115,15 +114,6 @@ class AsyncEngine(StreamHub):
     def num_waiting(self) -> int:
         return self.engine.scheduler.num_waiting + len(self._pending_adds)
 
-    async def encode(self, prompt: str) -> list[int]:
-        """Tokenize in a worker thread, off the event loop."""
-        return await asyncio.to_thread(self.engine.encode_prompt, prompt)
-
-    async def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True
-    ) -> list[int]:
-        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
-
     async def submit(
         self,
         request_id: str,
@@ -137,10 +127,7 @@ class AsyncEngine(StreamHub):
     async def submit_many(self, requests: list[PromptRequest], spec: RequestSpec = RequestSpec()) -> None:
         """Validate and queue (request id, prompt token ids, params) triples, all or none: if one is
         invalid, or they do not all fit under the waiting bound, nothing is queued."""
-        if self._dead_reason is not None:
-            raise EngineDeadError(self._dead_reason)
-        if self._draining:
-            raise EngineDrainingError("the server is shutting down and takes no new requests; retry later")
+        self._check_accepting()
         limit = self.max_waiting_requests
         if limit is not None and len(requests) > limit:
             # Retrying cannot help: the batch would not fit even into an empty queue.

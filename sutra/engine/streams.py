@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from sutra.core.request import RequestSpec
-from sutra.engine.client import EngineDeadError, RequestDelta, RequestInfo
+from sutra.engine.client import EngineDeadError, EngineDrainingError, RequestDelta, RequestInfo
+from sutra.model.tokenizer import Tokenizer
 
 # Streams that ended before their reader arrived, kept for it (bounded: a reader that never comes
 # must not leak them).
@@ -30,8 +31,10 @@ class Stream:
 
 
 class StreamHub:
-    """The requests in flight by id, and the EngineClient methods that only read them. Subclasses
-    implement abort() and _end_stream()."""
+    """The requests in flight by id, and the EngineClient methods that only read them or the
+    tokenizer. Subclasses set `tokenizer` and implement abort() and _end_stream()."""
+
+    tokenizer: Tokenizer
 
     def __init__(self) -> None:
         self._streams: dict[str, Stream] = {}
@@ -66,11 +69,27 @@ class StreamHub:
             self._end_stream(request_id, error)
         return len(request_ids)
 
+    def _check_accepting(self) -> None:
+        """Raise what a new request gets from an engine that is dead or draining."""
+        if self._dead_reason is not None:
+            raise EngineDeadError(self._dead_reason)
+        if self._draining:
+            raise EngineDrainingError("the server is shutting down and takes no new requests; retry later")
+
     def _end_stream(self, request_id: str, error: BaseException) -> None:
         raise NotImplementedError
 
     def abort(self, request_id: str) -> None:
         raise NotImplementedError
+
+    # ---- tokenization, off the event loop -----------------------------------------------------
+    async def encode(self, prompt: str) -> list[int]:
+        return await asyncio.to_thread(self.tokenizer.encode, prompt)
+
+    async def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> list[int]:
+        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
 
     # ---- reading ---------------------------------------------------------------------------
     async def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:
