@@ -13,7 +13,7 @@ import pytest
 from sutra import LLM, SamplingParams
 from sutra.core.migration import MigrationAborted
 from sutra.engine.engine import LLMEngine
-from sutra.engine.kv_transfer import KVLayoutMismatchError
+from sutra.engine.kv_transfer import KVLayout, KVLayoutMismatchError
 from sutra.outputs import RequestOutput
 from tests.engine.reference import hf_greedy, hf_model
 
@@ -57,6 +57,16 @@ def move(src: LLMEngine, dst: LLMEngine, rid: str, outputs: dict[str, RequestOut
     dst.migration_target.commit("m", moved, blocks)
     src.migration_source.commit("m")
     return stages
+
+
+def decoding_and_moving(src: LLMEngine) -> tuple[list[int], dict[str, RequestOutput], KVLayout]:
+    """Request "r" decoding on src (5 steps in), its migration "m" begun; returns its prompt, the
+    outputs so far and the layout the destination must match."""
+    prompt = prompt_ids(src, QUESTIONS[0])
+    outputs: dict[str, RequestOutput] = {}
+    src.add_request("r", prompt, GREEDY)
+    run(src, outputs, steps=5)
+    return prompt, outputs, src.migration_source.begin("r", "m", last_stage_blocks=0)
 
 
 def assert_no_leak(*engines: LLMEngine) -> None:
@@ -108,11 +118,7 @@ def test_seeded_sampling_is_unchanged_by_a_move(engines):
 
 def test_a_refused_move_leaves_the_request_running_on_the_source(engines):
     src, dst = engines
-    prompt = prompt_ids(src, QUESTIONS[0])
-    outputs: dict[str, RequestOutput] = {}
-    src.add_request("r", prompt, GREEDY)
-    run(src, outputs, steps=5)
-    layout = src.migration_source.begin("r", "m", last_stage_blocks=0)
+    prompt, outputs, layout = decoding_and_moving(src)
     with pytest.raises(KVLayoutMismatchError, match="block_size"):
         dst.migration_target.open("m", "r", dataclasses.replace(layout, block_size=32))
     dst.migration_target.open("m", "r", layout)
@@ -133,11 +139,7 @@ def test_a_refused_move_leaves_the_request_running_on_the_source(engines):
 
 def test_an_abort_after_pause_resumes_the_request_and_frees_the_destination(engines):
     src, dst = engines
-    prompt = prompt_ids(src, QUESTIONS[0])
-    outputs: dict[str, RequestOutput] = {}
-    src.add_request("r", prompt, GREEDY)
-    run(src, outputs, steps=5)
-    layout = src.migration_source.begin("r", "m", last_stage_blocks=0)
+    prompt, outputs, layout = decoding_and_moving(src)
     dst.migration_target.open("m", "r", layout)
     while (blocks := src.migration_source.stage("m")) is not None:
         dst.migration_target.stage("m", blocks)
