@@ -9,15 +9,22 @@ exercise one contract. Plain Python: no torch.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Protocol
 
 from sutra.core.output import RunnerOutput, SchedulerOutput
 
 
+class StepCost(Protocol):
+    """What prices a step: seconds for a batch of (cached context, new tokens) slices."""
+
+    def step_seconds(self, slices: Iterable[tuple[int, int]]) -> float: ...
+
+
 class SimExecutor:
-    def __init__(self, token: int = 7, cost_model: Any = None, keep_steps: bool = True) -> None:
+    def __init__(self, token: int = 7, cost_model: StepCost | None = None, keep_steps: bool = True) -> None:
         self.token = token
-        self.cost_model = cost_model  # sutra.sim.cost_model.CostModel, or None: steps take no time
+        self.cost_model = cost_model  # None: steps take no time
         self.keep_steps = keep_steps  # keep every SchedulerOutput (tests read them; long runs should not)
         self.state: dict[str, dict] = {}
         self.steps: list[SchedulerOutput] = []

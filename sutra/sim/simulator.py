@@ -17,8 +17,7 @@ from sutra.core.kv_cache import KVCacheManager
 from sutra.core.request import Request, RequestSpec
 from sutra.core.scheduler import Scheduler
 from sutra.sampling_params import SamplingParams
-from sutra.sim.cost_model import CostModel
-from sutra.sim.executor import SimExecutor
+from sutra.sim.executor import SimExecutor, StepCost
 
 IDLE_STEP_S = 0.05  # an engine with work it cannot schedule (rate limits) looks again this often
 
@@ -88,56 +87,101 @@ class SimResult:
         }
 
 
+class SimEngine:
+    """One simulated engine instance: a real scheduler and KV manager with SimExecutor, on its own
+    clock. `now` is when the engine is next free to step: a step that starts at `now` ends at
+    `now + cost`. Requests are added when the clock has reached their arrival."""
+
+    def __init__(self, scheduler: Scheduler, cost_model: StepCost, name: str = "engine") -> None:
+        self.name = name
+        self.scheduler = scheduler
+        self.kv = scheduler.kv
+        self.executor = SimExecutor(cost_model=cost_model, keep_steps=False)
+        self.traces: dict[str, SimTrace] = {}
+        self.now = 0.0
+        self.num_steps = 0
+
+    @classmethod
+    def build(
+        cls,
+        scheduler_config: SchedulerConfig,
+        cost_model: StepCost,
+        num_blocks: int,
+        block_size: int = 16,
+        max_model_len: int = 8192,
+        enable_prefix_caching: bool = True,
+        name: str = "engine",
+    ) -> SimEngine:
+        kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        return cls(Scheduler(scheduler_config, kv, max_model_len), cost_model, name)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def add(self, spec: SimRequest) -> Request:
+        """Hand the engine a request that has arrived (its clock moves up to the arrival if idle)."""
+        if not self.has_work():
+            self.now = max(self.now, spec.arrival_time)
+        tokens = spec.prompt_token_ids
+        if tokens is None:  # unique per request: no accidental prefix-cache hits
+            seed = len(self.traces) * 7919 + sum(map(ord, self.name))
+            tokens = [(seed + k * 31) % 50_000 + 17 for k in range(spec.prompt_len)]
+        params = SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0)
+        request = Request(spec.request_id, tokens, params, arrival_time=spec.arrival_time, spec=spec.spec)
+        self.scheduler.add_request(request)
+        self.traces[spec.request_id] = SimTrace(spec.arrival_time)
+        return request
+
+    def step(self, wait_until: float = float("inf")) -> list[Request]:
+        """Run one step from `now` and stamp its tokens; returns the requests that got one. When
+        nothing can be scheduled (every waiting client throttled), the clock moves on by
+        IDLE_STEP_S, or to `wait_until` (the next arrival) if that is sooner."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            self.executor.execute(out)  # the executor still drops finished requests' state
+            self.now = min(self.now + IDLE_STEP_S, max(wait_until, self.now))
+            return []
+        runner_out = self.executor.execute(out)
+        self.now += self.executor.last_step_seconds
+        self.num_steps += 1
+        stepped = self.scheduler.update_from_output(out, runner_out)
+        for request in stepped:
+            trace = self.traces.get(request.request_id)
+            if trace is not None:
+                trace.token_times.append(self.now)
+                trace.num_preemptions = request.num_preemptions
+        return stepped
+
+
 class Simulator:
+    """One engine over a whole workload: arrivals join when the clock passes them, an idle engine
+    jumps to the next arrival."""
+
     def __init__(
         self,
         scheduler_config: SchedulerConfig,
-        cost_model: CostModel,
+        cost_model: StepCost,
         num_blocks: int,
         block_size: int = 16,
         max_model_len: int = 8192,
         enable_prefix_caching: bool = True,
     ) -> None:
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, self.kv, max_model_len)
-        self.executor = SimExecutor(cost_model=cost_model, keep_steps=False)
-        self.now = 0.0
+        self.engine = SimEngine.build(
+            scheduler_config, cost_model, num_blocks, block_size, max_model_len, enable_prefix_caching
+        )
+        self.scheduler = self.engine.scheduler
+        self.kv = self.engine.kv
 
     def run(self, requests: list[SimRequest], max_steps: int = 10_000_000) -> SimResult:
+        engine = self.engine
         pending = sorted(requests, key=lambda r: r.arrival_time)
-        traces: dict[str, SimTrace] = {}
-        self.now = pending[0].arrival_time if pending else 0.0
-        start, steps, i = self.now, 0, 0
-        while i < len(pending) or self.scheduler.has_unfinished_requests():
-            while i < len(pending) and pending[i].arrival_time <= self.now:
-                self._add(pending[i], traces)
+        engine.now = start = pending[0].arrival_time if pending else engine.now
+        i = 0
+        while i < len(pending) or engine.has_work():
+            while i < len(pending) and (pending[i].arrival_time <= engine.now or not engine.has_work()):
+                engine.add(pending[i])
                 i += 1
-            if not self.scheduler.has_unfinished_requests():
-                self.now = pending[i].arrival_time
-                continue
-            out = self.scheduler.schedule()
-            if out.is_empty:  # nothing can run now (every waiting client throttled): wait
-                self.executor.execute(out)  # the executor still drops finished requests' state
-                nxt = pending[i].arrival_time if i < len(pending) else float("inf")
-                self.now = min(self.now + IDLE_STEP_S, nxt)
-                continue
-            runner_out = self.executor.execute(out)
-            self.now += self.executor.last_step_seconds
-            for request in self.scheduler.update_from_output(out, runner_out):
-                trace = traces[request.request_id]
-                trace.token_times.append(self.now)
-                trace.num_preemptions = request.num_preemptions
-            steps += 1
-            if steps >= max_steps:
+            engine.step(pending[i].arrival_time if i < len(pending) else float("inf"))
+            if engine.num_steps >= max_steps:
                 raise RuntimeError(f"the simulation did not finish within {max_steps} steps")
-        return SimResult(traces, self.now - start, steps, self.scheduler.num_preemptions)
-
-    def _add(self, spec: SimRequest, traces: dict[str, SimTrace]) -> None:
-        tokens = spec.prompt_token_ids
-        if tokens is None:  # unique per request: no accidental prefix-cache hits
-            seed = len(traces) * 7919
-            tokens = [(seed + k * 31) % 50_000 + 17 for k in range(spec.prompt_len)]
-        params = SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0)
-        request = Request(spec.request_id, tokens, params, arrival_time=spec.arrival_time, spec=spec.spec)
-        self.scheduler.add_request(request)
-        traces[spec.request_id] = SimTrace(spec.arrival_time)
+        return SimResult(engine.traces, engine.now - start, engine.num_steps, self.scheduler.num_preemptions)
