@@ -1,9 +1,9 @@
 """The rules that shape one iteration's batch, in one place.
 
-Three parts of the engine build batches: the scheduler (for real, allocating KV), its admission check
-for preemption (a dry run: would the head of the queue start if these requests were gone?), and the
-completion estimator (a replay of many iterations without KV). They differ in what they track, not in
-the rules, so the rules live here:
+Two parts of the scheduler build batches: schedule() (for real, allocating KV) and its admission check
+for preemption (a dry run: would the head of the queue start if these requests were gone?). They
+differ in what they track, not in the rules, so the rules live here. (The simulator and the completion
+estimator run the scheduler itself, so they follow these rules too.)
 
 - slots: at most `max_num_seqs` running requests;
 - budget: at most `max_num_batched_tokens` tokens per iteration;

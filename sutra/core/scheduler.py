@@ -11,7 +11,8 @@ Modes (the baselines are the same code with one switch, so benchmarks compare in
 - prefill_first: vLLM-v0-like; an iteration with prompts to admit runs only prompts (whole), and
   the running decodes wait for it.
 The rules of a batch (seats, budget, slice sizes, order, modes) are BatchRules (batch_rules.py),
-shared with the preemption check below and with the completion estimator's replay.
+shared with the preemption check below. The completion estimator runs this scheduler itself, on a
+fork (sutra/sim/fork.py), so it has no rules of its own.
 
 Preemption for a waiting request: before anything is scheduled, if the next waiting request could not
 start this iteration (no free seat, too few free KV blocks, or no token budget left after the running

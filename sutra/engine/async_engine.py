@@ -242,7 +242,7 @@ class AsyncEngine(StreamHub):
                     async with self._between_steps:  # no migration operation runs meanwhile
                         added = self._apply_pending()
                     if added:
-                        # The estimate replays the scheduler over the whole queue: off the event loop.
+                        # The estimate simulates the scheduler forward (bounded): off the event loop.
                         estimates = await loop.run_in_executor(self._executor, self._estimates, added)
                         self._publish_estimates(added, estimates)
                     if not self.engine.has_unfinished_requests():

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sutra.config import EngineConfig
-from sutra.core.estimator import CompletionEstimator
 from sutra.core.kv_cache import KVCacheManager, prefix_cache_root
 from sutra.core.output import RunnerOutput
 from sutra.core.request import Request, RequestSpec, RequestStatus
@@ -24,6 +23,7 @@ from sutra.model.fingerprint import model_fingerprint
 from sutra.model.loader import load_model
 from sutra.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sutra.sampling_params import SamplingParams
+from sutra.sim.estimator import CompletionEstimator
 
 logger = logging.getLogger(__name__)
 

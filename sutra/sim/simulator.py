@@ -10,7 +10,7 @@ chunking, preemption and the policy's order included, because they are the real 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sutra.config import SchedulerConfig
 from sutra.core.kv_cache import KVCacheManager
@@ -18,6 +18,7 @@ from sutra.core.request import Request, RequestSpec
 from sutra.core.scheduler import Scheduler
 from sutra.sampling_params import SamplingParams
 from sutra.sim.executor import SimExecutor, StepCost
+from sutra.sim.fork import fork_scheduler
 
 IDLE_STEP_S = 0.05  # an engine with work it cannot schedule (rate limits) looks again this often
 
@@ -115,6 +116,16 @@ class SimEngine:
         kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         return cls(Scheduler(scheduler_config, kv, max_model_len), cost_model, name)
 
+    @classmethod
+    def fork(cls, scheduler: Scheduler, cost_model: StepCost, name: str = "fork") -> SimEngine:
+        """An engine on an exact copy of a live scheduler (sutra/sim/fork.py), its clock at 0, that
+        runs that state forward without touching the original; the copy's policy clocks move with
+        this engine's."""
+        engine: SimEngine
+        forked = fork_scheduler(scheduler, elapsed=lambda: engine.now)
+        engine = cls(forked, cost_model, name)
+        return engine
+
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
@@ -172,16 +183,29 @@ class Simulator:
         self.scheduler = self.engine.scheduler
         self.kv = self.engine.kv
 
-    def run(self, requests: list[SimRequest], max_steps: int = 10_000_000) -> SimResult:
+    def run(
+        self, requests: list[SimRequest], max_steps: int = 10_000_000, max_concurrency: int | None = None
+    ) -> SimResult:
+        """Simulate the workload to the end. With `max_concurrency`, a request whose arrival finds
+        that many in flight is sent when one finishes (as `sutra bench serve --max-concurrency`
+        does): its arrival time, from which its TTFT counts, becomes that moment."""
         engine = self.engine
         pending = sorted(requests, key=lambda r: r.arrival_time)
         engine.now = start = pending[0].arrival_time if pending else engine.now
+        limit = max_concurrency or len(pending) + 1
         i = 0
         while i < len(pending) or engine.has_work():
-            while i < len(pending) and (pending[i].arrival_time <= engine.now or not engine.has_work()):
-                engine.add(pending[i])
+            while i < len(pending) and len(self.scheduler.requests) < limit:
+                if pending[i].arrival_time > engine.now and engine.has_work():
+                    break
+                spec = pending[i]
+                if spec.arrival_time < engine.now:  # held back by the concurrency limit
+                    spec = replace(spec, arrival_time=engine.now)
+                engine.add(spec)
                 i += 1
-            engine.step(pending[i].arrival_time if i < len(pending) else float("inf"))
+            may_send = i < len(pending) and len(self.scheduler.requests) < limit
+            next_arrival = pending[i].arrival_time if may_send else float("inf")
+            engine.step(next_arrival)
             if engine.num_steps >= max_steps:
                 raise RuntimeError(f"the simulation did not finish within {max_steps} steps")
         return SimResult(engine.traces, engine.now - start, engine.num_steps, self.scheduler.num_preemptions)
