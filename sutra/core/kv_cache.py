@@ -140,8 +140,12 @@ class KVCacheManager:
     def usage(self) -> float:
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._tables.get(request_id, [])]
+    def block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """The request's block ids from its `start`-th block on."""
+        return [b.block_id for b in self._tables.get(request_id, [])[start:]]
+
+    def num_request_blocks(self, request_id: str) -> int:
+        return len(self._tables.get(request_id, ()))
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -187,8 +191,14 @@ class KVCacheManager:
         """Give the request blocks for num_new_tokens more tokens; False (and no change) if short.
         `cached` are prefix-cache hits for a request that has no blocks yet."""
         table = self._tables.get(request.request_id, [])
-        reusable_free = sum(1 for b in cached if b.ref_count == 0)
         total = request.num_computed_tokens + num_new_tokens
+        if not cached and table and len(table) * self.block_size >= total:
+            # Most decode steps: the last block has room and no block fills up to publish.
+            if not self.enable_prefix_caching or total // self.block_size <= self._num_registered.get(
+                request.request_id, 0
+            ):
+                return True
+        reusable_free = sum(1 for b in cached if b.ref_count == 0)
         new_blocks = self.blocks_needed(total) - len(table) - len(cached)
         if new_blocks > self.num_free_blocks - reusable_free:
             return False

@@ -325,7 +325,6 @@ class Scheduler:
     def _emit(self, out: SchedulerOutput, scheduled: dict[Request, int]) -> SchedulerOutput:
         for request, num_tokens in scheduled.items():
             rid = request.request_id
-            block_ids = self.kv.block_ids(rid)
             known = self._runner_blocks.get(rid)
             if known is None:
                 out.new_requests.append(
@@ -333,16 +332,16 @@ class Scheduler:
                         request_id=rid,
                         token_ids=list(request.token_ids),
                         num_prompt_tokens=request.num_prompt_tokens,
-                        block_ids=block_ids,
+                        block_ids=self.kv.block_ids(rid),
                         num_computed_tokens=request.num_computed_tokens,
                         sampling_params=request.sampling_params,
                     )
                 )
-            else:
+            else:  # only the blocks the runner has not seen (most steps: none)
                 out.cached_requests.append(
-                    CachedRequestData(rid, block_ids[known:], request.num_computed_tokens)
+                    CachedRequestData(rid, self.kv.block_ids(rid, known), request.num_computed_tokens)
                 )
-            self._runner_blocks[rid] = len(block_ids)
+            self._runner_blocks[rid] = self.kv.num_request_blocks(rid)
             out.num_scheduled_tokens[rid] = num_tokens
         return out
 
