@@ -11,6 +11,14 @@ from sutra.config import EngineConfig
 from sutra.engine.engine import LLMEngine
 from sutra.sim.cost_model import FEATURES, CostModel
 from sutra.sim.profile import profile_engine
+from sutra.sim.roofline import (
+    DEVICES,
+    RooflineCostModel,
+    device_spec,
+    kv_cache_blocks,
+    model_shape,
+    roofline_profile,
+)
 
 
 def _sizes(text: str) -> list[int]:
@@ -37,7 +45,29 @@ def add_profile_parser(
     p.add_argument("--contexts", type=_sizes, default=[0, 512, 2048], help="cached tokens before each batch")
     p.add_argument("--batches", type=_sizes, default=[1, 4, 16, 64], help="decode batch sizes")
     p.add_argument("--reps", type=int, default=5, help="timed runs per point (the median is kept)")
-    p.set_defaults(func=lambda args: cmd_profile(args, engine_config(args)))
+    p.add_argument(
+        "--roofline",
+        choices=sorted(DEVICES),
+        default=None,
+        help="compute the points from this GPU's roofline instead of measuring (no engine is built)",
+    )
+    p.add_argument(
+        "--shape", default="llama-3-8b", help="model shape for --roofline (a preset or mistral-7b)"
+    )
+    p.set_defaults(
+        func=lambda args: (
+            cmd_roofline_profile(args) if args.roofline else cmd_profile(args, engine_config(args))
+        )
+    )
+
+
+def cmd_roofline_profile(args: argparse.Namespace) -> None:
+    model = RooflineCostModel(device_spec(args.roofline), model_shape(args.shape))
+    profile = roofline_profile(model, args.chunks, args.contexts, args.batches, args.block_size)
+    profile.save(args.output)
+    blocks = kv_cache_blocks(model.device, model.shape, args.block_size)
+    print(f"wrote {args.output}: {len(profile.prefill)} prefill and {len(profile.decode)} decode points")
+    print(f"roofline: {args.shape} on {args.roofline}, {blocks} KV blocks of {args.block_size} tokens fit")
 
 
 def cmd_profile(args: argparse.Namespace, config: EngineConfig) -> None:

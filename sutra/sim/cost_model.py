@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sutra.sim.executor import StepCost
 from sutra.sim.profile import Profile
+from sutra.sim.roofline import RooflineCostModel
 
 FEATURES = ("constant", "tokens", "sequences", "prefill_attention", "decode_attention")
 
@@ -82,3 +84,12 @@ class CostModel:
         """|predicted - measured| / measured at every point of a profile."""
         batches, seconds = profile_batches(profile)
         return [abs(self.step_seconds(b) - s) / s for b, s in zip(batches, seconds, strict=True)]
+
+
+def load_cost_model(profile: Profile) -> StepCost:
+    """What prices the simulator's steps for a profile: a roofline-derived profile gives the roofline
+    itself (its max() kinks, where a batch turns compute-bound, are what chunking trades on, and a
+    linear fit would blur them); a measured one gives the cost model fitted to it."""
+    if profile.roofline is not None:
+        return RooflineCostModel.from_dict(profile.roofline)
+    return CostModel.fit(profile)

@@ -52,6 +52,9 @@ class Profile:
     prefill: list[PrefillPoint] = field(default_factory=list)
     decode: list[DecodePoint] = field(default_factory=list)
     version: int = PROFILE_VERSION
+    # Set when the points are computed from a roofline, not measured: RooflineCostModel.to_dict()
+    # (device, shape, step overhead). Version 1 files without it load as measured.
+    roofline: dict | None = None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
