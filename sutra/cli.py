@@ -1,4 +1,4 @@
-"""`sutra generate | chat | serve | bench | profile`: the command line."""
+"""`sutra generate | chat | serve | bench | profile | simulate | plan`: the command line."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sutra.engine.engine import LLMEngine
 from sutra.errors import SutraError
 from sutra.sampling_params import SamplingParams
 from sutra.server.launcher import add_serve_args, cmd_serve
-from sutra.sim.cli import add_profile_parser
+from sutra.sim.cli import add_plan_parser, add_profile_parser, add_simulate_parser
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=lambda args: cmd_serve(args, engine_config(args)))
     add_bench_parser(sub)
     add_profile_parser(sub, add_engine_args, engine_config)
+    add_simulate_parser(sub, add_engine_args, engine_config)
+    add_plan_parser(sub, add_engine_args, engine_config)
     return parser
 
 

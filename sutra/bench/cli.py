@@ -36,6 +36,11 @@ def add_bench_parser(subparsers: Any) -> None:
 
 
 def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
+    add_server_args(parser)
+    add_workload_args(parser)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     server.add_argument("--base-url", default=None, help=f"server root URL (default {DEFAULT_BASE_URL})")
     server.add_argument("--host", default=None, help="server host, when --base-url is not given")
@@ -45,6 +50,10 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument("--model", default=None, help="model name to send (default: first id at /v1/models)")
     server.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY if set)")
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The prompts, the arrival process and the report: what `sutra simulate` shares with `bench serve`."""
 
     data = parser.add_argument_group("prompts")
     data.add_argument("--dataset-name", default="random", choices=DATASET_NAMES)
@@ -107,12 +116,19 @@ def base_url_of(args: argparse.Namespace) -> str:
     return f"http://{args.host or '127.0.0.1'}:{args.port or 8000}"
 
 
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
+def config_from_args(args: argparse.Namespace, server: bool = True) -> BenchConfig:
+    """The benchmark's config; with server=False (a parser without the server options) the server
+    fields keep their defaults."""
+    target: dict[str, Any] = {}
+    if server:
+        target = {
+            "base_url": base_url_of(args),
+            "endpoint": args.endpoint,
+            "model": args.model,
+            "api_key": args.api_key or os.environ.get("OPENAI_API_KEY") or None,
+        }
     config = BenchConfig(
-        base_url=base_url_of(args),
-        endpoint=args.endpoint,
-        model=args.model,
-        api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None,
+        **target,
         dataset_name=args.dataset_name,
         dataset_path=args.dataset_path,
         tokenizer=args.tokenizer,

@@ -52,6 +52,8 @@ class BenchResult:
     json_path: Path | None = None
     plot_path: Path | None = None
     errors: list[str] = field(default_factory=list)  # distinct error texts of failed requests
+    source: str | None = None  # where the figures come from; None: the server at config.base_url
+    extra: dict[str, Any] = field(default_factory=dict)  # more keys for the result JSON
 
     def report(self) -> str:
         return format_report(
@@ -67,7 +69,7 @@ class BenchResult:
         record: dict[str, Any] = {
             "date": self.started_at.strftime("%Y%m%d-%H%M%S"),
             "model_id": self.model,
-            "base_url": self.config.server_url,
+            "base_url": self.source or self.config.server_url,
             "endpoint": self.config.endpoint,
             "dataset_name": self.config.dataset_name,
             "num_prompts": len(self.requests),
@@ -80,6 +82,7 @@ class BenchResult:
         }
         record.update(metrics_json(self.metrics))
         record.update(requests_json(self.outputs, self.run_start))
+        record.update(self.extra)
         return record
 
     def default_stem(self) -> str:

@@ -55,6 +55,10 @@ class Profile:
     # Set when the points are computed from a roofline, not measured: RooflineCostModel.to_dict()
     # (device, shape, step overhead). Version 1 files without it load as measured.
     roofline: dict | None = None
+    # The engine's KV geometry, so a simulation sizes its pool as the engine would (0: not recorded).
+    bytes_per_block: int = 0  # KV bytes of one block, all layers
+    num_kv_blocks: int = 0  # the profiled engine's pool (a roofline: what fits on the device)
+    max_model_len: int = 0
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -128,6 +132,9 @@ def profile_engine(
         num_threads=torch.get_num_threads(),
         block_size=engine.kv.block_size,
         machine=platform.processor() or platform.machine(),
+        bytes_per_block=engine.runner.bytes_per_block(),
+        num_kv_blocks=engine.kv.pool.num_blocks,
+        max_model_len=engine.max_model_len,
     )
     for context in contexts:
         for chunk in chunks:

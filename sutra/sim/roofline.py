@@ -236,6 +236,8 @@ def roofline_profile(
         block_size=block_size,
         machine="roofline",
         roofline=model.to_dict(),
+        bytes_per_block=block_size * model.shape.kv_bytes_per_token,
+        num_kv_blocks=kv_cache_blocks(model.device, model.shape, block_size),
     )
     for context in contexts:
         for chunk in chunks:

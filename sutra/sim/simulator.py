@@ -193,19 +193,23 @@ class Simulator:
         pending = sorted(requests, key=lambda r: r.arrival_time)
         engine.now = start = pending[0].arrival_time if pending else engine.now
         limit = max_concurrency or len(pending) + 1
+        slot_freed = -float("inf")  # when the number in flight last dropped below the limit
         i = 0
         while i < len(pending) or engine.has_work():
             while i < len(pending) and len(self.scheduler.requests) < limit:
                 if pending[i].arrival_time > engine.now and engine.has_work():
                     break
                 spec = pending[i]
-                if spec.arrival_time < engine.now:  # held back by the concurrency limit
-                    spec = replace(spec, arrival_time=engine.now)
+                if spec.arrival_time < slot_freed:  # it arrived while every slot was taken
+                    spec = replace(spec, arrival_time=slot_freed)
                 engine.add(spec)
                 i += 1
             may_send = i < len(pending) and len(self.scheduler.requests) < limit
             next_arrival = pending[i].arrival_time if may_send else float("inf")
+            was_full = len(self.scheduler.requests) >= limit
             engine.step(next_arrival)
+            if was_full and len(self.scheduler.requests) < limit:
+                slot_freed = engine.now
             if engine.num_steps >= max_steps:
                 raise RuntimeError(f"the simulation did not finish within {max_steps} steps")
         return SimResult(engine.traces, engine.now - start, engine.num_steps, self.scheduler.num_preemptions)

@@ -1,0 +1,220 @@
+"""Simulator validation: simulated vs measured TTFT, TBT and throughput on the serving workload.
+
+1. `sutra profile` measures this machine's step latency for the served model (same dtype, threads
+   and token budget as the server), in a process of its own with the machine to itself.
+2. For each scheduling mode (sarathi, prefill_first) a real server runs the serving benchmark's
+   workload (`benchmarks/serving.py`: chat-length prompts with a 2048-token prompt as every 8th
+   request, exact output lengths, Poisson arrivals) at several rates through `sutra bench serve`'s
+   client; `sutra simulate`'s engine then runs the same prompts on the same arrival schedule, with the
+   same engine options, against the profile.
+3. Side by side: TTFT and TBT (the inter-token gaps, ITL) at P50/P90/P99 and output throughput, with
+   the relative error (simulated - measured) / measured.
+
+Writes benchmarks/results/sim-validation-cpu.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from serving import RESULTS, ServerSpec, build_requests, running
+
+from sutra.bench.arrivals import arrival_offsets
+from sutra.bench.config import BenchConfig
+from sutra.bench.serve import BenchResult, run_benchmark
+from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sutra.sim.capacity import Slo, find_capacity
+from sutra.sim.cost_model import load_cost_model
+from sutra.sim.profile import Profile
+from sutra.sim.simulate import run_simulation, sim_requests, simulate
+
+PERCENTILES = (50.0, 90.0, 99.0)
+COMPARED = [(f"p{int(p)}_{m}", m, p) for m in ("ttft", "itl") for p in PERCENTILES]
+
+
+def profile(args: argparse.Namespace, path: Path) -> None:
+    cmd = [sys.executable, "-m", "sutra.cli", "profile", "--output", str(path), "--dtype", args.dtype]
+    cmd += ["--num-threads", str(args.threads), "--max-num-batched-tokens", str(args.budget)]
+    cmd += ["--chunks", f"16,64,128,{args.budget}", "--contexts", "0,512,2048", "--batches", "1,4,8,16,32"]
+    print("== profile:", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def server_spec(mode: str, args: argparse.Namespace) -> ServerSpec:
+    cmd = [sys.executable, "-m", "sutra.cli", "serve", "--port", str(args.port), "--dtype", args.dtype]
+    cmd += ["--scheduling-mode", mode, "--max-num-batched-tokens", str(args.budget)]
+    cmd += ["--num-threads", str(args.threads), "--kv-cache-memory-gb", str(args.kv_cache_gb)]
+    cmd += ["--max-waiting-requests", "100000"]
+    return ServerSpec(f"sutra-{mode}", cmd, {})
+
+
+def choose_rates(args: argparse.Namespace, profile_path: Path) -> list[float]:
+    """Rates at the given fractions of sarathi's simulated capacity (median TTFT <= 2 s, the
+    scheduling-delay bound of Sarathi-Serve's capacity experiment): light, medium and near-full load."""
+    profile = Profile.load(profile_path)
+    cost = load_cost_model(profile)
+    samples = build_requests(args.num_requests, args.seed)
+    config = engine_config(args, "sarathi")
+
+    def run_at(rate: float):
+        offsets = arrival_offsets(len(samples), rate, 1.0, np.random.default_rng([args.seed, 3]))
+        return simulate(sim_requests(samples, offsets, [None] * len(samples)), config, profile, cost)
+
+    found = find_capacity(run_at, Slo(p50_ttft_s=2.0).meets, low=0.1, high=1.0, tolerance=0.05)
+    print(f"== simulated capacity (sarathi, median TTFT <= 2 s): {found.capacity:.3f} req/s", flush=True)
+    return [round(f * found.capacity, 3) for f in args.load_fractions]
+
+
+def engine_config(args: argparse.Namespace, mode: str) -> EngineConfig:
+    """What the server runs (serving.py's sutra_spec), as the simulator's engine options."""
+    return EngineConfig(
+        model=ModelConfig(dtype=args.dtype, num_threads=args.threads),
+        cache=CacheConfig(kv_cache_memory_gb=args.kv_cache_gb),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.budget, mode=mode),
+    )
+
+
+def bench_config(base: str, rate: float, args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        base_url=base,
+        request_rate=rate,
+        seed=args.seed,
+        metric_percentiles=PERCENTILES,
+        percentile_metrics=("ttft", "tpot", "itl", "e2el"),
+        disable_tqdm=True,
+        send_min_tokens=True,
+    )
+
+
+def figures(result: BenchResult) -> dict[str, float]:
+    m = result.metrics
+    out = {key: m.latencies[metric].percentiles_ms[p] for key, metric, p in COMPARED}
+    out["output_throughput"] = m.output_throughput
+    out["completed"] = m.completed
+    return out
+
+
+def compare(measured: dict[str, float], simulated: dict[str, float]) -> dict[str, float]:
+    keys = [k for k, _, _ in COMPARED] + ["output_throughput"]
+    return {k: (simulated[k] - measured[k]) / measured[k] for k in keys if measured[k] > 0}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default=None, help="comma-separated req/s (default: from --load-fractions)")
+    p.add_argument(
+        "--load-fractions",
+        type=lambda t: [float(x) for x in t.split(",")],
+        default=[0.3, 0.6, 0.9],
+        help="rates as fractions of sarathi's simulated capacity",
+    )
+    p.add_argument("--modes", default="sarathi,prefill_first")
+    p.add_argument("--num-requests", type=int, default=48, help="requests of each run")
+    p.add_argument("--budget", type=int, default=256, help="token budget per iteration")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-gb", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8191)
+    p.add_argument("--profile", type=Path, default=None, help="reuse this profile instead of measuring one")
+    p.add_argument("--out", type=Path, default=RESULTS / "sim-validation-cpu.json")
+    args = p.parse_args(argv)
+    log_dir = RESULTS.parent / "out" / "sim-validation-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    profile_path = args.profile or log_dir / "profile.json"
+    if args.profile is None:
+        profile(args, profile_path)
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else choose_rates(args, profile_path)
+    report: dict[str, Any] = {
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "rates": rates,
+        "runs": [],
+    }
+    for mode in args.modes.split(","):
+        print(f"== sutra {mode}", flush=True)
+        with running(server_spec(mode, args), args.port, log_dir) as base:
+            run_benchmark(bench_config(base, float("inf"), args), build_requests(8, args.seed + 99))
+            for k, rate in enumerate(rates):
+                requests = build_requests(args.num_requests, args.seed + k)
+                config = bench_config(base, rate, args)
+                measured = figures(run_benchmark(config, requests))
+                start = time.perf_counter()
+                sim = run_simulation(config, engine_config(args, mode), profile_path, samples=requests)
+                row = {
+                    "mode": mode,
+                    "rate": rate,
+                    "measured": measured,
+                    "simulated": figures(sim),
+                    "simulation_wall_s": time.perf_counter() - start,
+                }
+                row["error"] = compare(row["measured"], row["simulated"])
+                report["runs"].append(row)
+                print_row(row)
+    report["summary"] = summarize(report["runs"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    plot(report, args.out.with_suffix(".png"))
+    print(json.dumps(report["summary"], indent=2))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def print_row(row: dict[str, Any]) -> None:
+    cells = [
+        f"{k} {row['measured'][k]:.0f}/{row['simulated'][k]:.0f} ms ({row['error'].get(k, 0):+.0%})"
+        for k, _, _ in COMPARED
+    ]
+    tput = "output_throughput"
+    cells.append(f"tok/s {row['measured'][tput]:.1f}/{row['simulated'][tput]:.1f}")
+    print(f"  {row['mode']} {row['rate']:g} req/s (measured/simulated): " + ", ".join(cells), flush=True)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and max |error| per figure over all runs."""
+    out: dict[str, Any] = {}
+    for key in [k for k, _, _ in COMPARED] + ["output_throughput"]:
+        errors = sorted(abs(r["error"][key]) for r in runs if key in r["error"])
+        if errors:
+            out[key] = {"median_abs_error": errors[len(errors) // 2], "max_abs_error": errors[-1]}
+    return out
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    runs = report["runs"]
+    modes = list(dict.fromkeys(r["mode"] for r in runs))
+    fig = Figure(figsize=(13, 4 * len(modes)), layout="constrained")
+    axes = fig.subplots(len(modes), 3, squeeze=False)
+    for row, mode in enumerate(modes):
+        mine = [r for r in runs if r["mode"] == mode]
+        rates = [r["rate"] for r in mine]
+        for col, (metric, unit) in enumerate([("ttft", "ms"), ("itl", "ms"), ("output_throughput", "tok/s")]):
+            ax = axes[row][col]
+            keys = [f"p{int(p)}_{metric}" for p in PERCENTILES] if metric != "output_throughput" else [metric]
+            for key in keys:
+                (line,) = ax.plot(rates, [r["measured"][key] for r in mine], "o-", label=f"{key} measured")
+                ax.plot(
+                    rates,
+                    [r["simulated"][key] for r in mine],
+                    "x--",
+                    color=line.get_color(),
+                    label="simulated",
+                )
+            ax.set_title(f"{mode}: {metric}")
+            ax.set_xlabel("request rate (req/s)")
+            ax.set_ylabel(unit)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="x-small")
+    fig.suptitle("Simulated (x, dashed) vs measured (o, solid), serving workload, same arrivals")
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
