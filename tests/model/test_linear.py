@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sutra.model import linear as linear_module
 from sutra.model.cpu_kernels import cpu_kernels
@@ -101,3 +102,14 @@ def test_invariant_linear_without_the_kernels_is_refused(monkeypatch):
     monkeypatch.setattr(linear_module, "cpu_kernels", lambda: None)
     with pytest.raises(ValueError, match="C\\+\\+ CPU kernels"):
         InvariantLinear(torch.randn(16, 16))
+
+
+@pytest.mark.parametrize("rows", [2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_two_or_three_fp32_rows_are_padded_to_the_gemm_and_give_the_same_product(rows, bias):
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64), torch.randn(rows, 64)
+    b = torch.randn(96) if bias else None
+    out = Linear(weight, b)(x)
+    assert out.shape == (rows, 96)
+    torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
