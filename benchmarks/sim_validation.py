@@ -42,7 +42,14 @@ COMPARED = [(f"p{int(p)}_{m}", m, p) for m in ("ttft", "itl") for p in PERCENTIL
 def profile(args: argparse.Namespace, path: Path) -> None:
     cmd = [sys.executable, "-m", "sutra.cli", "profile", "--output", str(path), "--dtype", args.dtype]
     cmd += ["--num-threads", str(args.threads), "--max-num-batched-tokens", str(args.budget)]
-    cmd += ["--chunks", f"16,64,128,{args.budget}", "--contexts", "0,512,2048", "--batches", "1,4,8,16,32"]
+    cmd += [
+        "--chunks",
+        f"16,64,128,{args.budget}",
+        "--contexts",
+        "0,512,2048",
+        "--batches",
+        "1,2,3,4,8,16,32",
+    ]
     print("== profile:", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)
 

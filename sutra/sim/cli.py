@@ -43,7 +43,7 @@ def add_profile_parser(
     p.add_argument("--output", required=True, help="where to write the profile JSON")
     p.add_argument("--chunks", type=_sizes, default=[16, 64, 256, 512], help="prefill chunk sizes (tokens)")
     p.add_argument("--contexts", type=_sizes, default=[0, 512, 2048], help="cached tokens before each batch")
-    p.add_argument("--batches", type=_sizes, default=[1, 4, 16, 64], help="decode batch sizes")
+    p.add_argument("--batches", type=_sizes, default=[1, 2, 4, 16, 64], help="decode batch sizes")
     p.add_argument("--reps", type=int, default=5, help="timed runs per point (the median is kept)")
     p.add_argument(
         "--roofline",

@@ -3,11 +3,15 @@
 A step computes slices (context tokens already cached, new tokens). Its time is modelled as
 
     t = k0 + k1 * tokens + k2 * sequences + k3 * prefill_attention + k4 * decode_attention
+          + k5 * multi_row
 
 - tokens: new tokens in the batch (the linear layers' rows),
 - sequences: slices in the batch (one LM-head row and one sampler row each, per-sequence overhead),
 - prefill_attention: sum over chunks of new * (context + new / 2) (query-key pairs of a causal chunk),
-- decode_attention: sum over decodes of context + 1 (cached rows read once per decode).
+- decode_attention: sum over decodes of context + 1 (cached rows read once per decode),
+- multi_row: 1 when the step has more than one new token. A one-row step's matrix products are
+  matrix-vector products, a different kernel (on this CPU, MKL's fp32 GEMV against a GEMM: one
+  decode costs 53 ms, two or three 73 ms, eight 71 ms for the default model).
 
 The coefficients are non-negative and fitted by least squares on relative error (every point counts
 alike whether it takes 2 ms or 2 s), so the model is as good on small decode steps as on long prefills.
@@ -25,7 +29,7 @@ from sutra.sim.executor import StepCost
 from sutra.sim.profile import Profile
 from sutra.sim.roofline import RooflineCostModel
 
-FEATURES = ("constant", "tokens", "sequences", "prefill_attention", "decode_attention")
+FEATURES = ("constant", "tokens", "sequences", "prefill_attention", "decode_attention", "multi_row")
 
 
 def features(slices: Iterable[tuple[int, int]]) -> list[float]:
@@ -38,7 +42,7 @@ def features(slices: Iterable[tuple[int, int]]) -> list[float]:
             decode += context + 1
         else:
             prefill += new * (context + new / 2)
-    return [1.0, tokens, sequences, prefill, decode]
+    return [1.0, tokens, sequences, prefill, decode, 1.0 if tokens > 1 else 0.0]
 
 
 def profile_batches(profile: Profile) -> tuple[list[list[tuple[int, int]]], list[float]]:

@@ -26,8 +26,8 @@ from sutra.sim.cluster import (
 from sutra.sim.cost_model import CostModel
 from sutra.sim.simulator import SimRequest, Simulator
 
-CONSTANT = CostModel((0.01, 0.0, 0.0, 0.0, 0.0))  # every step takes 10 ms
-PER_TOKEN = CostModel((0.005, 2e-5, 1e-4, 0.0, 1e-7))  # longer batches take longer
+CONSTANT = CostModel((0.01, 0.0, 0.0, 0.0, 0.0, 0.0))  # every step takes 10 ms
+PER_TOKEN = CostModel((0.005, 2e-5, 1e-4, 0.0, 1e-7, 0.0))  # longer batches take longer
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -19,13 +19,13 @@ def synthetic(coefficients: tuple[float, ...]) -> Profile:
     for context in (0, 256, 1024):
         for chunk in (16, 128, 512):
             profile.prefill.append(PrefillPoint(chunk, context, truth.step_seconds([(context, chunk)])))
-        for batch in (1, 8, 32):
+        for batch in (1, 2, 8, 32):
             profile.decode.append(DecodePoint(batch, context, truth.step_seconds([(context, 1)] * batch)))
     return profile
 
 
 def test_known_coefficients_are_recovered():
-    truth = (2e-3, 5e-5, 1e-4, 3e-9, 2e-7)
+    truth = (2e-3, 5e-5, 1e-4, 3e-9, 2e-7, 4e-3)
     model = CostModel.fit(synthetic(truth))
     assert model.coefficients == pytest.approx(truth, rel=1e-6)
     assert max(model.relative_errors(synthetic(truth))) < 1e-6
@@ -33,7 +33,7 @@ def test_known_coefficients_are_recovered():
 
 def test_coefficients_stay_non_negative():
     # A profile that a negative per-sequence cost would fit better: the fit must not use one.
-    profile = synthetic((2e-3, 5e-5, 0.0, 3e-9, 2e-7))
+    profile = synthetic((2e-3, 5e-5, 0.0, 3e-9, 2e-7, 4e-3))
     for point in profile.decode:
         point.seconds *= 1 - 0.01 * point.batch / 32
     model = CostModel.fit(profile)
@@ -48,7 +48,9 @@ def test_features_split_prefill_and_decode_work():
         "sequences": 2.0,
         "prefill_attention": 64 * 32,
         "decode_attention": 101.0,
+        "multi_row": 1.0,
     }
+    assert features([(100, 1)])[-1] == 0.0  # one decode alone: a matrix-vector step
 
 
 def test_a_real_profile_round_trips_and_the_fit_predicts_it(tmp_path):

@@ -11,7 +11,7 @@ from sutra.core.request import RequestSpec
 from sutra.sim.cost_model import CostModel
 from sutra.sim.simulator import SimRequest, Simulator
 
-CONSTANT = CostModel((0.01, 0.0, 0.0, 0.0, 0.0))  # every step takes 10 ms
+CONSTANT = CostModel((0.01, 0.0, 0.0, 0.0, 0.0, 0.0))  # every step takes 10 ms
 
 
 def test_one_request_takes_its_prefill_chunks_then_one_step_per_token():
@@ -27,7 +27,7 @@ def test_one_request_takes_its_prefill_chunks_then_one_step_per_token():
 
 def test_prefill_first_stalls_decodes_that_sarathi_keeps_running():
     def tbt_p99(mode: str) -> float:
-        model = CostModel((0.005, 2e-4, 0.0, 0.0, 0.0))
+        model = CostModel((0.005, 2e-4, 0.0, 0.0, 0.0, 0.0))
         sim = Simulator(SchedulerConfig(max_num_batched_tokens=256, mode=mode), model, num_blocks=512)
         requests = [
             SimRequest(f"r{i}", arrival_time=0.05 * i, prompt_len=1000, output_len=40) for i in range(8)
