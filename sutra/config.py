@@ -58,6 +58,9 @@ class SchedulerConfig:
     # its load summary counts this many more blocks as used, so dispatch and migration keep other
     # work away and the urgent request keeps room to grow. 0: off.
     priority_headroom_blocks: int = 0
+    # A prefill instance of disaggregated serving (DistServe): a single-sample request stops after
+    # its first token and waits, holding its KV, for a decode instance to take it (scheduler.parked).
+    hand_off_after_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

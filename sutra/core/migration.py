@@ -53,12 +53,17 @@ class OutgoingMigration:
     sent_blocks: int = 0  # blocks of the request's table already copied
     stages: int = 0
     phase: Phase = Phase.PRECOPY
+    # A hand-off (disaggregated serving): the request is parked after its prefill, so there is no
+    # pre-copy (nothing runs meanwhile) and calling the move off leaves it parked for another try.
+    parked: bool = False
 
     @classmethod
     def begin(
         cls, scheduler: Scheduler, request_id: str, migration_id: str, **limits: int
     ) -> OutgoingMigration:
         request = scheduler.requests.get(request_id)
+        if request is not None and request_id in scheduler.parked:
+            return cls(migration_id, request_id, request.num_preemptions, max_stages=0, parked=True)
         if request is None or request.status is not RequestStatus.RUNNING:
             raise MigrationAborted(f"request {request_id!r} is not running here")
         if request.is_prefilling:
@@ -69,6 +74,8 @@ class OutgoingMigration:
         """Block ids for the next pre-copy stage (full blocks not sent yet), or None when it is time
         to pause: few enough blocks are left, or the stages are used up."""
         request = self._check(scheduler)
+        if self.parked:
+            return None
         full = request.num_computed_tokens // scheduler.kv.block_size
         new = scheduler.kv.block_ids(self.request_id)[self.sent_blocks : full]
         if len(new) <= self.last_stage_blocks or self.stages >= self.max_stages:
@@ -80,7 +87,8 @@ class OutgoingMigration:
     def pause(self, scheduler: Scheduler) -> tuple[Request, list[int]]:
         """Stop the request and return it with the block ids still to copy (the partial one too)."""
         request = self._check(scheduler)
-        scheduler.pause(self.request_id)
+        if not self.parked:
+            scheduler.pause(self.request_id)
         self.phase = Phase.PAUSED
         used = scheduler.kv.blocks_needed(request.num_computed_tokens)
         return request, scheduler.kv.block_ids(self.request_id)[self.sent_blocks : used]
@@ -96,8 +104,9 @@ class OutgoingMigration:
             raise MigrationAborted(f"request {self.request_id!r} ended while paused ({e})") from e
 
     def abort(self, scheduler: Scheduler) -> None:
-        """Call the move off: a paused request runs on here. Safe at any phase, and twice."""
-        if self.phase is Phase.PAUSED:
+        """Call the move off: a paused request runs on here (a parked one stays parked). Safe at
+        any phase, and twice."""
+        if self.phase is Phase.PAUSED and not self.parked:
             request = scheduler.requests.get(self.request_id)
             if request is not None and request.status is RequestStatus.PAUSED:
                 scheduler.resume(self.request_id)
@@ -108,6 +117,10 @@ class OutgoingMigration:
         if self.phase is not Phase.PRECOPY:
             raise MigrationAborted(f"migration {self.migration_id} is {self.phase.value}")
         request = scheduler.requests.get(self.request_id)
+        if self.parked:
+            if request is None or self.request_id not in scheduler.parked:
+                raise MigrationAborted(f"request {self.request_id!r} is no longer parked here")
+            return request
         if request is None or request.status is not RequestStatus.RUNNING:
             raise MigrationAborted(f"request {self.request_id!r} finished or stopped running")
         if request.num_preemptions != self.num_preemptions:

@@ -59,6 +59,8 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0
     stop_token_id: int | None = None  # the stop/eos token that finished the request
+    # Park after the first token, for a decode instance to take over (disaggregated serving).
+    hand_off: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)

@@ -55,6 +55,9 @@ class Scheduler:
         self.policy = policy if policy is not None else make_policy(config)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.running: list[Request] = []
+        # Requests past their first token waiting, with their KV, for a decode instance to take them
+        # (hand_off requests on a prefill instance), oldest first. PAUSED: never scheduled or preempted.
+        self.parked: dict[str, Request] = {}
         self._runner_blocks: dict[str, int] = {}  # requests whose state the runner holds -> its block count
         self._finished_for_runner: list[str] = []
         self.num_preemptions = 0
@@ -112,6 +115,7 @@ class Scheduler:
         with it, without finishing it."""
         request = self._moving(request_id, RequestStatus.PAUSED)
         request.status = RequestStatus.MIGRATED
+        self.parked.pop(request_id, None)
         self.policy.on_finished(request)
         self.kv.free(request)
         del self.requests[request_id]
@@ -156,6 +160,7 @@ class Scheduler:
             num_running=len(self.running),
             num_waiting=self.num_waiting,
             num_preemptions=self.num_preemptions,
+            num_parked=len(self.parked),
             kv_total_blocks=kv.pool.num_blocks,
             kv_free_blocks=kv.num_free_blocks,
             prefix_queries=kv.prefix_queries,
@@ -175,6 +180,7 @@ class Scheduler:
             headroom_blocks=headroom_blocks,
             draining=draining,
             num_preemptions=self.num_preemptions,
+            num_parked=len(self.parked),
         )
 
     # ---- one iteration ---------------------------------------------------------------------
@@ -363,6 +369,8 @@ class Scheduler:
             status = self._stop_status(request, token)
             if status is not None:
                 self._finish(request, status)
+            elif request.hand_off and request.num_output_tokens == 1:
+                self._park(request)
             updated.append(request)
         return updated
 
@@ -375,12 +383,19 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def _park(self, request: Request) -> None:
+        """The prompt is done and its first token out: hold the KV for a decode instance."""
+        self.running.remove(request)
+        request.status = RequestStatus.PAUSED
+        self.parked[request.request_id] = request
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.policy.remove(request)
         # A PAUSED request is in neither: it only holds its blocks.
+        self.parked.pop(request.request_id, None)
         request.status = status
         self.policy.on_finished(request)
         self.kv.free(request)

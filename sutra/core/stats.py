@@ -27,6 +27,11 @@ class InstanceLoad:
     headroom_blocks: int = 0  # kept free for high-priority requests
     draining: bool = False
     num_preemptions: int = 0  # since start: a rise between two summaries means memory pressure
+    num_parked: int = 0  # prefilled requests holding KV until a decode instance takes them
+
+    @property
+    def free_blocks(self) -> int:
+        return self.total_blocks - self.used_blocks
 
     @property
     def virtual_used_blocks(self) -> float:
@@ -50,6 +55,7 @@ class EngineStats:
     kv_free_blocks: int
     prefix_queries: int  # prompt tokens looked up in the prefix cache, since start
     prefix_hits: int  # of which found
+    num_parked: int = 0  # prefilled, waiting for a decode instance (disaggregated serving)
 
     @property
     def kv_usage(self) -> float:
@@ -69,4 +75,5 @@ class EngineStats:
             kv_free_blocks=sum(p.kv_free_blocks for p in parts),
             prefix_queries=sum(p.prefix_queries for p in parts),
             prefix_hits=sum(p.prefix_hits for p in parts),
+            num_parked=sum(p.num_parked for p in parts),
         )

@@ -168,6 +168,8 @@ class LLMEngine:
             [IncrementalDetokenizer(self.tokenizer, prompt_ids, params) for _ in child_ids],
             len(child_ids),
         )
+        # Only a single-sample request can move; one with n > 1 decodes where it prefilled.
+        hand_off = self.config.scheduler.hand_off_after_prefill and params.n == 1
         for i, child_id in enumerate(child_ids):
             child_params = params if params.n == 1 else self._child_params(params, i)
             self._child_to_parent[child_id] = (request_id, i)
@@ -179,6 +181,7 @@ class LLMEngine:
                     eos_token_ids=self.eos_token_ids,
                     arrival_time=arrival,
                     spec=spec,
+                    hand_off=hand_off,
                 )
             )
 

@@ -76,6 +76,8 @@ class MigrationSource:
         """Start moving a running request; returns the KV layout the destination must match."""
         if migration_id in self.outgoing:
             raise MigrationAborted(f"migration {migration_id} is already under way")
+        if any(m.request_id == request_id for m in self.outgoing.values()):
+            raise MigrationAborted(f"request {request_id!r} is already moving")
         if self.engine.num_samples(request_id) != 1:
             raise MigrationAborted(f"request {request_id!r} is not a running single-sample request here")
         self.outgoing[migration_id] = OutgoingMigration.begin(
