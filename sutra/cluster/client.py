@@ -41,7 +41,8 @@ from sutra.cluster.dispatch import (
     make_dispatch_policy,
 )
 from sutra.cluster.failover import Failover, Progress, instance_died_error
-from sutra.cluster.messages import InstanceInfo, InstanceReport, Update
+from sutra.cluster.handoff import HandOffs
+from sutra.cluster.messages import InstanceInfo, InstanceReport, InstanceRole, Update
 from sutra.cluster.migrator import Migrator
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
@@ -120,7 +121,7 @@ class ClusterClient(StreamHub):
         # Every instance runs the same model and config; the smallest limits are the safe ones.
         self.max_model_len = min(info.max_model_len for info in infos.values())
         self._max_request_tokens = min(info.max_request_tokens for info in infos.values())
-        self._block_size = min(info.block_size for info in infos.values())
+        self.block_size = min(info.block_size for info in infos.values())
         self.dispatch = make_dispatch_policy(dispatch) if isinstance(dispatch, str) else dispatch
         self.listeners: list[EngineListener] = []
         self.rpc_timeout_s = rpc_timeout_s
@@ -132,6 +133,7 @@ class ClusterClient(StreamHub):
         self.migrator = Migrator(self)
         self.affinity = PrefixAffinity()
         self.failover = Failover(self)
+        self.handoffs = HandOffs(self)
         self.rebalance_every = REBALANCE_EVERY
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -156,6 +158,7 @@ class ClusterClient(StreamHub):
         if tasks:
             await asyncio.wait(tasks)
         await self.failover.close()
+        await self.handoffs.close()
         # Aborts already queued still go out: their requests would otherwise run on for nobody.
         flushing = [inst.abort_task for inst in self._instances.values() if inst.abort_task is not None]
         if flushing:
@@ -185,6 +188,14 @@ class ClusterClient(StreamHub):
     def instance_ids(self) -> list[str]:
         """The instances alive (dispatch chooses among them)."""
         return [i for i, inst in self._instances.items() if inst.alive]
+
+    def role_of(self, instance_id: str) -> InstanceRole:
+        return self._instances[instance_id].info.role
+
+    @property
+    def disaggregated(self) -> bool:
+        """Whether prefill and decode run on separate instances (DistServe)."""
+        return any(inst.info.role == "decode" for inst in self._instances.values())
 
     def instance_of(self, request_id: str) -> str | None:
         """The instance holding a request in flight (None before its submit returned)."""
@@ -290,12 +301,15 @@ class ClusterClient(StreamHub):
         """Submit to one instance after another, as dispatch picks them, until one takes the
         requests; returns its id."""
         # The first prompt's prefix steers the batch: all its prompts go to one instance.
-        hashes = prefix_hashes(requests[0][1], self._block_size, spec.cache_salt)
+        hashes = prefix_hashes(requests[0][1], self.block_size, spec.cache_salt)
         request = self._dispatch_request(requests, self.affinity.lookup(hashes))
         tried: set[str] = set()
         refusal: EngineOverloadedError | None = None
         while True:
-            loads = {i: load for i, load in self.loads().items() if i not in tried}
+            # New work goes to instances that run prompts; decode instances get it by hand-off.
+            loads = {
+                i: load for i, load in self.loads().items() if i not in tried and self.role_of(i) != "decode"
+            }
             try:
                 instance_id = self.dispatch.choose(loads, request)
             except NoInstanceError as e:
@@ -330,7 +344,7 @@ class ClusterClient(StreamHub):
     def _dispatch_request(
         self, requests: list[PromptRequest], preferred: str | None = None
     ) -> DispatchRequest:
-        bs = self._block_size
+        bs = self.block_size
         return DispatchRequest(
             preferred=preferred,
             num_requests=sum(params.n for _, _, params in requests),
@@ -454,6 +468,9 @@ class ClusterClient(StreamHub):
                 self._end_stream(u.request_id, u.error or EngineDeadError("unknown"), tell_instance=False)
             elif u.kind == "moved":
                 pass  # the new holder was noted in _route
+            elif u.kind == "parked":
+                if stream.instance_id is not None:
+                    self.handoffs.parked(u.request_id, stream.instance_id, u.num_tokens)
             else:
                 error = EngineDeadError("the engine instance ended the request before it finished")
                 self._end_stream(u.request_id, error, tell_instance=False)
@@ -468,6 +485,11 @@ class ClusterClient(StreamHub):
             except Exception:
                 logger.exception("reading the instances' loads failed")
             rounds += 1
+            if self.handoffs.queue:
+                try:
+                    self.handoffs.assign()
+                except Exception:
+                    logger.exception("starting hand-offs failed")
             if self.dispatch.migrates and rounds % self.rebalance_every == 0:
                 if rebalancing is None or rebalancing.done():
                     rebalancing = asyncio.create_task(self._rebalance())

@@ -27,14 +27,23 @@ from typing import Any
 
 import torch
 
-from sutra.cluster.messages import InstanceInfo, InstanceReport, MigrationReply, Update, UpdateKind
+from sutra.cluster.messages import (
+    InstanceInfo,
+    InstanceReport,
+    InstanceRole,
+    MigrationReply,
+    PullReply,
+    Update,
+    UpdateKind,
+)
+from sutra.cluster.pull import MAX_OPEN_PULLS, PULL_WATERMARK, LocalTarget, RemoteSource
 from sutra.config import EngineConfig
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.async_engine import AsyncEngine
 from sutra.engine.client import EngineDeadError, PromptRequest, RequestMoved
 from sutra.engine.engine import LLMEngine
-from sutra.engine.migration_endpoint import MigrationEndpoint
+from sutra.engine.migration_endpoint import MigrationEndpoint, MigrationResult, migrate
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer
 
@@ -63,14 +72,18 @@ class InstanceActor:
         engine_config: EngineConfig,
         num_threads: int,
         max_waiting_requests: int | None = None,
+        role: InstanceRole = "mixed",
     ) -> None:
         # Ray sets OMP_NUM_THREADS=1 in actor processes, which torch would take as its default: the
         # thread count is always explicit here.
         torch.set_num_threads(num_threads)
         config = dataclasses.replace(
-            engine_config, model=dataclasses.replace(engine_config.model, num_threads=num_threads)
+            engine_config,
+            model=dataclasses.replace(engine_config.model, num_threads=num_threads),
+            scheduler=dataclasses.replace(engine_config.scheduler, hand_off_after_prefill=role == "prefill"),
         )
         self.instance_id = instance_id
+        self.role = role
         self._init_error: SutraError | None = None
         try:
             self.engine = LLMEngine(config)
@@ -81,6 +94,10 @@ class InstanceActor:
         # the actor's loop runs only inside its async methods.
         self._async = AsyncEngine(self.engine, max_waiting_requests=max_waiting_requests)
         self._migration = MigrationEndpoint(self._async)
+        if role == "decode":  # a pull never takes the room its own requests grow into
+            inbox = self.engine.migration_target.inbox
+            inbox.min_free_blocks = max(1, int(self.engine.kv.pool.num_blocks * PULL_WATERMARK))
+            inbox.max_open = MAX_OPEN_PULLS
         self._started = False
         self._info = InstanceInfo(
             instance_id=instance_id,
@@ -90,6 +107,7 @@ class InstanceActor:
             num_threads=torch.get_num_threads(),
             pid=os.getpid(),
             node=socket.gethostname(),
+            role=role,
         )
         self._outbox: list[Update] = []
         self._seq = 0
@@ -162,11 +180,16 @@ class InstanceActor:
 
     async def _forward(self, request_id: str) -> None:
         """Feed one request's deltas, and how it ended, into the outbox."""
-        finished = False
+        finished = parked = False
         try:
             async for delta in self._async.stream(request_id):
                 finished = delta.finished
                 self._post(request_id, "delta", delta=delta)
+                # The step that sampled its first token parked it (before its outputs were published).
+                request = self.engine.scheduler.parked.get(request_id) if self.role == "prefill" else None
+                if not parked and request is not None:
+                    parked = True
+                    self._post(request_id, "parked", num_tokens=request.num_computed_tokens)
             if not finished:
                 self._post(request_id, "ended")  # aborted here
         except RequestMoved as moved:
@@ -207,6 +230,21 @@ class InstanceActor:
         if op == "in_commit":  # the request runs here now: its progress leaves by this outbox
             self._start_forwarding(args[1].request_id, admission=False)
         return MigrationReply(value)
+
+    async def pull(self, source: Any, source_id: str, request_id: str, migration_id: str) -> PullReply:
+        """Take a request parked on prefill instance `source` (an actor handle): its KV crosses from
+        that actor to this one through Ray's object store, not through the front end. Refused
+        (nothing moves, the request stays parked there) when this instance is short of room."""
+        self._engine()
+        src = RemoteSource(source, source_id)
+        dst = LocalTarget(
+            self._migration, on_commit=lambda: self._start_forwarding(request_id, admission=False)
+        )
+        try:
+            result = await migrate(src, dst, request_id, migration_id, self.instance_id)
+        except Exception as e:  # the prefill instance died or timed out: the call-off ran
+            result = MigrationResult(migrated=False, reason=f"{type(e).__name__}: {e}", failed=True)
+        return PullReply(result, src.moved, dst.committed)
 
     async def migration_candidate(self) -> str | None:
         """The request to move when this instance must shed load: the decoding one that holds the

@@ -21,7 +21,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from sutra.cluster.client import ClusterClient, summarize_error
 from sutra.cluster.dispatch import DEFAULT_DISPATCH, DispatchPolicy
 from sutra.cluster.instance import InstanceActor
-from sutra.cluster.messages import InstanceInfo
+from sutra.cluster.messages import InstanceInfo, InstanceRole
 from sutra.config import EngineConfig
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer
@@ -86,7 +86,7 @@ class Cluster:
         infos: dict[str, InstanceInfo],
         tokenizer: Tokenizer,
         owns_ray: bool,
-        make_actor: Any = None,  # () -> actor handle of a new instance, for add_instance
+        make_actor: Any = None,  # (instance id, role) -> actor handle of a new instance, for add_instance
     ) -> None:
         self.actors = actors
         self.infos = infos
@@ -106,24 +106,56 @@ class Cluster:
         max_waiting_requests: int | None = None,
         ready_timeout_s: float = READY_TIMEOUT_S,
         object_store_memory: int = DEFAULT_OBJECT_STORE_BYTES,
+        prefill_instances: int = 0,
+        decode_instances: int = 0,
+        prefill_threads: int | None = None,
+        decode_threads: int | None = None,
     ) -> Cluster:
         """Start (or join) Ray and `num_instances` instances of `engine_config` (each with its own
-        KV cache of the configured size); returns once every instance has built its engine."""
-        if num_instances < 1:
+        KV cache of the configured size); returns once every instance has built its engine.
+
+        Disaggregated (DistServe): num_instances 0 and `prefill_instances` instances that run prompts
+        and `decode_instances` that take the requests over after their first token, each role with
+        its own thread count (default: threads_per_instance)."""
+        disaggregated = prefill_instances > 0 or decode_instances > 0
+        if disaggregated and (num_instances or prefill_instances < 1 or decode_instances < 1):
+            raise ValueError(
+                "disaggregated serving needs at least one prefill and one decode instance and no "
+                f"mixed ones, got {prefill_instances} prefill, {decode_instances} decode, {num_instances} mixed"
+            )
+        if not disaggregated and num_instances < 1:
             raise ValueError(f"the number of instances must be at least 1, got {num_instances}")
-        if threads_per_instance is not None and threads_per_instance < 1:
-            raise ValueError(f"threads per instance must be at least 1, got {threads_per_instance}")
-        threads = threads_per_instance or default_threads_per_instance(num_instances)
+        for name, value in (
+            ("threads per instance", threads_per_instance),
+            ("prefill threads", prefill_threads),
+            ("decode threads", decode_threads),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        total = num_instances + prefill_instances + decode_instances
+        threads = threads_per_instance or default_threads_per_instance(total)
+        role_threads: dict[InstanceRole, int] = {
+            "mixed": threads,
+            "prefill": prefill_threads or threads,
+            "decode": decode_threads or threads,
+        }
         owns_ray = connect_ray(ray_address, object_store_memory)
         actor_class = ray.remote(num_cpus=0, max_restarts=0)(InstanceActor)
 
-        def make_actor(instance_id: str) -> Any:
-            return actor_class.remote(instance_id, engine_config, threads, max_waiting_requests)
+        def make_actor(instance_id: str, role: InstanceRole) -> Any:
+            return actor_class.remote(
+                instance_id, engine_config, role_threads[role], max_waiting_requests, role
+            )
 
+        plan: list[tuple[str, InstanceRole]] = (
+            [(f"p{k}", "prefill") for k in range(prefill_instances)]
+            + [(f"d{k}", "decode") for k in range(decode_instances)]
+            + [(f"i{k}", "mixed") for k in range(num_instances)]
+        )
         actors: dict[str, Any] = {}
         try:
-            for k in range(num_instances):
-                actors[f"i{k}"] = make_actor(f"i{k}")
+            for instance_id, role in plan:
+                actors[instance_id] = make_actor(instance_id, role)
             infos = _wait_ready(actors, ready_timeout_s)
             first = next(iter(actors.values()))
             tokenizer = ray.get(first.tokenizer.remote(), timeout=RPC_TIMEOUT_S)
@@ -133,20 +165,33 @@ class Cluster:
                 ray.shutdown()
             raise
         logger.info(
-            "%d engine instances ready, %d threads each: %s",
-            num_instances,
-            threads,
-            ", ".join(f"{i} (pid {info.pid} on {info.node})" for i, info in infos.items()),
+            "%d engine instances ready: %s",
+            total,
+            ", ".join(
+                f"{i} ({info.role}, {info.num_threads} threads, pid {info.pid} on {info.node})"
+                for i, info in infos.items()
+            ),
         )
         return cls(actors, infos, tokenizer, owns_ray, make_actor)
 
-    def add_instance(self, ready_timeout_s: float = READY_TIMEOUT_S) -> tuple[str, Any, InstanceInfo]:
+    def add_instance(
+        self, role: InstanceRole | None = None, ready_timeout_s: float = READY_TIMEOUT_S
+    ) -> tuple[str, Any, InstanceInfo]:
         """Start one more instance with the same model and settings; returns (id, actor, info) once
-        it is ready (ClusterClient.add_instance then puts it to work)."""
+        it is ready (ClusterClient.add_instance then puts it to work). Its role defaults to mixed,
+        or decode in a disaggregated cluster (decoding holds requests longest)."""
         if self._make_actor is None or self._closed:
             raise ClusterStartError("this cluster cannot start instances")
-        instance_id = f"i{len(self.actors)}"
-        actor = self._make_actor(instance_id)
+        roles = {info.role for info in self.infos.values()}
+        if role is None:
+            role = "decode" if "decode" in roles else "mixed"
+        if (role == "mixed") != ("mixed" in roles):
+            raise ValueError(
+                f"a {role} instance does not fit a cluster of {', '.join(sorted(roles))} instances"
+            )
+        prefix = {"mixed": "i", "prefill": "p", "decode": "d"}[role]
+        instance_id = f"{prefix}{sum(i.startswith(prefix) for i in self.actors)}"
+        actor = self._make_actor(instance_id, role)
         try:
             info = _wait_ready({instance_id: actor}, ready_timeout_s)[instance_id]
         except BaseException:

@@ -8,7 +8,14 @@ from typing import Any, Literal
 
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.client import RequestDelta
+from sutra.engine.migration import MovedRequest
+from sutra.engine.migration_endpoint import MigrationResult
 from sutra.errors import SutraError
+
+# mixed: prefills and decodes its requests (colocated); prefill: runs prompts and parks each request
+# after its first token for a decode instance, which pulls it (disaggregated serving, DistServe).
+InstanceRole = Literal["mixed", "prefill", "decode"]
+INSTANCE_ROLES: tuple[InstanceRole, ...] = ("mixed", "prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,7 @@ class InstanceInfo:
     num_threads: int
     pid: int
     node: str  # the host it runs on
+    role: InstanceRole = "mixed"
 
 
 @dataclass(frozen=True)
@@ -38,8 +46,9 @@ class InstanceReport:
 # admitted: the engine took the request (`estimate` is its completion estimate, if one was made);
 # delta: progress; error: the request ended with `error`; ended: the instance ended the request
 # without finishing it (it was aborted there); moved: the request continues on `destination` (live
-# migration), whose updates for it follow from there.
-UpdateKind = Literal["admitted", "delta", "error", "ended", "moved"]
+# migration), whose updates for it follow from there; parked: a prefill instance holds the request's
+# KV after its first token, for a decode instance to pull.
+UpdateKind = Literal["admitted", "delta", "error", "ended", "moved", "parked"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class Update:
     error: SutraError | None = None
     estimate: tuple[float, float] | None = None  # (seconds from admission, monotonic time made)
     destination: str | None = None  # where a moved request went
+    num_tokens: int = 0  # parked: the tokens whose KV the prefill instance holds for it
 
 
 @dataclass(frozen=True)
@@ -68,3 +78,13 @@ class MigrationReply:
 
     value: Any = None
     error: SutraError | None = None
+
+
+@dataclass(frozen=True)
+class PullReply:
+    """How a decode instance's pull of a parked request went; with what failover needs should the
+    prefill instance die before its "moved" update arrives (as the Migrator's Move records)."""
+
+    result: MigrationResult
+    moved: MovedRequest | None = None  # the request as the prefill instance handed it over
+    committed: bool = False  # the decode instance holds the request

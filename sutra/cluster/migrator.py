@@ -156,7 +156,10 @@ class Migrator:
         """One round of Llumnix's trigger: one request per pair the loads call for. Returns how
         many moved."""
         moved = 0
-        for pair in self.rebalancer.pairs(self.client.loads()):
+        loads = self.client.loads()
+        if self.client.disaggregated:  # balance the decode instances; prefills leave by hand-off
+            loads = {i: load for i, load in loads.items() if self.client.role_of(i) == "decode"}
+        for pair in self.rebalancer.pairs(loads):
             if {pair.source, pair.destination} & self.busy:
                 continue
             request_id = await self.candidate(pair.source)
@@ -181,7 +184,10 @@ class Migrator:
             left = self.client.requests_on(instance_id)
             if not left:
                 break
-            others = [i for i in self.client.instance_ids if i != instance_id]
+            role = self.client.role_of(instance_id)
+            others = [
+                i for i in self.client.instance_ids if i != instance_id and self.client.role_of(i) == role
+            ]
             request_id = await self.candidate(instance_id) if others else None
             if request_id is None:
                 await asyncio.sleep(DRAIN_POLL_S)  # prefilling, or only multi-sample ones left

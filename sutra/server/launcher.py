@@ -145,6 +145,37 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
         "cores divided by --instances, at least 1)",
     )
     g.add_argument(
+        "--prefill-instances",
+        type=_positive_int_arg,
+        default=None,
+        metavar="P",
+        help="disaggregated serving (DistServe): P instances run prompts and stream each request's first "
+        "token, then hand the request's KV to a decode instance; use with --decode-instances, instead "
+        "of --instances",
+    )
+    g.add_argument(
+        "--decode-instances",
+        type=_positive_int_arg,
+        default=None,
+        metavar="D",
+        help="disaggregated serving: D instances decode the requests the prefill instances hand over, "
+        "each pulling one when it has room",
+    )
+    g.add_argument(
+        "--prefill-threads",
+        type=_positive_int_arg,
+        default=None,
+        metavar="T",
+        help="torch threads of each prefill instance (default: as --threads-per-instance)",
+    )
+    g.add_argument(
+        "--decode-threads",
+        type=_positive_int_arg,
+        default=None,
+        metavar="T",
+        help="torch threads of each decode instance (default: as --threads-per-instance)",
+    )
+    g.add_argument(
         "--admin-key",
         default=None,
         metavar="KEY",
@@ -312,8 +343,28 @@ def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
 
 
 def uses_cluster(args: argparse.Namespace) -> bool:
-    """Instances on Ray: more than one, or a Ray cluster to join."""
-    return args.instances > 1 or bool(args.ray_address)
+    """Instances on Ray: more than one, disaggregated ones, or a Ray cluster to join."""
+    return args.instances > 1 or bool(args.ray_address) or disaggregated(args)
+
+
+def disaggregated(args: argparse.Namespace) -> bool:
+    """Prefill and decode instances asked for; exits with a usage error if only one role is, or
+    with --instances."""
+    prefill, decode = args.prefill_instances, args.decode_instances
+    if prefill is None and decode is None:
+        if args.prefill_threads or args.decode_threads:
+            raise SystemExit(
+                "error: --prefill-threads and --decode-threads need --prefill-instances and --decode-instances"
+            )
+        return False
+    if prefill is None or decode is None:
+        raise SystemExit("error: disaggregated serving needs both --prefill-instances and --decode-instances")
+    if args.instances > 1:
+        raise SystemExit(
+            "error: --instances is for colocated instances; with --prefill-instances and "
+            "--decode-instances, leave it out"
+        )
+    return True
 
 
 def start_cluster(args: argparse.Namespace, engine_config: EngineConfig) -> Cluster:
@@ -323,6 +374,18 @@ def start_cluster(args: argparse.Namespace, engine_config: EngineConfig) -> Clus
         raise SystemExit(
             f"error: --instances above 1 and --ray-address need Ray ({e}); pip install 'sutra[cluster]'"
         ) from None
+    if disaggregated(args):
+        return Cluster.start(
+            engine_config,
+            0,
+            threads_per_instance=args.threads_per_instance or engine_config.model.num_threads,
+            ray_address=args.ray_address,
+            max_waiting_requests=args.max_waiting_requests,
+            prefill_instances=args.prefill_instances,
+            decode_instances=args.decode_instances,
+            prefill_threads=args.prefill_threads,
+            decode_threads=args.decode_threads,
+        )
     return Cluster.start(
         engine_config,
         args.instances,

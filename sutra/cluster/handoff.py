@@ -1,0 +1,164 @@
+"""Hand-offs of disaggregated serving (DistServe), as the front end coordinates them.
+
+A prefill instance runs a request's prompt, streams its first token and parks it, holding its KV
+("parked" update). The coordinator queues parked requests oldest first and gives the head to the
+decode instance with the most free blocks that can take it: its free blocks, less those promised to
+pulls under way, stay above the watermark after the request's, and it has fewer than `max_pulls`
+pulls under way. That instance pulls the request from the prefill instance, actor to actor
+(sutra/cluster/pull.py). Strict FIFO: when the head fits nowhere, nothing behind it jumps the queue,
+so a long prompt is not starved by short ones. The queue is tried again at every load read (~100 ms),
+on every park, and when a pull ends.
+
+A pull that is refused (the decode instance turned out short of room) or fails leaves the request
+parked; it goes back to the head of the queue and is tried again at the next load read. The prefill
+instance holds it meanwhile, so nothing is lost and both sides' memory stays bounded: a prefill
+instance full of parked requests admits no new prompts until some leave. A request aborted by its
+client, or whose prefill instance died (failover resubmits it; it parks again on its new instance),
+is dropped from the queue when its turn comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sutra.cluster.messages import PullReply
+from sutra.cluster.migrator import Move
+from sutra.cluster.pull import PULL_STEP_TIMEOUT_S, PULL_WATERMARK
+from sutra.engine.migration_endpoint import MigrationResult
+
+if TYPE_CHECKING:
+    from sutra.cluster.client import ClusterClient
+
+logger = logging.getLogger(__name__)
+
+MAX_PULLS = 2  # pulls under way into one decode instance
+# A whole pull: its four calls to the prefill instance plus this instance's own work between steps.
+PULL_TIMEOUT_S = 4 * PULL_STEP_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class HandOffRecord:
+    """One pull, for metrics: how long the request waited parked before it, and how it went."""
+
+    request_id: str
+    source: str
+    destination: str
+    wait_s: float  # from the "parked" update to the start of this pull
+    transfer_s: float  # the pull itself: the KV copy, the request's state, adoption
+    result: MigrationResult
+
+
+@dataclass
+class _Parked:
+    source: str
+    parked_at: float  # time.monotonic() when the front end learned it parked
+    blocks: int  # what the decode instance must reserve: its KV, and the next token's slot
+
+
+class HandOffs:
+    """The parked requests and the pulls under way; see the module docstring."""
+
+    def __init__(
+        self, client: ClusterClient, max_pulls: int = MAX_PULLS, watermark: float = PULL_WATERMARK
+    ) -> None:
+        self.client = client
+        self.max_pulls = max_pulls
+        self.watermark = watermark
+        self.queue: OrderedDict[str, _Parked] = OrderedDict()
+        self.pulls: dict[str, int] = {}  # decode instance -> pulls under way
+        self.promised: dict[str, int] = {}  # decode instance -> blocks those pulls will take
+        self.listeners: list[Callable[[HandOffRecord], None]] = []
+        self.num_handed_off = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def parked(self, request_id: str, source: str, num_tokens: int) -> None:
+        """A prefill instance parked the request (it holds `num_tokens` tokens)."""
+        blocks = -(-(num_tokens + 1) // self.client.block_size)
+        self.queue[request_id] = _Parked(source, time.monotonic(), blocks)
+        self.assign()
+
+    def assign(self) -> None:
+        """Start pulls for the head of the queue while a decode instance has room for it."""
+        client = self.client
+        loads = client.loads()
+        decoders = [i for i in client.instance_ids if client.role_of(i) == "decode" and i in loads]
+        while self.queue:
+            request_id, parked = next(iter(self.queue.items()))
+            if client.instance_of(request_id) != parked.source:  # aborted, or resumed elsewhere
+                del self.queue[request_id]
+                continue
+            room = {}
+            for i in decoders:
+                load = loads[i]
+                free = load.free_blocks - self.promised.get(i, 0) - parked.blocks
+                if not load.draining and self.pulls.get(i, 0) < self.max_pulls:
+                    if free >= max(1, int(load.total_blocks * self.watermark)):
+                        room[i] = free
+            if not room:
+                return  # the head waits; FIFO
+            destination = max(room, key=lambda i: room[i])
+            del self.queue[request_id]
+            self.pulls[destination] = self.pulls.get(destination, 0) + 1
+            self.promised[destination] = self.promised.get(destination, 0) + parked.blocks
+            task = asyncio.get_running_loop().create_task(self._pull(request_id, parked, destination))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pull(self, request_id: str, parked: _Parked, destination: str) -> None:
+        client = self.client
+        started = time.monotonic()
+        move = client.migrator.moving[request_id] = Move(parked.source, destination)
+        migration_id = f"{request_id}=>{destination}-{uuid.uuid4().hex[:8]}"
+        try:
+            actor = client.actor_of(destination)
+            ref = actor.pull.remote(client.actor_of(parked.source), parked.source, request_id, migration_id)
+            reply: PullReply = await client.call(ref, PULL_TIMEOUT_S)
+            result = reply.result
+            move.moved, move.committed = reply.moved, reply.committed
+        except Exception as e:  # the decode instance died or timed out
+            logger.warning("pull of %s by %s failed: %s", request_id, destination, e)
+            result = MigrationResult(migrated=False, reason=f"{type(e).__name__}: {e}", failed=True)
+        finally:
+            self.pulls[destination] -= 1
+            self.promised[destination] -= parked.blocks
+            move.ended.set()
+            if not move.committed:
+                client.migrator.moved_seen(request_id, parked.source)
+        if move.committed and not result.migrated:  # the prefill instance will send no "moved"
+            client.failover.follow(request_id, move)
+        if result.migrated:
+            self.num_handed_off += 1
+        elif not move.committed and client.instance_of(request_id) == parked.source:
+            # Still parked there: first in line again, tried at the next load read.
+            self.queue[request_id] = parked
+            self.queue.move_to_end(request_id, last=False)
+            logger.info("hand-off of %s to %s called off: %s", request_id, destination, result.reason)
+        record = HandOffRecord(
+            request_id,
+            parked.source,
+            destination,
+            started - parked.parked_at,
+            time.monotonic() - started,
+            result,
+        )
+        for listener in self.listeners:
+            try:
+                listener(record)
+            except Exception:
+                logger.exception("hand-off listener failed")
+        if result.migrated:
+            self.assign()
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
