@@ -359,6 +359,7 @@ class ClusterClient(StreamHub):
             return
         self._notify_abort(request_id)  # while listeners can still look the request up
         del self._streams[request_id]
+        self.handoffs.discard(request_id)
         self._close(request_id, stream, None)  # wakes a reader, which then ends
         if stream.instance_id is not None:
             self._send_abort(stream.instance_id, request_id)
@@ -553,6 +554,7 @@ class ClusterClient(StreamHub):
             return
         self._notify_abort(request_id)  # while listeners can still look the request up
         del self._streams[request_id]
+        self.handoffs.discard(request_id)
         self._close(request_id, stream, error)
         if tell_instance and stream.instance_id is not None:
             self._send_abort(stream.instance_id, request_id)

@@ -84,6 +84,10 @@ class HandOffs:
         self.queue[request_id] = _Parked(source, time.monotonic(), blocks)
         self.assign()
 
+    def discard(self, request_id: str) -> None:
+        """The request ended (its client left, or it failed): it no longer waits for a pull."""
+        self.queue.pop(request_id, None)
+
     def assign(self) -> None:
         """Start pulls for the head of the queue while a decode instance has room for it."""
         client = self.client

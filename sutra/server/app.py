@@ -34,6 +34,9 @@ def create_app(state: ServerState) -> FastAPI:
         migrator.listeners.append(
             lambda r: cluster_metrics.observe_migration(r.outcome, r.downtime_s, r.bytes_copied)
         )
+        state.engine.handoffs.listeners.append(
+            lambda r: cluster_metrics.observe_handoff(r.result.outcome, r.wait_s, r.transfer_s)
+        )
         if state.admin_key:
             install_admin_routes(app, state.engine, state.cluster)
 
@@ -77,7 +80,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         state.metrics.observe_state(state.engine.stats())
         if state.metrics.cluster is not None:
-            state.metrics.cluster.observe_instances(state.engine.instance_stats(), state.engine.loads())
+            engine = state.engine
+            stats = engine.instance_stats()
+            roles = {i: engine.role_of(i) for i in stats}
+            state.metrics.cluster.observe_instances(stats, engine.loads(), roles, len(engine.handoffs.queue))
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

@@ -23,7 +23,7 @@ from sutra.server.app import create_app
 from sutra.server.client_series import DEFAULT_IDLE_S, DEFAULT_MAX_SERIES
 from sutra.server.common import ServerState
 from sutra.server.limits import add_limit_args, limits_from_args
-from sutra.server.metrics import ServerMetrics
+from sutra.server.metrics import ServerMetrics, ServingSlo
 from sutra.server.request_log import enable_request_log
 from sutra.server.tenants import PriorityCaps, parse_priority_caps
 
@@ -75,6 +75,21 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_IDLE_S,
         help="drop a client's /metrics series after this many seconds without a request (%(default)s)",
+    )
+    g.add_argument(
+        "--slo-ttft-ms",
+        type=_positive_float_arg,
+        default=None,
+        metavar="MS",
+        help="time-to-first-token SLO: /metrics counts finished requests that met the SLOs "
+        "(sutra:slo_requests, DistServe's attainment)",
+    )
+    g.add_argument(
+        "--slo-tpot-ms",
+        type=_positive_float_arg,
+        default=None,
+        metavar="MS",
+        help="time-per-output-token SLO (mean gap between output tokens after the first), as --slo-ttft-ms",
     )
     g.add_argument(
         "--served-model-name", default=None, help="the model id clients send (default: from --model)"
@@ -221,7 +236,13 @@ def priority_caps_from_args(args: argparse.Namespace, api_keys: dict[str, str]) 
 
 def metrics_from_args(args: argparse.Namespace, model_name: str) -> ServerMetrics:
     try:
-        return ServerMetrics(model_name, args.max_client_metric_series, args.client_metric_idle_s)
+        slo = None
+        if args.slo_ttft_ms is not None or args.slo_tpot_ms is not None:
+            slo = ServingSlo(
+                None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000,
+                None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1000,
+            )
+        return ServerMetrics(model_name, args.max_client_metric_series, args.client_metric_idle_s, slo)
     except ValueError as e:
         raise SystemExit(f"error: --max-client-metric-series / --client-metric-idle-s: {e}") from None
 
@@ -230,6 +251,13 @@ def _positive_int_arg(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _positive_float_arg(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
 
 

@@ -34,7 +34,21 @@ _ITL_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0
 @dataclass
 class _Progress:
     num_tokens: int = 0
+    first_token_time: float = 0.0
     last_token_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServingSlo:
+    """DistServe's per-request SLOs: a request attains when both hold (None: not checked)."""
+
+    ttft_s: float | None = None  # time to first token
+    tpot_s: float | None = None  # mean time per output token after the first
+
+    def attained(self, ttft_s: float | None, tpot_s: float) -> bool:
+        if self.ttft_s is not None and (ttft_s is None or ttft_s > self.ttft_s):
+            return False
+        return self.tpot_s is None or tpot_s <= self.tpot_s
 
 
 class ServerMetrics:
@@ -43,8 +57,10 @@ class ServerMetrics:
         model_name: str,
         max_client_series: int = DEFAULT_MAX_SERIES,
         client_idle_s: float = DEFAULT_IDLE_S,
+        slo: ServingSlo | None = None,
     ) -> None:
         self.registry = registry = CollectorRegistry()
+        self.slo = slo
         labels = ["model_name"]
         self._labels = {"model_name": model_name}
         self.clients = ClientSeries(max_client_series, client_idle_s, on_drop=self._drop_client)
@@ -120,6 +136,16 @@ class ServerMetrics:
             "|actual - estimated| / actual time from admission to finish.",
             (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0),
         )
+        self.slo_requests = Counter(
+            "sutra:slo_requests",
+            "Finished requests by whether they met the serving SLOs (--slo-ttft-ms, --slo-tpot-ms): "
+            "attainment is attained / all. Present only when an SLO is set.",
+            [*labels, "outcome"],
+            registry=registry,
+        )
+        if slo is not None:
+            for outcome in ("attained", "missed"):
+                self.slo_requests.labels(model_name, outcome)
         self._seen_preemptions = 0
         self.cluster: ClusterMetrics | None = None  # per-instance families, when serving a cluster
         self._progress: dict[str, _Progress] = {}
@@ -142,6 +168,7 @@ class ServerMetrics:
             num_tokens = progress.num_tokens + new_tokens
             if new_tokens > 0 and m.last_token_time is not None:
                 if progress.num_tokens == 0:
+                    progress.first_token_time = m.last_token_time
                     if m.time_to_first_token is not None:
                         self.ttft.labels(**lab).observe(m.time_to_first_token)
                 else:
@@ -157,7 +184,16 @@ class ServerMetrics:
                     self._observe_estimate(engine.estimate_of(rid), m.finished_time)
                 for c in delta.completions:
                     self.finished.labels(**lab, finished_reason=c.finish_reason or "abort").inc()
+                if self.slo is not None:
+                    self._observe_slo(m.time_to_first_token, progress, len(delta.completions))
         self.observe_state(engine.stats())
+
+    def _observe_slo(self, ttft_s: float | None, progress: _Progress, num_completions: int) -> None:
+        assert self.slo is not None
+        per_completion = progress.num_tokens / max(1, num_completions)
+        tpot = (progress.last_token_time - progress.first_token_time) / max(1.0, per_completion - 1)
+        outcome = "attained" if self.slo.attained(ttft_s, tpot) else "missed"
+        self.slo_requests.labels(**self._labels, outcome=outcome).inc()
 
     def _observe_estimate(self, estimate: tuple[float, float] | None, finished_time: float) -> None:
         if estimate is None:

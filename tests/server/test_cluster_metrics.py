@@ -48,3 +48,25 @@ def test_migrations_are_counted_by_outcome_with_downtime_and_bytes():
     assert got[("sutra:migration_downtime_seconds_count", (("model_name", "m"),))] == 1
     with pytest.raises(ValueError, match="outcome"):
         metrics.observe_migration("lost")
+
+
+def test_disaggregated_requests_are_counted_per_role_and_hand_offs_by_outcome():
+    registry = CollectorRegistry()
+    metrics = ClusterMetrics(registry, "m")
+    parked = EngineStats(1, 3, 0, 100, 20, 0, 0, num_parked=4)
+    decoding = EngineStats(7, 0, 0, 100, 50, 0, 0)
+    metrics.observe_instances({"p0": parked, "d0": decoding}, {}, {"p0": "prefill", "d0": "decode"}, 2)
+    metrics.observe_handoff("migrated", wait_s=0.3, transfer_s=0.02)
+    metrics.observe_handoff("aborted", wait_s=0.0, transfer_s=0.01)
+    got = samples(registry)
+
+    def role(r: str, state: str) -> float:
+        return got[("sutra:role_num_requests", (("model_name", "m"), ("role", r), ("state", state)))]
+
+    assert (role("prefill", "parked"), role("prefill", "waiting"), role("decode", "running")) == (4, 3, 7)
+    assert got[("sutra:instance_num_requests_parked", (("instance", "p0"), ("model_name", "m")))] == 4
+    assert got[("sutra:handoff_queue_length", (("model_name", "m"),))] == 2
+    assert got[("sutra:handoffs_total", (("model_name", "m"), ("outcome", "migrated")))] == 1
+    assert got[("sutra:handoffs_total", (("model_name", "m"), ("outcome", "aborted")))] == 1
+    assert got[("sutra:handoff_wait_seconds_count", (("model_name", "m"),))] == 1  # completed pulls only
+    assert got[("sutra:handoff_transfer_seconds_sum", (("model_name", "m"),))] == pytest.approx(0.02)
