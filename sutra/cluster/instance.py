@@ -36,14 +36,14 @@ from sutra.cluster.messages import (
     Update,
     UpdateKind,
 )
-from sutra.cluster.pull import MAX_OPEN_PULLS, PULL_WATERMARK, LocalTarget, RemoteSource
+from sutra.cluster.pull import MAX_OPEN_PULLS, PULL_WATERMARK, RemoteSource, pull
 from sutra.config import EngineConfig
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.async_engine import AsyncEngine
 from sutra.engine.client import EngineDeadError, PromptRequest, RequestMoved
 from sutra.engine.engine import LLMEngine
-from sutra.engine.migration_endpoint import MigrationEndpoint, MigrationResult, migrate
+from sutra.engine.migration_endpoint import MigrationEndpoint
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer
 
@@ -55,6 +55,9 @@ MIGRATION_OPS = frozenset(
         "out_pause",
         "out_commit",
         "out_abort",
+        "out_hand_off",
+        "out_hand_over",
+        "out_hand_off_abort",
         "in_open",
         "in_stage",
         "in_commit",
@@ -232,19 +235,16 @@ class InstanceActor:
         return MigrationReply(value)
 
     async def pull(self, source: Any, source_id: str, request_id: str, migration_id: str) -> PullReply:
-        """Take a request parked on prefill instance `source` (an actor handle): its KV crosses from
-        that actor to this one through Ray's object store, not through the front end. Refused
-        (nothing moves, the request stays parked there) when this instance is short of room."""
+        """Take a request parked on prefill instance `source` (an actor handle; cluster/pull.py)."""
         self._engine()
-        src = RemoteSource(source, source_id)
-        dst = LocalTarget(
-            self._migration, on_commit=lambda: self._start_forwarding(request_id, admission=False)
+        return await pull(
+            RemoteSource(source, source_id),
+            self._migration,
+            request_id,
+            migration_id,
+            self.instance_id,
+            on_adopted=lambda: self._start_forwarding(request_id, admission=False),
         )
-        try:
-            result = await migrate(src, dst, request_id, migration_id, self.instance_id)
-        except Exception as e:  # the prefill instance died or timed out: the call-off ran
-            result = MigrationResult(migrated=False, reason=f"{type(e).__name__}: {e}", failed=True)
-        return PullReply(result, src.moved, dst.committed)
 
     async def migration_candidate(self) -> str | None:
         """The request to move when this instance must shed load: the decoding one that holds the

@@ -183,6 +183,13 @@ class AsyncEngine(StreamHub):
         async with self._between_steps:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def beside_steps(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in a worker thread while a step may run, with no add, abort or
+        between_steps() work applied meanwhile: for reading state that no step changes (the KV and
+        output state of a parked request, which only an abort or a hand-off ends)."""
+        async with self._between_steps:
+            return await asyncio.to_thread(fn, *args)
+
     def stream_position(self, request_id: str) -> tuple[int, int]:
         """(characters, tokens) of the request's single completion its stream has handed out."""
         stream = self._streams[request_id]

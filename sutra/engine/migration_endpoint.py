@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +24,8 @@ from sutra.core.migration import MigrationAborted
 from sutra.engine.async_engine import AsyncEngine
 from sutra.engine.kv_transfer import KVBlocks, KVLayout
 from sutra.engine.migration import MovedRequest
+
+logger = logging.getLogger(__name__)
 
 
 class MigrationPeer(Protocol):
@@ -46,6 +49,7 @@ class MigrationEndpoint:
     def __init__(self, aengine: AsyncEngine) -> None:
         self.aengine = aengine
         self.engine = aengine.engine
+        self._releases: set[asyncio.Task[None]] = set()
 
     # ---- as the source ---------------------------------------------------------------------
     async def out_begin(self, request_id: str, migration_id: str, limits: dict[str, int]) -> KVLayout:
@@ -81,6 +85,87 @@ class MigrationEndpoint:
     async def out_abort(self, migration_id: str) -> None:
         await self.aengine.between_steps(self.engine.migration_source.abort, migration_id)
         self.aengine.wake()  # a resumed request needs steps again
+
+    # ---- hand-offs of parked requests (disaggregated serving; the driver is cluster/pull.py) ----
+    async def out_hand_off(
+        self, request_id: str, migration_id: str
+    ) -> tuple[KVLayout, MovedRequest, KVBlocks]:
+        """A parked request's state and whole KV, claimed for a decode instance. Read beside the
+        steps: no step touches a parked request, so a prefill instance busy with long prompt chunks
+        does not hold the hand-off up."""
+        source = self.engine.migration_source
+
+        def take() -> tuple[KVLayout, MovedRequest, KVBlocks]:
+            layout = source.begin(request_id, migration_id)
+            if not source.outgoing[migration_id].parked:
+                source.abort(migration_id)
+                raise MigrationAborted(f"request {request_id!r} is not parked here")
+            moved, blocks = source.pause(migration_id)
+            return layout, moved, blocks
+
+        layout, moved, blocks = await self.aengine.beside_steps(take)
+        try:
+            sent_text, sent_tokens = self.aengine.stream_position(request_id)
+        except KeyError:  # its reader left; the pending abort ends it here
+            await self.aengine.beside_steps(source.abort, migration_id)
+            raise MigrationAborted(f"request {request_id!r} was aborted by its client") from None
+        return layout, dataclasses.replace(moved, sent_text=sent_text, sent_tokens=sent_tokens), blocks
+
+    async def out_hand_over(self, migration_id: str, destination: str) -> None:
+        """The decode instance holds the request: its stream here ends with RequestMoved at once,
+        and its blocks are released between the next steps (in the background: the decode side
+        need not wait for a long prompt chunk to finish here)."""
+        source = self.engine.migration_source
+        record = source.outgoing.get(migration_id)
+        if record is None:
+            raise MigrationAborted(f"migration {migration_id} is not under way here")
+        if not self.aengine.hand_off(record.request_id, destination):
+            await self.aengine.beside_steps(source.abort, migration_id)
+            raise MigrationAborted(
+                f"request {record.request_id!r} was aborted by its client during the hand-off"
+            )
+        task = asyncio.get_running_loop().create_task(self._release(migration_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, migration_id: str) -> None:
+        try:
+            await self.aengine.between_steps(self.engine.migration_source.commit, migration_id)
+        except MigrationAborted:  # aborted meanwhile: the abort freed it
+            pass
+        except Exception:
+            logger.exception("releasing handed-off migration %s failed", migration_id)
+
+    async def out_hand_off_abort(self, migration_id: str) -> None:
+        """Call a hand-off off: the request stays parked here for another try."""
+        await self.aengine.beside_steps(self.engine.migration_source.abort, migration_id)
+
+    async def in_adopt(
+        self, migration_id: str, moved: MovedRequest, blocks: KVBlocks, layout: KVLayout
+    ) -> None:
+        """Take a handed-off request in one step boundary: check the layout, reserve its blocks
+        (refused with MigrationAborted, nothing kept, when that would leave fewer free than the
+        inbox keeps), write its KV, adopt it."""
+        target = self.engine.migration_target
+
+        def adopt() -> None:
+            target.open(migration_id, moved.request_id, layout)
+            target.commit(migration_id, moved, blocks)  # reserves, writes, adopts; aborts on failure
+
+        self.aengine.take_over(
+            moved.request_id,
+            moved.prompt_token_ids,
+            moved.sampling_params,
+            moved.spec,
+            moved.sent_text,
+            moved.sent_tokens,
+        )
+        try:
+            await self.aengine.between_steps(adopt)
+        except BaseException:
+            self.aengine.drop_stream(moved.request_id)
+            raise
+        self.aengine.wake()
 
     # ---- as the destination ----------------------------------------------------------------
     async def in_open(self, migration_id: str, request_id: str, layout: KVLayout) -> None:
