@@ -7,7 +7,8 @@ pulls under way, stay above the watermark after the request's, and it has fewer 
 pulls under way. That instance pulls the request from the prefill instance, actor to actor
 (sutra/cluster/pull.py). Strict FIFO: when the head fits nowhere, nothing behind it jumps the queue,
 so a long prompt is not starved by short ones. The queue is tried again at every load read (~100 ms),
-on every park, and when a pull ends.
+on every park, and when a pull ends. When no decode instance is left alive, the prefill instances
+decode what they park (serving degrades to colocated rather than stopping).
 
 A pull that is refused (the decode instance turned out short of room) or fails leaves the request
 parked; it goes back to the head of the queue and is tried again at the next load read. The prefill
@@ -91,8 +92,12 @@ class HandOffs:
     def assign(self) -> None:
         """Start pulls for the head of the queue while a decode instance has room for it."""
         client = self.client
+        alive = [i for i in client.instance_ids if client.role_of(i) == "decode"]
+        if not alive and self.queue:
+            self._decode_where_parked()
+            return
         loads = client.loads()
-        decoders = [i for i in client.instance_ids if client.role_of(i) == "decode" and i in loads]
+        decoders = [i for i in alive if i in loads]
         while self.queue:
             request_id, parked = next(iter(self.queue.items()))
             if client.instance_of(request_id) != parked.source:  # aborted, or resumed elsewhere
@@ -114,6 +119,31 @@ class HandOffs:
             task = asyncio.get_running_loop().create_task(self._pull(request_id, parked, destination))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _decode_where_parked(self) -> None:
+        """No decode instance is alive: the prefill instances decode what they parked (and, as
+        requests keep parking there, whatever comes next), so serving degrades to colocated."""
+        by_source: dict[str, list[str]] = {}
+        for request_id, parked in self.queue.items():
+            if self.client.instance_of(request_id) == parked.source:
+                by_source.setdefault(parked.source, []).append(request_id)
+        self.queue.clear()
+        logger.warning(
+            "no decode instance is alive: %d parked requests decode where they prefilled",
+            sum(map(len, by_source.values())),
+        )
+        for source, request_ids in by_source.items():
+            task = asyncio.get_running_loop().create_task(self._unpark(source, request_ids))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _unpark(self, source: str, request_ids: list[str]) -> None:
+        try:
+            await self.client.call(
+                self.client.actor_of(source).unpark.remote(request_ids), PULL_STEP_TIMEOUT_S
+            )
+        except Exception as e:  # that instance died too: failover resubmits its requests
+            logger.warning("prefill instance %s could not decode its parked requests: %s", source, e)
 
     async def _pull(self, request_id: str, parked: _Parked, destination: str) -> None:
         client = self.client

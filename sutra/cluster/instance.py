@@ -246,6 +246,23 @@ class InstanceActor:
             on_adopted=lambda: self._start_forwarding(request_id, admission=False),
         )
 
+    async def unpark(self, request_ids: list[str]) -> int:
+        """Decode these parked requests here (no decode instance is left); returns how many were
+        still parked. Whatever a hand-off has claimed meanwhile is left to it."""
+        scheduler = self.engine.scheduler
+        claimed = self.engine.migration_source.outgoing.values()
+
+        def unpark() -> int:
+            moving = {m.request_id for m in claimed}
+            ids = [rid for rid in request_ids if rid in scheduler.parked and rid not in moving]
+            for rid in ids:
+                scheduler.unpark(rid)
+            return len(ids)
+
+        count = await self._engine().between_steps(unpark)
+        self._async.wake()
+        return count
+
     async def migration_candidate(self) -> str | None:
         """The request to move when this instance must shed load: the decoding one that holds the
         fewest blocks (cheapest to move; Llumnix's default)."""

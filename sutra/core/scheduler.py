@@ -139,6 +139,15 @@ class Scheduler:
         self.running.append(request)
         self.policy.adopt(request)
 
+    def unpark(self, request_id: str) -> None:
+        """Decode a parked request here after all (no decode instance is left to take it)."""
+        request = self.parked.pop(request_id, None)
+        if request is None:
+            raise ValueError(f"request {request_id!r} is not parked here")
+        request.hand_off = False
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def _moving(self, request_id: str, status: RequestStatus) -> Request:
         request = self.requests.get(request_id)
         if request is None or request.status is not status:

@@ -140,3 +140,25 @@ def test_a_client_leaving_at_any_point_leaves_both_instances_at_baseline(pd_clus
         assert not client.handoffs.queue and not client.handoffs.pulls.get("d0")
 
     asyncio.run(_with_client(pd_cluster, "least-load", body))
+
+
+def test_with_no_decode_instance_left_the_prefill_instance_decodes_what_it_parks(ray_session):
+    jobs = _jobs(3)
+    reference = _run_offline(LLMEngine(TINY_CONFIG), jobs)
+    cluster = Cluster.start(
+        TINY_CONFIG, 0, prefill_instances=1, decode_instances=1, threads_per_instance=1, ready_timeout_s=300
+    )
+    try:
+
+        async def body(client: ClusterClient):
+            await client.retire("d0")  # the only decode instance goes away
+            await client.submit_many(jobs)
+            seen = {rid: [] for rid, _, _ in jobs}
+            await asyncio.wait_for(asyncio.gather(*(_collect(client, rid, seen[rid]) for rid in seen)), 120)
+            return seen
+
+        seen = asyncio.run(_with_client(cluster, "least-load", body))
+    finally:
+        cluster.shutdown()
+    for rid, _, _ in jobs:
+        assert _tokens(seen[rid]) == reference[rid].outputs[0].token_ids

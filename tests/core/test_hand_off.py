@@ -93,7 +93,9 @@ def test_a_called_off_hand_off_leaves_the_request_parked_for_another_try(point: 
     src, dst = prefill_instance(), Instance()
     request = parked_request(src)
     held = src.scheduler.kv.block_ids(request.request_id)
-    inbox = MigrationInbox(dst.scheduler.kv, min_free_blocks=NUM_BLOCKS if point == "refused_by_destination" else 0)
+    inbox = MigrationInbox(
+        dst.scheduler.kv, min_free_blocks=NUM_BLOCKS if point == "refused_by_destination" else 0
+    )
     mig = OutgoingMigration.begin(src.scheduler, request.request_id, "h1")
     inbox.open("h1", request.request_id)
     if point != "after_begin":
@@ -145,3 +147,15 @@ def test_a_full_prefill_instance_makes_new_prompts_wait_and_preempts_no_parked_r
     hand_off(src, Instance(), parked[0])  # a decode instance took one: room for the prompt
     src.step()
     assert waiting.request_id in src.scheduler.parked  # prefilled in one step, parked in turn
+
+
+def test_an_unparked_request_decodes_where_it_prefilled():
+    src = prefill_instance()
+    request = parked_request(src, prompt_len=40, max_tokens=12)
+    src.scheduler.unpark(request.request_id)  # no decode instance is left to take it
+    assert not src.scheduler.parked and request.status is RequestStatus.RUNNING
+    run_to_completion(src.scheduler, src.runner)
+    assert request.status is RequestStatus.FINISHED_LENGTH and request.num_output_tokens == 12
+    assert src.free == NUM_BLOCKS
+    with pytest.raises(ValueError, match="not parked"):
+        src.scheduler.unpark(request.request_id)
