@@ -46,8 +46,11 @@ class BatchRules:
     def decodes_first(running: Iterable[T], is_prefilling: Callable[[T], bool]) -> list[T]:
         """Running requests in the order their slices are cut: decodes before partial prefills (each
         group keeps the given order), so no decode ever waits behind a prompt."""
-        running = list(running)
-        return [r for r in running if not is_prefilling(r)] + [r for r in running if is_prefilling(r)]
+        decodes: list[T] = []
+        prefills: list[T] = []
+        for r in running:
+            (prefills if is_prefilling(r) else decodes).append(r)
+        return decodes + prefills
 
     @staticmethod
     def running_slice(num_uncomputed: int, budget: int) -> int:

@@ -128,6 +128,7 @@ class KVCacheManager:
         self._tables: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # chained hashes of the request's full blocks
         self._num_registered: dict[str, int] = {}  # how many of those are published in the cache
+        self._room: dict[str, int] = {}  # tokens a request reaches before allocate() has work to do
         self._reserved: dict[int, KVBlock] = {}  # blocks held for KV arriving from another instance
         self.prefix_queries = 0  # tokens of admitted requests looked up in the prefix cache
         self.prefix_hits = 0  # of which found
@@ -190,14 +191,10 @@ class KVCacheManager:
     def allocate(self, request: Request, num_new_tokens: int, cached: list[KVBlock] = ()) -> bool:
         """Give the request blocks for num_new_tokens more tokens; False (and no change) if short.
         `cached` are prefix-cache hits for a request that has no blocks yet."""
-        table = self._tables.get(request.request_id, [])
         total = request.num_computed_tokens + num_new_tokens
-        if not cached and table and len(table) * self.block_size >= total:
-            # Most decode steps: the last block has room and no block fills up to publish.
-            if not self.enable_prefix_caching or total // self.block_size <= self._num_registered.get(
-                request.request_id, 0
-            ):
-                return True
+        if not cached and total <= self._room.get(request.request_id, 0):
+            return True  # most decode steps: the last block has room and no block fills up to publish
+        table = self._tables.get(request.request_id, [])
         reusable_free = sum(1 for b in cached if b.ref_count == 0)
         new_blocks = self.blocks_needed(total) - len(table) - len(cached)
         if new_blocks > self.num_free_blocks - reusable_free:
@@ -216,7 +213,15 @@ class KVCacheManager:
             for i in range(start, num_full):
                 self.pool.register(table[i], hashes[i])
             self._num_registered[request.request_id] = max(start, num_full)
+        self._update_room(request.request_id)
         return True
+
+    def _update_room(self, request_id: str) -> None:
+        """The most tokens the request can reach with no block to take and none to publish."""
+        room = len(self._tables[request_id]) * self.block_size
+        if self.enable_prefix_caching:
+            room = min(room, (self._num_registered.get(request_id, 0) + 1) * self.block_size - 1)
+        self._room[request_id] = room
 
     # ---- KV that is read or written outside a step (migration) ----------------------------------
     def pin(self, block_ids: list[int]) -> None:
@@ -265,6 +270,7 @@ class KVCacheManager:
             for i in range(num_full):
                 self.pool.register(table[i], hashes[i])
             self._num_registered[request.request_id] = num_full
+        self._update_room(request.request_id)
 
     def free(self, request: Request) -> None:
         """Return a request's blocks; tail first, so a shared prefix outlives its private suffix."""
@@ -277,3 +283,4 @@ class KVCacheManager:
             self.pool.release(block)
         self._hashes.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)
+        self._room.pop(request.request_id, None)

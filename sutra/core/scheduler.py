@@ -42,6 +42,13 @@ from sutra.core.policies import Policy, make_policy
 from sutra.core.request import Request, RequestStatus
 from sutra.core.stats import EngineStats, InstanceLoad
 
+_RUNNING = RequestStatus.RUNNING
+
+
+def _is_prefilling(request: Request) -> bool:
+    """Request.is_prefilling without the property calls (it runs for every request every step)."""
+    return len(request.token_ids) - request.num_computed_tokens > 1
+
 
 class Scheduler:
     def __init__(
@@ -53,6 +60,12 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.max_request_tokens = min(max_model_len, kv.pool.num_blocks * kv.block_size)
         self.policy = policy if policy is not None else make_policy(config)
+        # Per-token hooks are called only when the policy has them (the per-token loops are the
+        # simulator's hot path; FCFS counts nothing).
+        kind = type(self.policy)
+        self._policy_counts_tokens = (
+            kind.on_scheduled is not Policy.on_scheduled or kind.on_generated is not Policy.on_generated
+        )
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.running: list[Request] = []
         # Requests past their first token waiting, with their KV, for a decode instance to take them
@@ -212,17 +225,19 @@ class Scheduler:
         return self._emit(out, scheduled)
 
     def _running_in_order(self, running: list[Request]) -> list[Request]:
-        return self.rules.decodes_first(self.policy.running_order(running), lambda r: r.is_prefilling)
+        return self.rules.decodes_first(self.policy.running_order(running), _is_prefilling)
 
     def _schedule_running(self, scheduled: dict[Request, int], budget: int, out: SchedulerOutput) -> bool:
         preempted = False
+        running_slice, allocate = self.rules.running_slice, self.kv.allocate
+        on_scheduled = self.policy.on_scheduled if self._policy_counts_tokens else None
         for request in self._running_in_order(self.running):
-            if request.status is not RequestStatus.RUNNING:
+            if request.status is not _RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = self.rules.running_slice(request.num_uncomputed_tokens, budget)
+            num_new = running_slice(len(request.token_ids) - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
-            while not self.kv.allocate(request, num_new):
+            while not allocate(request, num_new):
                 victim = self._pick_victim(request)
                 budget += scheduled.pop(victim, 0)
                 self._preempt(victim, out)
@@ -232,7 +247,8 @@ class Scheduler:
             else:
                 scheduled[request] = num_new
                 budget -= num_new
-                self.policy.on_scheduled(request, num_new)
+                if on_scheduled is not None:
+                    on_scheduled(request, num_new)
         return preempted
 
     def _admit_waiting(self, scheduled: dict[Request, int], budget: int) -> int:
@@ -338,9 +354,12 @@ class Scheduler:
             out.preempted_request_ids.append(request.request_id)
 
     def _emit(self, out: SchedulerOutput, scheduled: dict[Request, int]) -> SchedulerOutput:
+        runner_blocks, num_request_blocks = self._runner_blocks, self.kv.num_request_blocks
+        cached_requests, num_scheduled = out.cached_requests, out.num_scheduled_tokens
         for request, num_tokens in scheduled.items():
             rid = request.request_id
-            known = self._runner_blocks.get(rid)
+            known = runner_blocks.get(rid)
+            num_blocks = num_request_blocks(rid)
             if known is None:
                 out.new_requests.append(
                     NewRequestData(
@@ -352,12 +371,15 @@ class Scheduler:
                         sampling_params=request.sampling_params,
                     )
                 )
-            else:  # only the blocks the runner has not seen (most steps: none)
-                out.cached_requests.append(
+                runner_blocks[rid] = num_blocks
+            elif num_blocks > known:  # only the blocks the runner has not seen
+                cached_requests.append(
                     CachedRequestData(rid, self.kv.block_ids(rid, known), request.num_computed_tokens)
                 )
-            self._runner_blocks[rid] = self.kv.num_request_blocks(rid)
-            out.num_scheduled_tokens[rid] = num_tokens
+                runner_blocks[rid] = num_blocks
+            else:  # most steps: no new block
+                cached_requests.append(CachedRequestData(rid, [], request.num_computed_tokens))
+            num_scheduled[rid] = num_tokens
         return out
 
     # ---- results ---------------------------------------------------------------------------
@@ -365,16 +387,19 @@ class Scheduler:
         """Advance progress, append sampled tokens, apply token-level stops. Returns the requests
         that got a new token (finished ones included)."""
         updated = []
+        sampled = runner_out.sampled_token_ids
+        on_generated = self.policy.on_generated if self._policy_counts_tokens else None
         for rid, num_tokens in out.num_scheduled_tokens.items():
             request = self.requests.get(rid)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            if request is None or request.status is not _RUNNING:
                 continue
             request.num_computed_tokens += num_tokens
-            token = runner_out.sampled_token_ids.get(rid)
+            token = sampled.get(rid)
             if token is None:
                 continue
-            request.append_token(token)
-            self.policy.on_generated(request, 1)
+            request.token_ids.append(token)
+            if on_generated is not None:
+                on_generated(request, 1)
             status = self._stop_status(request, token)
             if status is not None:
                 self._finish(request, status)
@@ -388,7 +413,11 @@ class Scheduler:
         if token in params.stop_token_ids or (not params.ignore_eos and token in request.eos_token_ids):
             request.stop_token_id = token
             return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_request_tokens:
+        num_tokens = len(request.token_ids)
+        if (
+            num_tokens - request.num_prompt_tokens >= params.max_tokens
+            or num_tokens >= self.max_request_tokens
+        ):
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -26,38 +26,39 @@ class SimExecutor:
         self.token = token
         self.cost_model = cost_model  # None: steps take no time
         self.keep_steps = keep_steps  # keep every SchedulerOutput (tests read them; long runs should not)
-        self.state: dict[str, dict] = {}
+        self.state: dict[str, list] = {}
         self.steps: list[SchedulerOutput] = []
         self.last_step_seconds = 0.0
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         if self.keep_steps:
             self.steps.append(out)
+        state = self.state
         for rid in out.finished_request_ids + out.preempted_request_ids:
-            self.state.pop(rid, None)
+            state.pop(rid, None)
         for new in out.new_requests:
-            if new.request_id in self.state:
+            if new.request_id in state:
                 raise RuntimeError(f"request {new.request_id} is new to the executor twice")
-            self.state[new.request_id] = {
-                "tokens": list(new.token_ids),
-                "computed": new.num_computed_tokens,
-                "blocks": list(new.block_ids),
-            }
+            # [known tokens, tokens computed, block ids]: all a runner keeps that the checks need.
+            state[new.request_id] = [len(new.token_ids), new.num_computed_tokens, list(new.block_ids)]
         for cached in out.cached_requests:
-            st = self.state[cached.request_id]
-            if st["computed"] != cached.num_computed_tokens:
+            st = state[cached.request_id]
+            if st[1] != cached.num_computed_tokens:
                 raise RuntimeError(f"executor and scheduler disagree on request {cached.request_id}")
-            st["blocks"].extend(cached.new_block_ids)
+            if cached.new_block_ids:
+                st[2].extend(cached.new_block_ids)
         slices = []
-        result = RunnerOutput()
+        sampled = {}
+        token = self.token
         for rid, n in out.num_scheduled_tokens.items():
-            st = self.state[rid]
-            slices.append((st["computed"], n))
-            st["computed"] += n
-            if st["computed"] > len(st["tokens"]):
-                raise RuntimeError(f"request {rid} was scheduled past its known tokens")
-            if st["computed"] == len(st["tokens"]):
-                st["tokens"].append(self.token)
-                result.sampled_token_ids[rid] = self.token
+            st = state[rid]
+            computed = st[1]
+            slices.append((computed, n))
+            computed = st[1] = computed + n
+            if computed >= st[0]:
+                if computed > st[0]:
+                    raise RuntimeError(f"request {rid} was scheduled past its known tokens")
+                st[0] += 1
+                sampled[rid] = token
         self.last_step_seconds = self.cost_model.step_seconds(slices) if self.cost_model and slices else 0.0
-        return result
+        return RunnerOutput(sampled_token_ids=sampled)
