@@ -105,12 +105,57 @@ def goodput(rates: list[float], attainment: list[float | None], target: float) -
 
 
 def fit_transfer(records: list[dict[str, Any]]) -> dict[str, float] | None:
-    """transfer_s = fixed_s + per_token_s * tokens, least squares over the completed pulls."""
+    """transfer_s = fixed_s + per_token_s * tokens over the completed pulls, by Theil-Sen (the
+    median of pairwise slopes: robust to the pulls a busy core delayed); through the origin (the
+    median of transfer / tokens) when the intercept comes out negative."""
     done = [r for r in records if r["migrated"]]
     if len(done) < 3 or len({r["tokens"] for r in done}) < 2:
         return None
-    slope, intercept = np.polyfit([r["tokens"] for r in done], [r["transfer_s"] for r in done], 1)
-    return {"fixed_s": float(max(0.0, intercept)), "per_token_s": float(max(0.0, slope))}
+    x = np.array([r["tokens"] for r in done], dtype=float)
+    y = np.array([r["transfer_s"] for r in done])
+    i, j = np.triu_indices(len(x), 1)
+    distinct = x[i] != x[j]
+    slope = float(np.median((y[j] - y[i])[distinct] / (x[j] - x[i])[distinct]))
+    intercept = float(np.median(y - slope * x))
+    if intercept < 0 or slope < 0:
+        return {"fixed_s": 0.0, "per_token_s": float(np.median(y / x))}
+    return {"fixed_s": intercept, "per_token_s": slope}
+
+
+def predict(deployment: str, args: argparse.Namespace, hand_off: dict[str, float] | None) -> dict[str, Any]:
+    """The same deployment and workloads in the simulator (sutra/sim), on the 1-thread profile."""
+    from sutra.sim.cluster import ClusterSimulator
+    from sutra.sim.cost_model import load_cost_model
+    from sutra.sim.disagg import DEFAULT_HAND_OFF, DisaggSimulator, HandOffModel, InstanceGroup
+    from sutra.sim.profile import Profile
+    from sutra.sim.simulator import SimRequest
+
+    cost = load_cost_model(Profile.load(args.profile))
+    by_rate = {}
+    for rate in args.rates:
+        jobs = workload(args, rate)
+        requests = [SimRequest(f"r{j.index}", j.offset, len(j.prompt), j.max_tokens) for j in jobs]
+        if deployment == "pd":
+            group = InstanceGroup(1, cost, args.kv_blocks)
+            model = HandOffModel(**hand_off) if hand_off else DEFAULT_HAND_OFF
+            sim = DisaggSimulator(
+                group,
+                group,
+                engine_config(args, "sarathi").scheduler,
+                enable_prefix_caching=False,
+                hand_off=model,
+            )
+        else:
+            config = engine_config(args, deployment).scheduler
+            sim = ClusterSimulator(
+                2, config, cost, args.kv_blocks, enable_prefix_caching=False, dispatch="least-load"
+            )
+        traces = sim.run(requests).traces.values()
+        attained = sum(1 for t in traces if t.ttft <= args.ttft_slo and t.tpot <= args.tpot_slo)
+        tpots = [t.tpot for t in traces if len(t.token_times) > 1]
+        by_rate[str(rate)] = {"attainment": attained / len(requests), "tpot_p99_s": pct(tpots, 99)}
+    attainment = [by_rate[str(r)]["attainment"] for r in args.rates]
+    return {"by_rate": by_rate, "goodput_rps": goodput(args.rates, attainment, args.attainment)}
 
 
 def engine_config(args: argparse.Namespace, mode: str) -> EngineConfig:
@@ -144,6 +189,8 @@ async def run_rate(cluster: Cluster, jobs: list[Job], tag: str, args: argparse.N
         return {
             "summary": summarize(records, args),
             "wall_s": wall,
+            # Per request, so other SLOs can be scored from this run: [prompt, output, TTFT, TPOT].
+            "requests": [[r.prompt_len, r.num_tokens, r.ttft, tpot(r)] for r in records],
             "handoffs": [
                 {
                     "tokens": prompt_len.get(p.request_id, 0),
@@ -198,6 +245,10 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
             "handoff_transfer_median_s": statistics.median([p["transfer_s"] for p in done]) if done else None,
             "handoff_transfer_fit": fit_transfer(pulls),
         }
+    if args.profile is not None:
+        fit = table.get("pd", {}).get("handoff_transfer_fit")
+        for deployment, row in table.items():
+            row["predicted"] = predict(deployment, args, fit)
     return table
 
 
@@ -237,14 +288,14 @@ def plot(report_: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deployments", default=",".join(DEPLOYMENTS))
-    p.add_argument("--rates", default="0.2,0.4,0.6,0.8", help="request rates to run (req/s)")
-    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per rate")
-    p.add_argument("--prompt-min", type=int, default=512)
-    p.add_argument("--prompt-max", type=int, default=1024)
-    p.add_argument("--output-min", type=int, default=16)
-    p.add_argument("--output-max", type=int, default=64)
-    p.add_argument("--ttft-slo", type=float, default=5.0, help="seconds")
-    p.add_argument("--tpot-slo", type=float, default=0.1, help="seconds")
+    p.add_argument("--rates", default="0.15,0.3,0.45", help="request rates to run (req/s)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
+    p.add_argument("--prompt-min", type=int, default=256)
+    p.add_argument("--prompt-max", type=int, default=768)
+    p.add_argument("--output-min", type=int, default=32)
+    p.add_argument("--output-max", type=int, default=96)
+    p.add_argument("--ttft-slo", type=float, default=6.0, help="seconds")
+    p.add_argument("--tpot-slo", type=float, default=0.15, help="seconds")
     p.add_argument("--attainment", type=float, default=0.9)
     p.add_argument("--kv-blocks", type=int, default=512, help="KV blocks (16 tokens) per instance")
     p.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens per step")
@@ -252,6 +303,15 @@ def main() -> None:
     p.add_argument("--settle", type=float, default=2.0, help="pause between runs (s)")
     p.add_argument("--run-timeout", type=float, default=600.0)
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--rescore", type=Path, default=None, help="a saved result JSON: report it again, run nothing"
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="a 1-thread `sutra profile` of this machine: also predict each deployment in the simulator",
+    )
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args()
     args.rates = sorted(float(r) for r in args.rates.split(","))
@@ -264,7 +324,10 @@ def main() -> None:
     from sutra.model.cpu_kernels import cpu_kernels
 
     cpu_kernels()  # built once here, not raced for by the instances
-    results = {d: asyncio.run(run_deployment(d, args)) for d in deployments}
+    if args.rescore is not None:  # the table (and predictions) again from a saved run
+        results = json.loads(args.rescore.read_text())["runs"]
+    else:
+        results = {d: asyncio.run(run_deployment(d, args)) for d in deployments}
     out = {
         "machine": {"platform": platform.platform(), "cores": len(os.sched_getaffinity(0))},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -279,6 +342,8 @@ def main() -> None:
         )
         if row["handoff_transfer_fit"]:
             print(f"  hand-off transfer fit: {row['handoff_transfer_fit']}")
+        if "predicted" in row:
+            print(f"  simulated goodput {row['predicted']['goodput_rps']:.2f} req/s")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,7 @@ class ClusterClient(StreamHub):
         self.affinity = PrefixAffinity()
         self.failover = Failover(self)
         self.handoffs = HandOffs(self)
+        self.load_reads = 0  # load reads started (hand-offs tell which reads show their pulls)
         self.rebalance_every = REBALANCE_EVERY
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -486,11 +487,6 @@ class ClusterClient(StreamHub):
             except Exception:
                 logger.exception("reading the instances' loads failed")
             rounds += 1
-            if self.handoffs.queue:
-                try:
-                    self.handoffs.assign()
-                except Exception:
-                    logger.exception("starting hand-offs failed")
             if self.dispatch.migrates and rounds % self.rebalance_every == 0:
                 if rebalancing is None or rebalancing.done():
                     rebalancing = asyncio.create_task(self._rebalance())
@@ -508,6 +504,8 @@ class ClusterClient(StreamHub):
     async def _refresh_loads(self) -> None:
         alive = [inst for inst in self._instances.values() if inst.alive]
         mark = self.dispatch.mark()
+        read_index = self.load_reads
+        self.load_reads += 1
         results = await asyncio.gather(
             *(self._call(inst.actor.report.remote(), self.report_timeout_s) for inst in alive),
             return_exceptions=True,
@@ -524,6 +522,10 @@ class ClusterClient(StreamHub):
                 inst.report = result
                 refreshed.append(inst.instance_id)
         self.dispatch.loads_refreshed(refreshed, mark)
+        try:
+            self.handoffs.loads_refreshed(read_index)
+        except Exception:
+            logger.exception("starting hand-offs failed")
 
     # ---- ending requests -------------------------------------------------------------------
     def _instance_died(self, inst: _Instance, reason: str, kill: bool = False) -> None:

@@ -74,7 +74,10 @@ class HandOffs:
         self.watermark = watermark
         self.queue: OrderedDict[str, _Parked] = OrderedDict()
         self.pulls: dict[str, int] = {}  # decode instance -> pulls under way
-        self.promised: dict[str, int] = {}  # decode instance -> blocks those pulls will take
+        self.promised: dict[str, int] = {}  # decode instance -> blocks those pulls will take (or took)
+        # Of those, blocks of pulls that landed, by the number of load reads started before they
+        # did: loads read by a read started earlier do not show them, so they stay promised.
+        self.landed: dict[str, list[tuple[int, int]]] = {}
         self.listeners: list[Callable[[HandOffRecord], None]] = []
         self.num_handed_off = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -84,6 +87,17 @@ class HandOffs:
         blocks = -(-(num_tokens + 1) // self.client.block_size)
         self.queue[request_id] = _Parked(source, time.monotonic(), blocks)
         self.assign()
+
+    def loads_refreshed(self, read_index: int) -> None:
+        """The loads read by read number `read_index` are in: they show every pull that landed
+        before that read started."""
+        for destination, entries in self.landed.items():
+            shown = sum(blocks for index, blocks in entries if index <= read_index)
+            if shown:
+                self.promised[destination] -= shown
+                entries[:] = [(index, blocks) for index, blocks in entries if index > read_index]
+        if self.queue:
+            self.assign()
 
     def discard(self, request_id: str) -> None:
         """The request ended (its client left, or it failed): it no longer waits for a pull."""
@@ -161,7 +175,10 @@ class HandOffs:
             result = MigrationResult(migrated=False, reason=f"{type(e).__name__}: {e}", failed=True)
         finally:
             self.pulls[destination] -= 1
-            self.promised[destination] -= parked.blocks
+            if move.committed:  # the decode instance holds it: promised until its loads show it
+                self.landed.setdefault(destination, []).append((client.load_reads, parked.blocks))
+            else:
+                self.promised[destination] -= parked.blocks
             move.ended.set()
             if not move.committed:
                 client.migrator.moved_seen(request_id, parked.source)

@@ -159,12 +159,22 @@ class MigrationInbox:
         self.max_open = max_open
         self.open_migrations: dict[str, IncomingMigration] = {}
 
-    def open(self, migration_id: str, request_id: str) -> IncomingMigration:
+    def open(
+        self, migration_id: str, request_id: str, scheduler: Scheduler | None = None
+    ) -> IncomingMigration:
+        """Open a migration; with `scheduler`, refused when the requests running there and those
+        arriving would leave no seat (max_num_seqs) for this one."""
         self.expire()
         if migration_id in self.open_migrations:
             raise MigrationAborted(f"migration {migration_id} is already open")
         if len(self.open_migrations) >= self.max_open:
             raise MigrationAborted(f"this instance already takes {self.max_open} migrations")
+        if scheduler is not None and not scheduler.rules.has_seat(
+            len(scheduler.running) + len(self.open_migrations)
+        ):
+            raise MigrationAborted(
+                f"migration {migration_id} refused: no free seat ({scheduler.rules.max_num_seqs} requests at most)"
+            )
         record = IncomingMigration(migration_id, request_id, self.clock() + self.lease_s)
         self.open_migrations[migration_id] = record
         return record

@@ -166,7 +166,7 @@ class MigrationTarget:
         self.engine.runner.kv_layout().check_matches(layout)
         if self.engine.num_samples(request_id) != 0:
             raise MigrationAborted(f"request id {request_id!r} is already in use here")
-        self.inbox.open(migration_id, request_id)
+        self.inbox.open(migration_id, request_id, self.engine.scheduler)
 
     def reserve(self, migration_id: str, num_blocks: int) -> list[int]:
         """Blocks for a stage's KV; refused (and the migration aborted) if blocks are short."""

@@ -7,6 +7,11 @@ decodes would "meet" the TBT SLO at any rate while its queue grows without bound
 binary search over rates. The search here assumes the same thing theirs does: SLO attainment is
 monotone in rate (a run that meets the SLOs at a rate meets them at every lower rate). Every rate
 tried is kept with its key figures, so the latency-vs-rate curve comes with the answer.
+
+Goodput, as DistServe defines it, is the same search with a per-request criterion: a request
+attains when its TTFT and its TPOT (mean time per output token after the first) are both within
+their SLOs, and goodput is the highest rate at which at least a target share (90%) of requests
+attain (`AttainmentSlo`, `find_goodput`). A request the run did not finish does not attain.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sutra.sim.simulator import SimRequest, SimResult
+from sutra.sim.simulator import SimRequest, SimResult, SimTrace
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ def key_figures(result: SimResult) -> dict[str, float]:
     """The figures a capacity curve plots, from a run's summary."""
     summary = result.summary()
     figures: dict[str, float] = {}
-    for metric in ("tbt_s", "ttft_s", "e2e_s"):
+    for metric in ("tbt_s", "ttft_s", "e2e_s", "tpot_s"):
         for q, value in summary[metric].items():  # type: ignore[union-attr]
             if q in ("p50", "p99"):
                 figures[f"{q}_{metric}"] = value
@@ -78,6 +83,52 @@ class CapacityResult:
         return sorted(self.trials, key=lambda t: t.rate)
 
 
+@dataclass(frozen=True)
+class AttainmentSlo:
+    """DistServe's SLO: a request attains when TTFT <= ttft_s and TPOT <= tpot_s; a run meets it
+    when at least `target` of its requests attain."""
+
+    ttft_s: float
+    tpot_s: float
+    target: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_s > 0 and self.tpot_s > 0 and 0 < self.target <= 1):
+            raise ValueError(
+                f"need TTFT and TPOT SLOs > 0 and 0 < attainment target <= 1, got "
+                f"{self.ttft_s}, {self.tpot_s}, {self.target}"
+            )
+
+    def attains(self, trace: SimTrace) -> bool:
+        return bool(trace.token_times) and trace.ttft <= self.ttft_s and trace.tpot <= self.tpot_s
+
+    def attainment(self, result: SimResult) -> float:
+        """The share of the run's requests that attain (1.0 for an empty run)."""
+        traces = result.traces.values()
+        return sum(self.attains(t) for t in traces) / len(traces) if traces else 1.0
+
+    def meets(self, result: SimResult) -> bool:
+        return self.attainment(result) >= self.target
+
+    def figures(self, result: SimResult) -> dict[str, float]:
+        """key_figures plus the attainment: what a goodput search keeps of each rate."""
+        return {**key_figures(result), "attainment": self.attainment(result)}
+
+
+def keeps_up(result: SimResult, fraction: float) -> bool:
+    """In the second half of the arrival window, requests finish at `fraction` of the rate they
+    arrive or more. Past capacity the backlog grows, so completions fall behind arrivals; below it,
+    both run at the offered rate once the first half has warmed the engine up (the drain after the
+    last arrival is left out, so a short trace is not penalised for it)."""
+    arrivals = sorted(t.arrival_time for t in result.traces.values())
+    if len(arrivals) < 4 or arrivals[-1] <= arrivals[0]:
+        return True  # all at once (or too few): there is no rate to keep up with
+    mid, end = arrivals[len(arrivals) // 2], arrivals[-1]
+    arrived = sum(1 for a in arrivals if mid < a <= end)
+    done = sum(1 for t in result.traces.values() if t.token_times and mid < t.token_times[-1] <= end)
+    return done >= fraction * arrived
+
+
 def find_capacity(
     run_at_rate: Callable[[float], SimResult],
     meets: Callable[[SimResult], bool],
@@ -85,10 +136,12 @@ def find_capacity(
     high: float,
     tolerance: float = 0.02,
     max_expansions: int = 6,
+    figures: Callable[[SimResult], dict[str, float]] = key_figures,
 ) -> CapacityResult:
     """The highest rate whose run meets the SLOs, to within `tolerance` (relative): the bracket
     [low, high] is widened (halving low while it fails, doubling high while it meets, at most
-    `max_expansions` times each), then bisected until high / low - 1 <= tolerance."""
+    `max_expansions` times each), then bisected until high / low - 1 <= tolerance. `figures` is
+    what each trial keeps of its run."""
     if not 0 < low < high:
         raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
     trials: dict[float, Trial] = {}
@@ -96,7 +149,7 @@ def find_capacity(
     def ok(rate: float) -> bool:
         if rate not in trials:
             result = run_at_rate(rate)
-            trials[rate] = Trial(rate, bool(meets(result)), key_figures(result))
+            trials[rate] = Trial(rate, bool(meets(result)), figures(result))
         return trials[rate].meets
 
     for _ in range(max_expansions):
@@ -118,6 +171,33 @@ def find_capacity(
         else:
             high = mid
     return CapacityResult(low, True, list(trials.values()))
+
+
+def find_goodput(
+    run_at_rate: Callable[[float], SimResult],
+    slo: AttainmentSlo,
+    low: float,
+    high: float,
+    tolerance: float = 0.02,
+    max_expansions: int = 6,
+    keep_up: float = 0.0,
+) -> CapacityResult:
+    """DistServe's goodput: the highest rate at which `slo.target` of the requests attain; the
+    capacity search with attainment as the criterion (each trial's figures carry it). With
+    `keep_up` > 0 a rate must also keep up (`keeps_up`): a finite trace past capacity can end while
+    its backlog still sits in memory (a prefill instance's parked requests, say) with most requests
+    attaining."""
+
+    def figures(result: SimResult) -> dict[str, float]:
+        out = slo.figures(result)
+        if keep_up > 0:
+            out["keeps_up"] = float(keeps_up(result, keep_up))
+        return out
+
+    def passes(result: SimResult) -> bool:
+        return slo.meets(result) and (keep_up <= 0 or keeps_up(result, keep_up))
+
+    return find_capacity(run_at_rate, passes, low, high, tolerance, max_expansions, figures)
 
 
 def poisson_workload(lengths: list[tuple[int, int]], rate: float, seed: int = 0) -> list[SimRequest]:

@@ -1,5 +1,7 @@
-"""`sutra profile | simulate`: measure (or derive from a roofline) the step latency the simulator's
-cost model is fitted to, and run `sutra bench serve`'s workload through the simulator."""
+"""`sutra profile | simulate | plan`: measure (or derive from a roofline) the step latency the
+simulator's cost model is fitted to, run `sutra bench serve`'s workload through the simulator, and
+plan a deployment in simulation (`plan capacity`: the highest rate within SLOs; `plan placement`:
+the colocated or prefill/decode split of a machine with the most goodput per core)."""
 
 from __future__ import annotations
 
@@ -54,6 +56,13 @@ def add_profile_parser(
     p.add_argument(
         "--shape", default="llama-3-8b", help="model shape for --roofline (a preset or mistral-7b)"
     )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="K",
+        help="with --roofline: one instance on K GPUs, tensor parallel (assumed costs: sutra/sim/roofline.py)",
+    )
     p.set_defaults(
         func=lambda args: (
             cmd_roofline_profile(args) if args.roofline else cmd_profile(args, engine_config(args))
@@ -62,12 +71,18 @@ def add_profile_parser(
 
 
 def cmd_roofline_profile(args: argparse.Namespace) -> None:
-    model = RooflineCostModel(device_spec(args.roofline), model_shape(args.shape))
+    try:
+        model = RooflineCostModel(
+            device_spec(args.roofline), model_shape(args.shape), tensor_parallel=args.tp
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: --tp {args.tp}: {e}") from None
     profile = roofline_profile(model, args.chunks, args.contexts, args.batches, args.block_size)
     profile.save(args.output)
-    blocks = kv_cache_blocks(model.device, model.shape, args.block_size)
+    blocks = kv_cache_blocks(model.device, model.shape, args.block_size, tensor_parallel=args.tp)
+    gpus = f"{args.tp} x {args.roofline} (tensor parallel)" if args.tp > 1 else args.roofline
     print(f"wrote {args.output}: {len(profile.prefill)} prefill and {len(profile.decode)} decode points")
-    print(f"roofline: {args.shape} on {args.roofline}, {blocks} KV blocks of {args.block_size} tokens fit")
+    print(f"roofline: {args.shape} on {gpus}, {blocks} KV blocks of {args.block_size} tokens fit")
 
 
 def cmd_profile(args: argparse.Namespace, config: EngineConfig) -> None:
@@ -174,6 +189,151 @@ def add_plan_parser(
     add_engine_args(p)
     add_workload_args(p)
     p.set_defaults(func=lambda args: cmd_plan_capacity(args, engine_config(args)))
+    add_placement_parser(kinds, add_engine_args, engine_config)
+
+
+def add_placement_parser(
+    kinds: argparse._SubParsersAction,
+    add_engine_args: Callable[[argparse.ArgumentParser], None],
+    engine_config: Callable[[argparse.Namespace], EngineConfig],
+) -> None:
+    from sutra.bench.cli import add_workload_args
+    from sutra.cluster.dispatch import DEFAULT_DISPATCH, DISPATCH_POLICIES
+    from sutra.sim.placement import DEFAULT_MAX_INSTANCES
+
+    p = kinds.add_parser(
+        "placement",
+        help="the colocated or prefill/decode configuration with the most goodput per core (GPU)",
+        description="Try, in simulation, every way to split --cores (--gpus for roofline profiles) into "
+        "colocated instances or prefill and decode instances of the profiled sizes, find each one's "
+        "goodput (the highest rate at which --attainment of requests meet both SLOs) and its "
+        "attainment at --rate, and rank them by goodput per core. The workload is `sutra bench "
+        "serve`'s (--request-rate is ignored; --num-prompts defaults to 300 here).",
+    )
+    p.add_argument(
+        "--profile",
+        action="append",
+        required=True,
+        metavar="[N:]PROFILE.json",
+        help="the cost model of instances of N threads (roofline: N GPUs); without N: the threads the "
+        "profile was taken with (`sutra profile --num-threads N`). Repeat for each size",
+    )
+    p.add_argument("--cores", "--gpus", dest="cores", type=int, required=True, help="cores (GPUs) to spend")
+    p.add_argument("--ttft-slo", type=float, required=True, metavar="MS", help="time to first token, ms")
+    p.add_argument(
+        "--tpot-slo",
+        type=float,
+        required=True,
+        metavar="MS",
+        help="time per output token after the first, ms",
+    )
+    p.add_argument(
+        "--rate", type=float, required=True, help="the offered load to report attainment at (req/s)"
+    )
+    p.add_argument(
+        "--attainment",
+        type=float,
+        default=0.9,
+        help="share of requests that must meet both SLOs (%(default)s)",
+    )
+    p.add_argument(
+        "--max-instances",
+        type=int,
+        default=DEFAULT_MAX_INSTANCES,
+        help="instances per role at most (%(default)s)",
+    )
+    p.add_argument(
+        "--tp",
+        type=_sizes,
+        default=[],
+        metavar="K[,K...]",
+        help="roofline profiles: also try instances of K GPUs, tensor parallel, derived from the profile",
+    )
+    p.add_argument("--tolerance", type=float, default=0.05, help="relative width each search stops at")
+    p.add_argument(
+        "--keep-up",
+        type=float,
+        default=0.85,
+        help="a rate passes only if requests finish at >= this fraction of it while they arrive "
+        "(0: attainment alone, DistServe's definition)",
+    )
+    p.add_argument("--dispatch", default=DEFAULT_DISPATCH, choices=sorted(DISPATCH_POLICIES))
+    p.add_argument(
+        "--hand-off-ms",
+        type=float,
+        nargs=2,
+        default=[20.0, 0.023],
+        metavar=("FIXED", "PER_TOKEN"),
+        help="a hand-off's time: FIXED ms plus PER_TOKEN ms per prompt token (%(default)s)",
+    )
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the whole table as JSON")
+    p.add_argument(
+        "--apply",
+        action="store_true",
+        help="then run `sutra serve` with the best configuration (measured CPU profiles only)",
+    )
+    add_engine_args(p)
+    add_workload_args(p)
+    p.set_defaults(num_prompts=300, func=lambda args: cmd_plan_placement(args, engine_config(args)))
+
+
+def cmd_plan_placement(args: argparse.Namespace, config: EngineConfig) -> None:
+    import os
+    import shlex
+
+    from sutra.bench.cli import config_from_args
+    from sutra.bench.errors import BenchError
+    from sutra.sim.capacity import AttainmentSlo
+    from sutra.sim.disagg import HandOffModel
+    from sutra.sim.placement import (
+        exec_argv,
+        format_placement,
+        placement_json,
+        plan_placement,
+        read_profiles,
+        serve_command,
+        write_placement,
+    )
+
+    try:
+        slo = AttainmentSlo(args.ttft_slo / 1000, args.tpot_slo / 1000, args.attainment)
+    except ValueError as e:
+        raise BenchError(f"--ttft-slo / --tpot-slo / --attainment: {e}") from None
+    fixed_ms, per_token_ms = args.hand_off_ms
+    if fixed_ms < 0 or per_token_ms < 0:
+        raise BenchError("--hand-off-ms: the times must be >= 0")
+    bench = config_from_args(args, server=False)
+    profiles = read_profiles(args.profile, args.tp)
+    if args.apply and next(iter(profiles.values())).roofline:
+        raise BenchError(
+            "--apply starts `sutra serve` on this machine's CPU cores; a roofline profile describes GPUs "
+            "this engine does not serve on: drop --apply"
+        )
+    plan = plan_placement(
+        bench,
+        config,
+        profiles,
+        slo,
+        args.rate,
+        args.cores,
+        max_instances=args.max_instances,
+        dispatch=args.dispatch,
+        tolerance=args.tolerance,
+        keep_up=args.keep_up,
+        hand_off=HandOffModel(fixed_ms / 1000, per_token_ms / 1000),
+    )
+    print(format_placement(plan))
+    if args.json:
+        write_placement(args.json, placement_json(plan, bench, config))
+        print(f"wrote {args.json}")
+    if args.apply:
+        if plan.best.goodput == 0.0:
+            raise BenchError("--apply: no configuration meets the SLOs, so none is started")
+        extra = ["--policy-config", args.policy_config] if args.policy_config else []
+        argv = serve_command(plan.best.placement, config, args.dispatch, extra)
+        print(shlex.join(argv), flush=True)
+        argv = exec_argv(argv)
+        os.execvp(argv[0], argv)
 
 
 def cmd_plan_capacity(args: argparse.Namespace, config: EngineConfig) -> None:

@@ -16,6 +16,9 @@ plan made here follows the rules of `sutra serve --instances N --dispatch ...`.
   next step boundary until `downtime_s(tokens)` later; then it runs on the destination, whose
   SimExecutor learns it from the scheduler's NewRequestData, and its trace continues there.
 
+Disaggregated prefill/decode (DistServe) is sutra/sim/disagg.py, a ClusterSimulator whose instances
+have roles; the event loop, dispatch and the move records are these.
+
 Not modelled: load reads and pre-copy stages take no time (in the real cluster the reads are RPCs
 answered between steps, and pre-copy runs beside the source's steps), nor instance failures, drains,
 or multi-sample requests.
@@ -24,7 +27,10 @@ or multi-sample requests.
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sutra.cluster.affinity import PrefixAffinity, prefix_hashes
@@ -35,7 +41,7 @@ from sutra.core.migration import MigrationAborted, MigrationInbox, OutgoingMigra
 from sutra.core.request import Request
 from sutra.core.stats import InstanceLoad
 from sutra.sim.executor import StepCost
-from sutra.sim.simulator import SimEngine, SimRequest, SimResult, SimTrace
+from sutra.sim.simulator import SimEngine, SimRequest, SimResult, SimTrace, percentiles
 
 # Mirrors of sutra/cluster/client.py (which imports Ray, so it is not imported here): the load-read
 # period and the reads between two rebalance rounds (tests/sim/test_cluster.py checks they agree).
@@ -70,6 +76,27 @@ class MigrationRecord:
     num_tokens: int  # context at the pause
 
 
+@dataclass(frozen=True)
+class HandOffRecord:
+    """One request taken by a decode instance from the prefill instance it parked on."""
+
+    request_id: str
+    source: str  # the prefill instance
+    destination: str  # the decode instance
+    parked_at: float  # simulated seconds: its first token's step ended
+    started_at: float  # the pull started: the prefill side read the request and its KV
+    landed_at: float  # the decode side reserved its blocks and adopted it; released on the prefill side
+    num_tokens: int  # KV handed over (the prompt)
+
+    @property
+    def wait_s(self) -> float:
+        return self.started_at - self.parked_at
+
+    @property
+    def transfer_s(self) -> float:
+        return self.landed_at - self.started_at
+
+
 @dataclass
 class InstanceFigures:
     dispatched: int = 0  # requests the dispatch policy placed here
@@ -78,22 +105,35 @@ class InstanceFigures:
     num_preemptions: int = 0
     migrated_out: int = 0
     migrated_in: int = 0
+    hand_offs_out: int = 0  # prefill instances: requests decode instances took
+    hand_offs_in: int = 0  # decode instances: requests taken
 
 
 @dataclass
 class ClusterSimResult(SimResult):
-    """SimResult over the whole cluster, plus what each instance did and every move."""
+    """SimResult over the whole cluster, plus what each instance did, every move and hand-off."""
 
     instances: dict[str, InstanceFigures] = field(default_factory=dict)
     placement: dict[str, str] = field(default_factory=dict)  # request id -> instance dispatched to
     migrations: list[MigrationRecord] = field(default_factory=list)
     migrations_refused: int = 0  # moves a round started that the records called off (room, state)
+    roles: dict[str, str] = field(default_factory=dict)  # instance -> prefill | decode; {}: colocated
+    hand_offs: list[HandOffRecord] = field(default_factory=list)
+    hand_offs_refused: int = 0  # pulls a decode instance's inbox called off (short of room there)
 
     def summary(self) -> dict[str, object]:
         out = super().summary()
         out["migrations"] = len(self.migrations)
         out["migrations_refused"] = self.migrations_refused
         out["instances"] = {i: dataclasses.asdict(f) for i, f in self.instances.items()}
+        if self.roles:
+            out["roles"] = dict(self.roles)
+            out["hand_offs"] = {
+                "count": len(self.hand_offs),
+                "refused": self.hand_offs_refused,
+                "wait_s": percentiles([h.wait_s for h in self.hand_offs]),
+                "transfer_s": percentiles([h.transfer_s for h in self.hand_offs]),
+            }
         return out
 
 
@@ -116,8 +156,13 @@ def migration_candidate(engine: SimEngine) -> str | None:
 
 class ClusterSimulator:
     """num_instances SimEngines ("i0", "i1", ... as the real cluster names them) in one simulated
-    time: the next event is the earliest of a finishing move, a load read, an arrival and the
-    earliest clock of an instance with work. One run per simulator."""
+    time: the next event is the earliest of a timer (a move landing; in disagg.py also hand-offs and
+    park notices), a load read, an arrival and the earliest clock of an instance with work. One run
+    per simulator."""
+
+    # An instance with work it cannot schedule looks again at the next load read at the latest (it
+    # is waiting for a hand-off to free its pool, which a read may start); colocated: IDLE_STEP_S.
+    wake_at_reads = False
 
     def __init__(
         self,
@@ -136,10 +181,7 @@ class ClusterSimulator:
     ) -> None:
         if num_instances < 1:
             raise ValueError(f"a cluster needs at least one instance, got {num_instances}")
-        if load_refresh_s <= 0 or rebalance_every < 1:
-            raise ValueError("load_refresh_s must be > 0 and rebalance_every >= 1")
-        self.block_size = block_size
-        self.engines = {
+        engines = {
             f"i{k}": SimEngine.build(
                 scheduler_config,
                 cost_model,
@@ -151,6 +193,23 @@ class ClusterSimulator:
             )
             for k in range(num_instances)
         }
+        self._setup(engines, block_size, dispatch, load_refresh_s, rebalance_every, migration, out_threshold)
+
+    def _setup(
+        self,
+        engines: dict[str, SimEngine],
+        block_size: int,
+        dispatch: str,
+        load_refresh_s: float,
+        rebalance_every: int,
+        migration: MigrationModel,
+        out_threshold: float,
+    ) -> None:
+        if load_refresh_s <= 0 or rebalance_every < 1:
+            raise ValueError("load_refresh_s must be > 0 and rebalance_every >= 1")
+        self.block_size = block_size
+        self.engines = engines
+        self.roles: dict[str, str] = {}
         self.dispatch = make_dispatch_policy(dispatch)
         self.load_refresh_s = load_refresh_s
         self.rebalance_every = rebalance_every
@@ -164,7 +223,13 @@ class ClusterSimulator:
         self._reads = 0
         self._round: deque[MigrationPair] = deque()
         self._move: _Move | None = None
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []  # a heap: (when, order, what)
+        self._order = itertools.count()
         self._result = ClusterSimResult({}, 0.0, 0, 0, {i: InstanceFigures() for i in self.engines})
+
+    def _at(self, when: float, action: Callable[[], None]) -> None:
+        """Run `action` at simulated time `when` (timers at one time run in the order set)."""
+        heapq.heappush(self._timers, (when, next(self._order), action))
 
     # ---- the event loop ------------------------------------------------------------------------
     def run(self, requests: list[SimRequest], max_steps: int = 10_000_000) -> ClusterSimResult:
@@ -183,22 +248,24 @@ class ClusterSimulator:
         tick, i, steps = 0, 0, 0
         while True:
             t_arrival = pending[i].arrival_time if i < len(pending) else inf
-            t_move = self._move.record.resumed_at if self._move is not None else inf
+            t_timer = self._timers[0][0] if self._timers else inf
             busy = [e for e in engines if e.has_work()]
-            if not busy and self._move is None and t_arrival == inf:
+            waiting = bool(self._timers) or self._backlog()
+            if not busy and not waiting and t_arrival == inf:
                 break
             t_read = start + tick * self.load_refresh_s
             engine = min(busy, key=lambda e: e.now) if busy else None
             t_engine = engine.now if engine is not None else inf
-            # On ties: a move lands, loads are read, requests arrive, then engines step.
-            if t_move <= min(t_read, t_arrival, t_engine):
-                self.clock = t_move
-                self._finish_move()
+            # On ties: timers (a move lands; a park is noticed, a hand-off lands), loads are read,
+            # requests arrive, then engines step.
+            if t_timer <= min(t_read, t_arrival, t_engine):
+                self.clock, _, action = heapq.heappop(self._timers)
+                action()
             elif t_read <= min(t_arrival, t_engine):
                 self.clock = t_read
                 self._read_loads()
                 tick += 1
-                if not busy and self._move is None:  # idle until the arrival: identical reads
+                if not busy and not waiting:  # idle until the arrival: identical reads
                     tick = self._skip_idle_reads(start, tick, t_arrival)
             elif t_arrival <= t_engine:
                 self.clock = t_arrival
@@ -208,7 +275,8 @@ class ClusterSimulator:
                 assert engine is not None
                 self.clock = t_engine
                 before = engine.num_steps
-                engine.step(min(t_arrival, t_move))
+                wake = min(t_arrival, t_timer, t_read if self.wake_at_reads else inf)
+                self._stepped(engine, engine.step(wake))
                 steps += engine.num_steps - before
                 if steps >= max_steps:
                     raise RuntimeError(f"the simulation did not finish within {max_steps} steps")
@@ -224,17 +292,38 @@ class ClusterSimulator:
             return tick
         before, self._reads = self._reads, self._reads + last - tick
         if self.dispatch.migrates and self._reads // self.rebalance_every > before // self.rebalance_every:
-            self.rebalancer.pairs(self.loads)  # nothing runs: no pair, but its memory moves on
+            self.rebalancer.pairs(self._rebalance_loads())  # nothing runs: no pair, but its memory moves on
         return last
 
+    # ---- what roles change (sutra/sim/disagg.py) -------------------------------------------
+    def _backlog(self) -> bool:
+        """Work no instance can step yet that a later read may start (parked requests)."""
+        return False
+
+    def _dispatch_loads(self) -> dict[str, InstanceLoad]:
+        """The instances new requests may go to, with their loads."""
+        return self.loads
+
+    def _stepped(self, engine: SimEngine, stepped: list[Request]) -> None:
+        """An instance finished a step; `stepped` got a token in it."""
+
+    def _rebalance_loads(self) -> dict[str, InstanceLoad]:
+        """The instances rebalancing moves requests between, with their loads."""
+        return self.loads
+
+    def _loads_read(self) -> None:
+        """Every instance's load was just read."""
+
+    # ---- loads and dispatch --------------------------------------------------------------------
     def _read_loads(self) -> None:
         mark = self.dispatch.mark()
         self.loads = {i: e.scheduler.load_summary() for i, e in self.engines.items()}
         self.dispatch.loads_refreshed(self.loads, mark)
         self._reads += 1
+        self._loads_read()
         if self.dispatch.migrates and self._reads % self.rebalance_every == 0:
             if self._move is None and not self._round:  # the last round is done
-                self._round.extend(self.rebalancer.pairs(self.loads))
+                self._round.extend(self.rebalancer.pairs(self._rebalance_loads()))
                 self._next_move()
 
     def _dispatch(self, spec: SimRequest, index: int, affinity: bool) -> None:
@@ -250,7 +339,7 @@ class ClusterSimulator:
             demand_blocks=-(-(len(tokens) + 1) // self.block_size),  # +1: the first output token
             preferred=self.affinity.lookup(hashes) if hashes else None,
         )
-        instance_id = self.dispatch.choose(self.loads, request)
+        instance_id = self.dispatch.choose(self._dispatch_loads(), request)
         if hashes:
             self.affinity.record(hashes, instance_id)
         self.engines[instance_id].add(spec)
@@ -269,11 +358,31 @@ class ClusterSimulator:
         if request_id is None:
             return
         migration_id = f"{request_id}->{pair.destination}-{len(self._result.migrations)}"
-        inbox = self.inboxes[pair.destination]
+        begun = self._begin(pair.source, pair.destination, request_id, migration_id)
+        if begun is None:
+            self._result.migrations_refused += 1
+            return
+        outgoing, request = begun
+        # The source's state is as of its step in flight: it pauses when that step ends.
+        paused_at = max(self.clock, source.now)
+        resumed_at = paused_at + self.migration.downtime_s(request.num_tokens)
+        record = MigrationRecord(
+            request_id, pair.source, pair.destination, paused_at, resumed_at, request.num_tokens
+        )
+        self._move = _Move(outgoing, request, record)  # the destination adopts it when it lands
+        self._at(resumed_at, self._finish_move)
+
+    def _begin(
+        self, source_id: str, destination_id: str, request_id: str, migration_id: str
+    ) -> tuple[OutgoingMigration, Request] | None:
+        """A move through the real records up to the pause: the source's OutgoingMigration (pre-copy
+        stages, then pause), the destination's inbox reserving blocks for each. None, with nothing
+        changed on either side, when a record calls it off."""
+        source, inbox = self.engines[source_id], self.inboxes[destination_id]
         outgoing: OutgoingMigration | None = None
         try:
             outgoing = OutgoingMigration.begin(source.scheduler, request_id, migration_id)
-            inbox.open(migration_id, request_id)
+            inbox.open(migration_id, request_id, self.engines[destination_id].scheduler)
             while (stage := outgoing.next_stage(source.scheduler)) is not None:
                 inbox.reserve(migration_id, len(stage))
             request, rest = outgoing.pause(source.scheduler)
@@ -282,22 +391,13 @@ class ClusterSimulator:
             inbox.abort(migration_id)
             if outgoing is not None:
                 outgoing.abort(source.scheduler)
-            self._result.migrations_refused += 1
-            return
-        # The source's state is as of its step in flight: it pauses when that step ends.
-        paused_at = max(self.clock, source.now)
-        resumed_at = paused_at + self.migration.downtime_s(request.num_tokens)
-        record = MigrationRecord(
-            request_id, pair.source, pair.destination, paused_at, resumed_at, request.num_tokens
-        )
-        self._move = _Move(outgoing, request, record)  # the destination adopts it when it lands
+            return None
+        return outgoing, request
 
-    def _finish_move(self) -> None:
-        move = self._move
-        assert move is not None
-        self._move = None
-        record, old = move.record, move.request
-        source, destination = self.engines[record.source], self.engines[record.destination]
+    def _land(self, outgoing: OutgoingMigration, old: Request, source_id: str, destination_id: str) -> None:
+        """Commit a move at the current clock: the destination adopts the request (num_computed_tokens
+        kept), the source releases it, and its trace continues on the destination."""
+        source, destination = self.engines[source_id], self.engines[destination_id]
         # What MovedRequest.to_request rebuilds on a real destination.
         request = Request(
             old.request_id,
@@ -312,11 +412,17 @@ class ClusterSimulator:
         request.num_cached_tokens = old.num_cached_tokens
         request.num_preemptions = old.num_preemptions
         if not destination.has_work():  # an idle instance wakes for it
-            destination.now = max(destination.now, record.resumed_at)
-        migration_id = move.migration.migration_id
-        self.inboxes[record.destination].commit(migration_id, destination.scheduler, request)
-        move.migration.commit(source.scheduler)  # released there: blocks and runner state
-        destination.traces[record.request_id] = source.traces.pop(record.request_id)
+            destination.now = max(destination.now, self.clock)
+        self.inboxes[destination_id].commit(outgoing.migration_id, destination.scheduler, request)
+        outgoing.commit(source.scheduler)  # released there: blocks and runner state
+        destination.traces[old.request_id] = source.traces.pop(old.request_id)
+
+    def _finish_move(self) -> None:
+        move = self._move
+        assert move is not None
+        self._move = None
+        record = move.record
+        self._land(move.migration, move.request, record.source, record.destination)
         self._result.migrations.append(record)
         self._result.instances[record.source].migrated_out += 1
         self._result.instances[record.destination].migrated_in += 1

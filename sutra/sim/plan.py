@@ -16,7 +16,7 @@ from typing import Any
 from sutra.bench.config import BenchConfig
 from sutra.bench.errors import BenchError
 from sutra.config import EngineConfig
-from sutra.sim.capacity import CapacityResult, Slo, find_capacity
+from sutra.sim.capacity import CapacityResult, Slo, find_capacity, keeps_up
 from sutra.sim.simulate import Workload, read_profile, simulate
 from sutra.sim.simulator import SimResult
 
@@ -72,20 +72,6 @@ def plan_capacity(
         return find_capacity(run_at, passes, low, high, tolerance)
     except ValueError as e:
         raise BenchError(f"--low/--high: {e}") from None
-
-
-def keeps_up(result: SimResult, fraction: float) -> bool:
-    """In the second half of the arrival window, requests finish at `fraction` of the rate they
-    arrive or more. Past capacity the backlog grows, so completions fall behind arrivals; below it,
-    both run at the offered rate once the first half has warmed the engine up (the drain after the
-    last arrival is left out, so a short trace is not penalised for it)."""
-    arrivals = sorted(t.arrival_time for t in result.traces.values())
-    if len(arrivals) < 4 or arrivals[-1] <= arrivals[0]:
-        return True  # all at once (or too few): there is no rate to keep up with
-    mid, end = arrivals[len(arrivals) // 2], arrivals[-1]
-    arrived = sum(1 for a in arrivals if mid < a <= end)
-    done = sum(1 for t in result.traces.values() if t.token_times and mid < t.token_times[-1] <= end)
-    return done >= fraction * arrived
 
 
 def format_plan(result: CapacityResult, slo: Slo) -> str:

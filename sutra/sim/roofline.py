@@ -17,6 +17,13 @@ KV reads hide under the prefill chunk's GEMM compute, which separate kernels can
          + max(F_head / (peak * e_gemm), B_head / (bw * e_bw))
          + max(F_attn / (peak * e_attn), B_attn / (bw * e_bw)) + overhead
 
+Tensor parallelism over k GPUs of one node (Megatron-style: attention heads, MLP columns and the
+vocabulary split k ways) divides every FLOP and byte above by k and adds two all-reduces per layer
+(after the attention output and the MLP down projections) of tokens * hidden activations, each
+priced as a ring all-reduce: ALLREDUCE_LATENCY_S + 2 (k - 1) / k * bytes / (link bandwidth *
+ALLREDUCE_EFFICIENCY). Assumed, not measured: the latency (NCCL's small-message all-reduce on
+NVLink is ~10-20 us, custom kernels ~5 us), the efficiency, and a per-step overhead unchanged by k.
+
 Left out, on purpose: activation traffic between kernels (it streams through L2 at the chunk sizes
 the scheduler forms, and where it would matter the GEMMs are compute-bound), GEMM tile quantization,
 norms and rotary (elementwise, small), and the embedding gather (a few rows).
@@ -35,6 +42,8 @@ from sutra.sim.profile import DecodePoint, PrefillPoint, Profile
 # input preparation and the Python scheduler. vLLM's 2024-09 performance post measured CPU work as most
 # of an 8B model's step on an H100 before overlapping it; 1 ms is a mid value for a lean engine.
 DEFAULT_STEP_OVERHEAD_S = 1e-3
+ALLREDUCE_LATENCY_S = 1e-5  # per all-reduce (two per layer under tensor parallelism)
+ALLREDUCE_EFFICIENCY = 0.8  # of the link's per-direction bandwidth a ring all-reduce's bus reaches
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class DeviceSpec:
     attention_efficiency: float  # fraction of peak_flops FlashAttention-2 forward sustains
     bandwidth_efficiency: float  # fraction of bandwidth streaming kernels sustain
     source: str = ""
+    link_bandwidth: float = 0.0  # GPU-to-GPU bytes/s per direction in one node (0: no tensor parallel)
 
 
 # Efficiencies (assumed, not measured here): H100 GEMMs sustain ~650-750 TFLOP/s of 989 under power and
@@ -63,21 +73,27 @@ DEVICES: dict[str, DeviceSpec] = {
     for d in (
         DeviceSpec(
             "h100-sxm", 989e12, 3.35e12, 80e9, 0.7, 0.35, 0.9,
-            "NVIDIA H100 SXM5 80GB datasheet: 989 TFLOP/s dense BF16, 3.35 TB/s HBM3, 80 GB" + _HOPPER_EFF,
+            "NVIDIA H100 SXM5 80GB datasheet: 989 TFLOP/s dense BF16, 3.35 TB/s HBM3, 80 GB, NVLink 900 GB/s"
+            + _HOPPER_EFF,
+            link_bandwidth=450e9,
         ),
         DeviceSpec(
             "h200-sxm", 989e12, 4.8e12, 141e9, 0.7, 0.35, 0.9,
-            "NVIDIA H200 SXM datasheet: 989 TFLOP/s dense BF16 (the H100's GH100), 4.8 TB/s HBM3e, 141 GB"
-            + _HOPPER_EFF,
+            "NVIDIA H200 SXM datasheet: 989 TFLOP/s dense BF16 (the H100's GH100), 4.8 TB/s HBM3e, 141 GB, "
+            "NVLink 900 GB/s" + _HOPPER_EFF,
+            link_bandwidth=450e9,
         ),
         DeviceSpec(
             "a100-sxm-80gb", 312e12, 2.039e12, 80e9, 0.8, 0.5, 0.9,
-            "NVIDIA A100 80GB SXM datasheet: 312 TFLOP/s dense BF16, 2,039 GB/s HBM2e, 80 GB" + _AMPERE_EFF,
+            "NVIDIA A100 80GB SXM datasheet: 312 TFLOP/s dense BF16, 2,039 GB/s HBM2e, 80 GB, NVLink 600 GB/s"
+            + _AMPERE_EFF,
+            link_bandwidth=300e9,
         ),
         DeviceSpec(
             "a100-pcie-80gb", 312e12, 1.935e12, 80e9, 0.8, 0.5, 0.9,
             "NVIDIA A100 80GB PCIe datasheet: 312 TFLOP/s dense BF16, 1,935 GB/s HBM2e, 80 GB "
-            "(Sarathi-Serve's testbed)" + _AMPERE_EFF,
+            "(Sarathi-Serve's testbed), PCIe 4.0 x16 between cards (no NVLink bridge assumed)" + _AMPERE_EFF,
+            link_bandwidth=32e9,
         ),
     )
 }  # fmt: skip
@@ -147,11 +163,23 @@ def device_spec(name: str) -> DeviceSpec:
 
 @dataclass(frozen=True)
 class RooflineCostModel:
-    """StepCost from the roofline above; see the module docstring for the terms."""
+    """StepCost from the roofline above, for one instance on `tensor_parallel` GPUs; see the module
+    docstring for the terms."""
 
     device: DeviceSpec
     shape: ModelShape
     step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S
+    tensor_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        k, s = self.tensor_parallel, self.shape
+        if k < 1 or s.num_kv_heads % k or s.num_heads % k:
+            raise ValueError(
+                f"tensor parallelism {k}: it must divide {s.name}'s {s.num_heads} attention heads and "
+                f"{s.num_kv_heads} KV heads"
+            )
+        if k > 1 and self.device.link_bandwidth <= 0:
+            raise ValueError(f"tensor parallelism on {self.device.name} needs its link bandwidth")
 
     def breakdown(self, slices: Iterable[tuple[int, int]]) -> dict[str, float]:
         """Seconds of each kernel class for a batch of (cached context, new tokens) slices."""
@@ -173,12 +201,18 @@ class RooflineCostModel:
         q_width = s.num_heads * s.head_dim
         attn_flops = 4 * s.num_layers * q_width * pairs
         attn_bytes = kv_tokens * s.kv_bytes_per_token + 2 * s.num_layers * q_width * bpp * tokens
-        return {
-            "gemm": roof(2 * s.layer_params * tokens, s.layer_params * bpp, flops_rate),
-            "lm_head": roof(2 * s.lm_head_params * sequences, s.lm_head_params * bpp, flops_rate),
-            "attention": roof(attn_flops, attn_bytes, attn_rate),
+        k = self.tensor_parallel  # each GPU does 1/k of every kernel
+        out = {
+            "gemm": roof(2 * s.layer_params * tokens / k, s.layer_params * bpp / k, flops_rate),
+            "lm_head": roof(2 * s.lm_head_params * sequences / k, s.lm_head_params * bpp / k, flops_rate),
+            "attention": roof(attn_flops / k, attn_bytes / k, attn_rate),
             "overhead": self.step_overhead_s,
         }
+        if k > 1:
+            ring = 2 * (k - 1) / k * tokens * s.hidden_size * bpp
+            link = d.link_bandwidth * ALLREDUCE_EFFICIENCY
+            out["allreduce"] = 2 * s.num_layers * (ALLREDUCE_LATENCY_S + ring / link)
+        return out
 
     def step_seconds(self, slices: Iterable[tuple[int, int]]) -> float:
         slices = list(slices)
@@ -189,11 +223,17 @@ class RooflineCostModel:
             "device": asdict(self.device),
             "shape": asdict(self.shape),
             "step_overhead_s": self.step_overhead_s,
+            "tensor_parallel": self.tensor_parallel,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> RooflineCostModel:
-        return cls(DeviceSpec(**data["device"]), ModelShape(**data["shape"]), data["step_overhead_s"])
+        return cls(
+            DeviceSpec(**data["device"]),
+            ModelShape(**data["shape"]),
+            data["step_overhead_s"],
+            data.get("tensor_parallel", 1),  # profiles written before tensor parallelism: one GPU
+        )
 
 
 def kv_cache_blocks(
@@ -203,17 +243,21 @@ def kv_cache_blocks(
     memory_utilization: float = 0.9,
     max_num_batched_tokens: int = 8192,
     max_num_seqs: int = 256,
+    tensor_parallel: int = 1,
 ) -> int:
     """KV blocks that fit beside the weights, as vLLM sizes its pool: `memory_utilization` of the
     device (the rest: CUDA context, allocator slack, other buffers), less every weight, less the
     activation peak of a full-budget step (per token: the residual, QKV, attention output and the
-    gated MLP's gate/up/product in BF16; plus FP32 logits for max_num_seqs rows)."""
+    gated MLP's gate/up/product in BF16; plus FP32 logits for max_num_seqs rows). Over
+    `tensor_parallel` GPUs: their memory together, the weights once, the activation peak on each
+    (an over-estimate: the split tensors are smaller)."""
     h, i = shape.hidden_size, shape.intermediate_size
     qkv = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
     per_token = (4 * h + qkv + 3 * i) * shape.bytes_per_param
     activations = max_num_batched_tokens * per_token + max_num_seqs * shape.vocab_size * 4
-    free = device.memory_bytes * memory_utilization - shape.resident_params * shape.bytes_per_param
-    free -= activations
+    k = tensor_parallel
+    free = k * device.memory_bytes * memory_utilization - shape.resident_params * shape.bytes_per_param
+    free -= k * activations
     if free <= 0:
         raise ValueError(f"{shape.name} does not fit on {device.name} with room for activations")
     return int(free // (block_size * shape.kv_bytes_per_token))
@@ -237,7 +281,9 @@ def roofline_profile(
         machine="roofline",
         roofline=model.to_dict(),
         bytes_per_block=block_size * model.shape.kv_bytes_per_token,
-        num_kv_blocks=kv_cache_blocks(model.device, model.shape, block_size),
+        num_kv_blocks=kv_cache_blocks(
+            model.device, model.shape, block_size, tensor_parallel=model.tensor_parallel
+        ),
     )
     for context in contexts:
         for chunk in chunks:

@@ -186,18 +186,24 @@ def simulate(
     max_concurrency: int | None = None,
 ) -> SimResult:
     """Run requests on one simulated engine, or on `instances` of them behind the dispatcher."""
-    shape: dict[str, Any] = {
-        "num_blocks": num_kv_blocks(engine, profile),
-        "block_size": engine.cache.block_size,
-        "max_model_len": engine.model.max_model_len or profile.max_model_len or DEFAULT_MAX_MODEL_LEN,
-        "enable_prefix_caching": engine.cache.enable_prefix_caching,
-    }
+    shape = engine_shape(engine, profile)
     if instances == 1:
         return Simulator(engine.scheduler, cost, **shape).run(requests, max_concurrency=max_concurrency)
     from sutra.sim.cluster import ClusterSimulator
 
     cluster = ClusterSimulator(instances, engine.scheduler, cost, dispatch=dispatch, **shape)
     return cluster.run(requests)
+
+
+def engine_shape(engine: EngineConfig, profile: Profile) -> dict[str, Any]:
+    """An instance's pool and limits, as the engine would size them on the profiled machine: the
+    keyword arguments every simulator takes beside its scheduler config and cost model."""
+    return {
+        "num_blocks": num_kv_blocks(engine, profile),
+        "block_size": engine.cache.block_size,
+        "max_model_len": engine.model.max_model_len or profile.max_model_len or DEFAULT_MAX_MODEL_LEN,
+        "enable_prefix_caching": engine.cache.enable_prefix_caching,
+    }
 
 
 def _describe(

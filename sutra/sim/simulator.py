@@ -53,6 +53,12 @@ class SimTrace:
     def tbts(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
 
+    @property
+    def tpot(self) -> float:
+        """Time per output token after the first (DistServe's TPOT); 0 for a one-token output."""
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else 0.0
+
 
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
@@ -82,6 +88,7 @@ class SimResult:
             "request_throughput": len(traces) / self.duration_s if self.duration_s > 0 else 0.0,
             "ttft_s": percentiles([t.ttft for t in traces]),
             "tbt_s": percentiles([g for t in traces for g in t.tbts]),
+            "tpot_s": percentiles([t.tpot for t in traces if len(t.token_times) > 1]),
             "e2e_s": percentiles([t.e2e for t in traces]),
             "num_steps": self.num_steps,
             "num_preemptions": self.num_preemptions,
@@ -127,7 +134,9 @@ class SimEngine:
         return engine
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Something to step: a parked request (a prefill instance's, waiting for a decode instance
+        to take it) is never scheduled, so an instance holding only those is idle until one leaves."""
+        return len(self.scheduler.requests) > len(self.scheduler.parked)
 
     def add(self, spec: SimRequest) -> Request:
         """Hand the engine a request that has arrived (its clock moves up to the arrival if idle)."""
@@ -138,7 +147,14 @@ class SimEngine:
             seed = len(self.traces) * 7919 + sum(map(ord, self.name))
             tokens = [(seed + k * 31) % 50_000 + 17 for k in range(spec.prompt_len)]
         params = SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0)
-        request = Request(spec.request_id, tokens, params, arrival_time=spec.arrival_time, spec=spec.spec)
+        request = Request(
+            spec.request_id,
+            tokens,
+            params,
+            arrival_time=spec.arrival_time,
+            spec=spec.spec,
+            hand_off=self.scheduler.config.hand_off_after_prefill,  # as the engine marks them (n == 1)
+        )
         self.scheduler.add_request(request)
         self.traces[spec.request_id] = SimTrace(spec.arrival_time)
         return request
@@ -177,6 +193,8 @@ class Simulator:
         max_model_len: int = 8192,
         enable_prefix_caching: bool = True,
     ) -> None:
+        if scheduler_config.hand_off_after_prefill:
+            raise ValueError("a prefill instance needs decode instances to hand off to: use DisaggSimulator")
         self.engine = SimEngine.build(
             scheduler_config, cost_model, num_blocks, block_size, max_model_len, enable_prefix_caching
         )

@@ -255,3 +255,14 @@ def test_a_high_priority_request_reserves_headroom_in_the_load_summary():
     assert pressed.headroom_blocks == 20 and pressed.freeness < calm.freeness
     run_to_completion(src.scheduler, src.runner)
     assert src.scheduler.load_summary().headroom_blocks == 0
+
+
+def test_a_destination_with_no_free_seat_refuses_a_migration():
+    src, dst = Instance(), Instance(max_seqs=2)
+    for _ in range(2):
+        running_request(dst)  # its two seats are taken
+    request = running_request(src)
+    inbox = MigrationInbox(dst.scheduler.kv)
+    with pytest.raises(MigrationAborted, match="no free seat"):
+        inbox.open("m", request.request_id, dst.scheduler)
+    assert not inbox.open_migrations and request.status is RequestStatus.RUNNING

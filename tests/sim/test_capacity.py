@@ -1,6 +1,7 @@
 """Capacity search: bisection finds a known threshold and records every rate, Slo checks each bound,
 the Poisson workload replays the same requests at any rate, and on a simulated H100 Sarathi's
-stall-free batching serves more load than prefill-first under a strict TBT SLO."""
+stall-free batching serves more load than prefill-first under a strict TBT SLO; goodput (DistServe)
+is the same search over the share of requests meeting both a TTFT and a TPOT SLO."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import statistics
 import pytest
 
 from sutra.config import SchedulerConfig
-from sutra.sim.capacity import Slo, find_capacity, lognormal_lengths, poisson_workload
+from sutra.sim.capacity import (
+    AttainmentSlo,
+    Slo,
+    find_capacity,
+    find_goodput,
+    lognormal_lengths,
+    poisson_workload,
+)
 from sutra.sim.roofline import RooflineCostModel, device_spec, kv_cache_blocks, model_shape
 from sutra.sim.simulator import SimResult, SimTrace, Simulator
 
@@ -97,3 +105,40 @@ def test_sarathi_outserves_prefill_first_under_a_strict_tbt_slo():
 
     sarathi, prefill_first = capacity("sarathi", 512), capacity("prefill_first", 8192)
     assert sarathi > 1.5 * prefill_first > 0
+
+
+def test_a_request_attains_when_both_its_ttft_and_its_tpot_do():
+    slo = AttainmentSlo(ttft_s=0.5, tpot_s=0.1, target=0.75)
+    traces = {
+        "fast": SimTrace(0.0, [0.4, 0.5, 0.6]),  # TTFT 0.4, TPOT 0.1
+        "late": SimTrace(0.0, [0.6, 0.65]),  # TTFT over
+        "slow": SimTrace(1.0, [1.1, 1.2, 1.5]),  # TPOT 0.2: one 0.3 s gap is enough
+        "single": SimTrace(2.0, [2.2]),  # one token: no TPOT to miss
+        "unfinished": SimTrace(3.0, []),
+    }
+    assert [slo.attains(t) for t in traces.values()] == [True, False, False, True, False]
+    assert traces["slow"].tpot == pytest.approx(0.2) and traces["single"].tpot == 0.0
+    result = SimResult(traces, 2.0, 5, 0)
+    assert slo.attainment(result) == pytest.approx(0.4) and not slo.meets(result)
+    assert AttainmentSlo(0.5, 0.25, target=0.6).meets(result)  # "slow" attains at 0.25 s
+    assert result.summary()["tpot_s"]["p50"] == pytest.approx(0.1)  # over requests with two tokens+
+    for bad in ((0.0, 0.1, 0.9), (0.5, 0.1, 0.0), (0.5, 0.1, 1.5)):
+        with pytest.raises(ValueError):
+            AttainmentSlo(*bad)
+
+
+def test_goodput_is_the_highest_rate_at_which_the_target_share_attains():
+    # 100 requests whose TTFT grows with the rate, each at its own pace: request k's TTFT is
+    # rate * (k + 1) / 100 s, so exactly the requests with rate * (k + 1) <= 50 meet a 0.5 s SLO, and
+    # 90% of them do up to a rate of 50 / 90.
+    def run(rate: float) -> SimResult:
+        traces = {str(k): SimTrace(0.0, [rate * (k + 1) / 100, 1.0]) for k in range(100)}
+        return SimResult(traces, 1.0, 1, 0)
+
+    slo = AttainmentSlo(ttft_s=0.5, tpot_s=10.0, target=0.9)
+    result = find_goodput(run, slo, 0.1, 1.0, tolerance=0.01)
+    assert result.bracketed and 50 / 90 / 1.01 <= result.capacity <= 50 / 90
+    assert all(t.figures["attainment"] >= 0.9 for t in result.trials if t.meets)
+    assert all(t.figures["attainment"] < 0.9 for t in result.trials if not t.meets)
+    # Keeping up as well: these requests all arrive at once, so there is no rate to keep up with.
+    assert find_goodput(run, slo, 0.1, 1.0, 0.01, keep_up=0.85).capacity == result.capacity

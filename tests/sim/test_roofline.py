@@ -1,6 +1,7 @@
 """The roofline cost model: decode at small batch is bound by reading the weights, long prefills by
 GEMM compute, the kink sits where the roofline puts it; a roofline profile round-trips, loads back
-as the roofline itself, and `sutra profile --roofline` writes one."""
+as the roofline itself, and `sutra profile --roofline` writes one; tensor parallelism splits every
+kernel and adds the all-reduces."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from sutra.cli import main
 from sutra.sim.cost_model import CostModel, load_cost_model
 from sutra.sim.profile import DecodePoint, PrefillPoint, Profile
 from sutra.sim.roofline import (
+    ALLREDUCE_EFFICIENCY,
+    ALLREDUCE_LATENCY_S,
     DEFAULT_STEP_OVERHEAD_S,
     RooflineCostModel,
     device_spec,
@@ -133,3 +136,26 @@ def test_sutra_profile_roofline_writes_a_derived_profile(tmp_path, capsys):
     assert load_cost_model(profile) == MODEL
     printed = capsys.readouterr().out
     assert f"{kv_cache_blocks(H100, LLAMA3)} KV blocks" in printed
+
+
+def test_tensor_parallelism_splits_the_kernels_and_adds_the_all_reduces(tmp_path, capsys):
+    tp2 = replace(MODEL, tensor_parallel=2)
+    batch = [(0, 2048)] + [(1024, 1)] * 16
+    one, two = MODEL.breakdown(batch), tp2.breakdown(batch)
+    for kernel in ("gemm", "lm_head", "attention"):
+        assert two[kernel] == pytest.approx(one[kernel] / 2)
+    assert "allreduce" not in one and two["overhead"] == one["overhead"]
+    # 64 all-reduces (two per layer) of 2,064 rows of 4,096 BF16 values, half of each crossing the link.
+    ring = 2064 * 4096 * 2 / (H100.link_bandwidth * ALLREDUCE_EFFICIENCY)
+    assert two["allreduce"] == pytest.approx(64 * (ALLREDUCE_LATENCY_S + ring))
+    assert RooflineCostModel.from_dict(json.loads(json.dumps(tp2.to_dict()))) == tp2
+    old = {k: v for k, v in MODEL.to_dict().items() if k != "tensor_parallel"}  # written before tp
+    assert RooflineCostModel.from_dict(old) == MODEL
+    assert kv_cache_blocks(H100, LLAMA3, tensor_parallel=2) > 2 * kv_cache_blocks(H100, LLAMA3)
+    for bad in (3, 16):  # 8 KV heads: 3 does not divide them, 16 is more than there are
+        with pytest.raises(ValueError, match="tensor parallelism"):
+            replace(MODEL, tensor_parallel=bad)
+    out = tmp_path / "tp2.json"
+    main(["profile", "--roofline", "h100-sxm", "--tp", "2", "--output", str(out), "--batches", "1,8"])
+    assert load_cost_model(Profile.load(out)) == tp2
+    assert "on 2 x h100-sxm (tensor parallel)" in capsys.readouterr().out
