@@ -22,7 +22,7 @@ With --profile (a `sutra profile` JSON of this machine at 1 thread), the same de
 workload also run in the simulator (sutra/sim/cluster.py, its P/D mode, with the measured hand-off
 fit), and the report sets predicted beside measured attainment and goodput.
 
-Writes benchmarks/results/disaggregation-cpu.{json,png}.
+Writes benchmarks/results/disaggregation-cpu.{json,png} (--name to change).
 
 Usage:
   python benchmarks/disaggregation.py                     # the figures in RESULTS.md
@@ -259,16 +259,17 @@ def plot(report_: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for deployment, row in report_["table"].items():
-        axes[0].plot(
-            args.rates, [row["attainment"][str(r)] for r in args.rates], marker="o", label=deployment
-        )
-        axes[1].plot(
-            args.rates,
-            [1e3 * (row["tpot_p99_s"][str(r)] or float("nan")) for r in args.rates],
-            marker="o",
-            label=deployment,
-        )
+    for k, (deployment, row) in enumerate(report_["table"].items()):
+        color = f"C{k}"
+        attainment = [row["attainment"][str(r)] for r in args.rates]
+        axes[0].plot(args.rates, attainment, marker="o", color=color, label=deployment)
+        if "predicted" in row:
+            predicted = [row["predicted"]["by_rate"][str(r)]["attainment"] for r in args.rates]
+            axes[0].plot(
+                args.rates, predicted, linestyle="--", color=color, label=f"{deployment} (simulated)"
+            )
+        tpot = [1e3 * (row["tpot_p99_s"][str(r)] or float("nan")) for r in args.rates]
+        axes[1].plot(args.rates, tpot, marker="o", color=color, label=deployment)
     axes[0].axhline(args.attainment, color="gray", linestyle=":")
     axes[0].set(
         xlabel="rate (req/s)",
@@ -313,6 +314,7 @@ def main() -> None:
         help="a 1-thread `sutra profile` of this machine: also predict each deployment in the simulator",
     )
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--name", default="disaggregation-cpu", help="the result files' name (.json, .png)")
     args = p.parse_args()
     args.rates = sorted(float(r) for r in args.rates.split(","))
     deployments = args.deployments.split(",")
@@ -334,8 +336,8 @@ def main() -> None:
         "table": report(results, args),
         "runs": results,
     }
-    (args.out_dir / "disaggregation-cpu.json").write_text(json.dumps(out, indent=1))
-    plot(out, args, args.out_dir / "disaggregation-cpu.png")
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    plot(out, args, args.out_dir / f"{args.name}.png")
     for deployment, row in out["table"].items():
         print(
             f"{deployment}: goodput {row['goodput_rps']:.2f} req/s ({row['goodput_per_core']:.2f} per core)"

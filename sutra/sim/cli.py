@@ -262,9 +262,10 @@ def add_placement_parser(
         "--hand-off-ms",
         type=float,
         nargs=2,
-        default=[20.0, 0.023],
+        default=None,
         metavar=("FIXED", "PER_TOKEN"),
-        help="a hand-off's time: FIXED ms plus PER_TOKEN ms per prompt token (%(default)s)",
+        help="a hand-off's time: FIXED ms plus PER_TOKEN ms per prompt token (default: 0 and 0.2, the "
+        "pulls measured between two 1-thread CPU instances by benchmarks/disaggregation.py)",
     )
     p.add_argument("--json", default=None, metavar="FILE", help="also write the whole table as JSON")
     p.add_argument(
@@ -284,7 +285,7 @@ def cmd_plan_placement(args: argparse.Namespace, config: EngineConfig) -> None:
     from sutra.bench.cli import config_from_args
     from sutra.bench.errors import BenchError
     from sutra.sim.capacity import AttainmentSlo
-    from sutra.sim.disagg import HandOffModel
+    from sutra.sim.disagg import DEFAULT_HAND_OFF, HandOffModel
     from sutra.sim.placement import (
         exec_argv,
         format_placement,
@@ -299,7 +300,10 @@ def cmd_plan_placement(args: argparse.Namespace, config: EngineConfig) -> None:
         slo = AttainmentSlo(args.ttft_slo / 1000, args.tpot_slo / 1000, args.attainment)
     except ValueError as e:
         raise BenchError(f"--ttft-slo / --tpot-slo / --attainment: {e}") from None
-    fixed_ms, per_token_ms = args.hand_off_ms
+    fixed_ms, per_token_ms = args.hand_off_ms or (
+        1e3 * DEFAULT_HAND_OFF.fixed_s,
+        1e3 * DEFAULT_HAND_OFF.per_token_s,
+    )
     if fixed_ms < 0 or per_token_ms < 0:
         raise BenchError("--hand-off-ms: the times must be >= 0")
     bench = config_from_args(args, server=False)

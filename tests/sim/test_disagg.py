@@ -196,7 +196,10 @@ def test_decodes_on_a_decode_instance_are_not_held_up_by_prompts():
     prefill_first = SchedulerConfig(max_num_batched_tokens=4096, mode="prefill_first")
     colocated = ClusterSimulator(2, prefill_first, expensive_prefill, num_blocks=1024).run(requests)
     pd = DisaggSimulator(
-        InstanceGroup(1, expensive_prefill, 1024), InstanceGroup(1, expensive_prefill, 1024), prefill_first
+        InstanceGroup(1, expensive_prefill, 1024),
+        InstanceGroup(1, expensive_prefill, 1024),
+        prefill_first,
+        hand_off=HandOffModel(0.02, 2.3e-5),  # a fast link: 20 ms plus 23 us per token
     ).run(requests)
     tpot = {name: r.summary()["tpot_s"] for name, r in (("colocated", colocated), ("pd", pd))}
     assert tpot["colocated"]["p99"] > 2 * tpot["colocated"]["p50"]  # the stalls
