@@ -9,7 +9,7 @@ instances' own tokenizer (no weights are loaded in this process); everything els
   invalid request) is raised as the instance raised it.
 - Progress: one pump task per instance long-polls it and routes each update to its request's stream by
   request id, whichever instance sent it, so a request that moves between instances keeps its stream.
-  Listeners see each poll's deltas as they arrive.
+  Listeners see each poll's deltas as they arrive (sutra/cluster/routing.py).
 - Abort: routed to the instance that holds the request, batched per instance.
 - Failure: an instance that dies (or stops answering) is dropped from dispatch and its requests
   resume on other instances by recompute, their streams carrying on (cluster/failover.py); those
@@ -24,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import ray
@@ -44,6 +43,8 @@ from sutra.cluster.failover import Failover, Progress, instance_died_error
 from sutra.cluster.handoff import HandOffs
 from sutra.cluster.messages import InstanceInfo, InstanceReport, InstanceRole, Update
 from sutra.cluster.migrator import Migrator
+from sutra.cluster.routing import POLL_WAIT_S, UpdateRouting
+from sutra.cluster.rpc import call, summarize_error
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.client import (
@@ -63,12 +64,8 @@ RPC_TIMEOUT_S = 30.0
 # Load reads are frequent and only advisory: a slow one is skipped, the last load stands.
 REPORT_TIMEOUT_S = 5.0
 LOAD_REFRESH_S = 0.1
-# How long an instance holds a poll open when it has nothing to send.
-POLL_WAIT_S = 1.0
 # Load reads between two rounds of the migration trigger (llumnix dispatch): every ~0.5 s.
 REBALANCE_EVERY = 5
-# Polls in a row without an answer before an instance counts as dead.
-MAX_MISSED_POLLS = 3
 
 
 @dataclass
@@ -95,11 +92,12 @@ class _Stream(Stream):
     progress: Progress | None = None  # what its reader got, to resume from (None: n > 1, cannot)
 
 
-class ClusterClient(StreamHub):
+class ClusterClient(UpdateRouting, StreamHub):
     """The EngineClient over InstanceActors; see the module docstring. One client per set of
     instances: each instance's updates are consumed by whoever polls it."""
 
     _streams: dict[str, _Stream]
+    _call = staticmethod(call)
 
     def __init__(
         self,
@@ -365,118 +363,6 @@ class ClusterClient(StreamHub):
         if stream.instance_id is not None:
             self._send_abort(stream.instance_id, request_id)
 
-    # ---- progress from the instances -------------------------------------------------------
-    async def _pump(self, inst: _Instance) -> None:
-        """Long-poll one instance until it dies or the client shuts down."""
-        ack, missed = 0, 0
-        while inst.alive and not self._closed:
-            try:
-                updates = await self._call(
-                    inst.actor.poll.remote(ack, self.poll_wait_s), self.poll_wait_s + self.rpc_timeout_s
-                )
-            except ActorDiedError as e:
-                self._instance_died(inst, summarize_error(e))
-                return
-            except (RayActorError, TimeoutError) as e:  # unreachable for now, or slow: ask again
-                missed += 1
-                logger.warning("engine instance %s missed a poll: %s", inst.instance_id, summarize_error(e))
-                if missed >= MAX_MISSED_POLLS:
-                    self._instance_died(inst, f"it did not answer {missed} polls in a row", kill=True)
-                    return
-                continue
-            if not inst.alive:  # declared dead meanwhile: its requests resume from what was routed
-                return
-            missed = 0
-            fresh = [u for u in updates if u.seq > ack]  # a repeat of a lost reply: skip what we have
-            if not fresh:
-                continue
-            ack = fresh[-1].seq
-            try:
-                self._route(fresh, inst.instance_id)
-            except Exception:  # a bug here must not stop the pump (every stream would hang)
-                logger.exception("routing updates of engine instance %s failed", inst.instance_id)
-
-    def _route(self, updates: list[Update], sender: str) -> None:
-        """Hand each update to its request's stream, in order; updates for a request another
-        instance holds wait until it moves to their sender; listeners see the deltas first."""
-        ready: list[Update] = []
-        orphans: list[tuple[str, str]] = []  # (request id, destination): moved to a dead instance
-        pending = deque((sender, u) for u in updates)
-        while pending:
-            source, u = pending.popleft()
-            stream = self._streams.get(u.request_id)
-            if u.kind == "moved":
-                self.migrator.moved_seen(u.request_id, source)
-            if stream is None:
-                if u.kind == "moved" and u.destination is not None:  # aborted while it moved
-                    self._send_abort(u.destination, u.request_id)
-                continue
-            if stream.instance_id is not None and stream.instance_id != source:
-                stream.early.append((source, u))
-                continue
-            ready.append(u)
-            if u.kind == "moved" and u.destination is not None:
-                stream.instance_id = u.destination
-                waiting, stream.early = stream.early, []
-                pending.extendleft(reversed(waiting))  # next in line: they came after the move
-                if not self._instances[u.destination].alive:
-                    orphans.append((u.request_id, u.destination))
-        self._deliver(ready)
-        for request_id, destination in orphans:  # it died with the request still on the source
-            stream = self._streams.get(request_id)
-            if stream is not None and stream.instance_id == destination:
-                reason = self._instances[destination].dead_reason
-                self.failover.rescue(request_id, stream, instance_died_error(destination, reason))
-
-    def _deliver(self, updates: list[Update]) -> None:
-        outgoing: list[Update] = []
-        finished: set[str] = set()  # a resumed request can end here, on a stop string, mid-batch
-        for u in updates:
-            stream = self._streams.get(u.request_id)
-            if stream is None or u.request_id in finished:
-                continue  # aborted (or ended) here already
-            if u.kind == "delta":
-                assert u.delta is not None
-                delta = self.failover.handed_out(stream, u.delta)
-                if delta.finished:
-                    finished.add(u.request_id)
-                if delta is not u.delta:
-                    u = replace(u, delta=delta)
-            outgoing.append(u)
-        updates = outgoing
-        deltas = [u.delta for u in updates if u.kind == "delta"]
-        if deltas:
-            for listener in self.listeners:
-                try:
-                    listener.on_step(self, deltas)
-                except Exception:
-                    logger.exception("engine listener %s failed on a step; skipped", type(listener).__name__)
-        for u in updates:
-            stream = self._streams.get(u.request_id)
-            if stream is None:
-                continue  # aborted (or ended) here already
-            if u.kind == "admitted":
-                stream.estimate = u.estimate
-                if not stream.admitted.done():
-                    stream.admitted.set_result(None if u.estimate is None else u.estimate[0])
-            elif u.kind == "delta":
-                assert u.delta is not None
-                if u.delta.finished:  # kept for a reader yet to come: here one may finish first
-                    del self._streams[u.request_id]
-                    self._close(u.request_id, stream, u.delta)
-                else:
-                    stream.queue.put_nowait(u.delta)
-            elif u.kind == "error":
-                self._end_stream(u.request_id, u.error or EngineDeadError("unknown"), tell_instance=False)
-            elif u.kind == "moved":
-                pass  # the new holder was noted in _route
-            elif u.kind == "parked":
-                if stream.instance_id is not None:
-                    self.handoffs.parked(u.request_id, stream.instance_id, u.num_tokens)
-            else:
-                error = EngineDeadError("the engine instance ended the request before it finished")
-                self._end_stream(u.request_id, error, tell_instance=False)
-
     # ---- loads -----------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
         rounds = 0
@@ -590,27 +476,3 @@ class ClusterClient(StreamHub):
                 self._instance_died(inst, summarize_error(e))
             except Exception as e:
                 logger.warning("aborting %d requests on %s failed: %s", len(request_ids), inst.instance_id, e)
-
-    @staticmethod
-    async def _call(ref: Awaitable[T], timeout_s: float) -> T:
-        """Await an actor call's result for at most timeout_s (TimeoutError). asyncio.wait, not
-        wait_for: before Python 3.12 wait_for can swallow a cancellation."""
-        future = asyncio.ensure_future(ref)
-        try:
-            done, _ = await asyncio.wait([future], timeout=timeout_s)
-        finally:
-            if not future.done():
-                future.cancel()
-        if not done:
-            raise TimeoutError(f"no answer within {timeout_s:g} s")
-        return future.result()
-
-
-def summarize_error(error: BaseException) -> str:
-    """A Ray error in one line: its first and last lines (between them its full text holds a
-    traceback and the actor's address; the last line says why, e.g. killed, or the exception)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    text = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-    return text[:300]

@@ -18,10 +18,11 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from sutra.cluster.client import ClusterClient, summarize_error
+from sutra.cluster.client import ClusterClient
 from sutra.cluster.dispatch import DEFAULT_DISPATCH, DispatchPolicy
 from sutra.cluster.instance import InstanceActor
 from sutra.cluster.messages import InstanceInfo, InstanceRole
+from sutra.cluster.rpc import summarize_error
 from sutra.config import EngineConfig
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer

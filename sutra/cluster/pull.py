@@ -21,12 +21,12 @@ prefills never floods it; the prefill instance holds the KV until then.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
 from sutra.cluster.messages import PullReply
+from sutra.cluster.rpc import call
 from sutra.core.migration import MigrationAborted
 from sutra.engine.migration_endpoint import MigrationEndpoint, MigrationResult
 
@@ -44,17 +44,12 @@ class RemoteSource:
         self.timeout_s = timeout_s
 
     async def call(self, op: str, *args: Any) -> Any:
-        future = asyncio.ensure_future(self.actor.migration.remote(op, *args))
         try:
-            done, _ = await asyncio.wait([future], timeout=self.timeout_s)
-        finally:
-            if not future.done():
-                future.cancel()
-        if not done:
+            reply = await call(self.actor.migration.remote(op, *args), self.timeout_s)
+        except TimeoutError:
             raise TimeoutError(
                 f"prefill instance {self.instance_id} did not answer {op} in {self.timeout_s:g} s"
-            )
-        reply = future.result()
+            ) from None
         if reply.error is not None:
             raise reply.error
         return reply.value
