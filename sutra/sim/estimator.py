@@ -17,7 +17,8 @@ How an engine uses it:
 Assumptions, so the estimate is what it is:
 - each request produces its expected output, `output_len(request)` if given, else max_tokens (both
   capped by max_model_len), and stops at nothing else (eos, stop tokens or strings);
-- nothing else arrives, and nothing is aborted or moved (a paused request keeps its blocks);
+- nothing else arrives, and nothing is aborted or moved (a paused request keeps its blocks; on a
+  prefill instance of disaggregated serving, requests are priced as if they decoded there);
 - a step takes what the latency model says, which ignores context length (attention cost);
 - KV memory is what the pool holds now: preemptions and prefix-cache hits happen as the scheduler
   would make them, with the current cache contents (generated tokens are stand-ins, so only prompts
@@ -167,6 +168,12 @@ class CompletionEstimator:
         The scheduler is forked, never changed."""
         engine = SimEngine.fork(scheduler, self.model, name="estimate")
         forked = engine.scheduler
+        # A prefill instance's requests finish on a decode instance it does not see: priced as if
+        # they decoded here (parked ones resume), which a decode instance with room does no slower.
+        for request_id in list(forked.parked):
+            forked.unpark(request_id)
+        for request in forked.requests.values():
+            request.hand_off = False
         for original in scheduler.requests.values():
             _expect(forked.requests[original.request_id], original, forked, output_len)
         targets: list[Request] = []

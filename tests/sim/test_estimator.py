@@ -286,3 +286,28 @@ def _reachable(root: object) -> list[object]:
         elif hasattr(obj, "__dict__"):
             todo.extend(vars(obj).values())
     return [x for x in seen.values() if not isinstance(x, tuple)]
+
+
+def test_a_prefill_instance_prices_its_requests_as_decoding_there():
+    """Disaggregated serving: a request parks after its first token and finishes on a decode
+    instance; the prefill instance estimates it as the colocated engine would, parked or not."""
+    estimator = CompletionEstimator()
+    for _ in range(20):
+        estimator.observe(64, 4, _step_time(64, 4))
+    prompts = [[(7 * k + i) % 900 + 20 for i in range(120)] for k in range(3)]
+
+    def estimates(hand_off: bool, steps: int) -> list[float]:
+        scheduler = make_scheduler(num_blocks=400, hand_off_after_prefill=hand_off)
+        requests = [make_request(tokens=p, max_tokens=40, hand_off=hand_off) for p in prompts]
+        for r in requests:
+            scheduler.add_request(r)
+        runner = FakeRunner()
+        for _ in range(steps):
+            step(scheduler, runner)
+        return [estimator.estimate_finish(r, scheduler) for r in requests], len(scheduler.parked)
+
+    colocated, _ = estimates(hand_off=False, steps=0)
+    prefill, parked = estimates(hand_off=True, steps=0)
+    assert prefill == pytest.approx(colocated) and all(math.isfinite(e) for e in prefill)
+    later, parked = estimates(hand_off=True, steps=1)  # the whole prompts ran: all three parked
+    assert parked == 3 and max(later) < max(colocated)
