@@ -305,9 +305,13 @@ class ClusterClient(UpdateRouting, StreamHub):
         tried: set[str] = set()
         refusal: EngineOverloadedError | None = None
         while True:
-            # New work goes to instances that run prompts; decode instances get it by hand-off.
+            # New work goes to instances that run prompts; decode instances get it by hand-off, unless
+            # none of those is alive: then they run it whole (serving degrades to colocated).
+            prompt_runners = any(self.role_of(i) != "decode" for i in self.instance_ids)
             loads = {
-                i: load for i, load in self.loads().items() if i not in tried and self.role_of(i) != "decode"
+                i: load
+                for i, load in self.loads().items()
+                if i not in tried and (self.role_of(i) != "decode" or not prompt_runners)
             }
             try:
                 instance_id = self.dispatch.choose(loads, request)

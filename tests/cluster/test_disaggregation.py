@@ -35,8 +35,9 @@ def pd_cluster(ray_session):
         cluster.shutdown()
 
 
-def _jobs(n: int, prompt_len: int = 60) -> list[tuple[str, list[int], SamplingParams]]:
-    return [(f"r{i}", [(i * 37 + k) % 200 + 5 for k in range(prompt_len)], GREEDY) for i in range(n)]
+def _jobs(n: int, prompt_len: int = 60, prefix: str = "r") -> list[tuple[str, list[int], SamplingParams]]:
+    # Ids unique across tests: an instance keeps updates its last client had not acknowledged.
+    return [(f"{prefix}{i}", [(i * 37 + k) % 200 + 5 for k in range(prompt_len)], GREEDY) for i in range(n)]
 
 
 async def _collect(client: ClusterClient, request_id: str, seen: list[RequestDelta]) -> None:
@@ -64,7 +65,7 @@ def test_the_roles_are_what_serve_asked_for(pd_cluster):
 
 
 def test_requests_prefill_on_one_instance_decode_on_the_other_and_match_one_engine(pd_cluster):
-    jobs = _jobs(5)
+    jobs = _jobs(5, prefix="match-")
     reference = _run_offline(LLMEngine(TINY_CONFIG), jobs)
 
     async def body(client: ClusterClient):
@@ -89,7 +90,7 @@ def test_requests_prefill_on_one_instance_decode_on_the_other_and_match_one_engi
 def test_a_decode_instance_short_of_room_leaves_requests_parked_and_loses_nothing(pd_cluster):
     # 64 blocks of 16 tokens per instance; each request grows to 260 + 40 tokens = 19 blocks, so the
     # decode instance holds three at a time and the rest wait, parked, on the prefill instance.
-    jobs = _jobs(6, prompt_len=260)
+    jobs = _jobs(6, prompt_len=260, prefix="room-")
     reference = _run_offline(LLMEngine(TINY_CONFIG), jobs)
 
     async def body(client: ClusterClient):
@@ -119,9 +120,10 @@ def test_a_client_leaving_at_any_point_leaves_both_instances_at_baseline(pd_clus
     async def body(client: ClusterClient):
         if point in ("parked", "pulling"):
             client.handoffs.max_pulls = 0  # no decode instance takes anything: it stays parked
-        await client.submit_many(_jobs(1, prompt_len=200))
+        ((request_id, prompt, params),) = _jobs(1, prompt_len=200, prefix=f"gone-{point}-")
+        await client.submit_many([(request_id, prompt, params)])
         seen: list[RequestDelta] = []
-        reader = asyncio.create_task(_collect(client, "r0", seen))
+        reader = asyncio.create_task(_collect(client, request_id, seen))
         if point in ("parked", "pulling"):
             await _wait_for(lambda: bool(client.handoffs.queue), what="the request parked")
         if point == "pulling":
@@ -130,7 +132,7 @@ def test_a_client_leaving_at_any_point_leaves_both_instances_at_baseline(pd_clus
             assert client.handoffs.pulls["d0"] == 1
         elif point == "decoding":
             await _wait_for(
-                lambda: client.instance_of("r0") == "d0" and len(_tokens(seen)) >= 3, what="decoding"
+                lambda: client.instance_of(request_id) == "d0" and len(_tokens(seen)) >= 3, what="decoding"
             )
         reader.cancel()  # the client disconnects
         await asyncio.gather(reader, return_exceptions=True)
@@ -162,3 +164,37 @@ def test_with_no_decode_instance_left_the_prefill_instance_decodes_what_it_parks
         cluster.shutdown()
     for rid, _, _ in jobs:
         assert _tokens(seen[rid]) == reference[rid].outputs[0].token_ids
+
+
+def test_requests_parked_on_a_prefill_instance_that_dies_resume_on_the_decode_instance(ray_session):
+    jobs = _jobs(2)
+    reference = _run_offline(LLMEngine(TINY_CONFIG), jobs)
+    cluster = Cluster.start(
+        TINY_CONFIG, 0, prefill_instances=1, decode_instances=1, threads_per_instance=1, ready_timeout_s=300
+    )
+    try:
+
+        async def body(client: ClusterClient):
+            client.handoffs.max_pulls = 0  # they stay parked on p0
+            await client.submit_many(jobs)
+            seen = {rid: [] for rid, _, _ in jobs}
+            readers = asyncio.gather(*(_collect(client, rid, seen[rid]) for rid in seen))
+            await _wait_for(lambda: len(client.handoffs.queue) == 2, what="both parked")
+            await client.retire("p0")  # the only prefill instance goes, with their KV
+            await asyncio.wait_for(readers, 120)
+            # Failover resubmitted them (prompt + the first token) to the decode instance, which
+            # runs them whole; a new request goes there too.
+            assert all(client.instance_of(rid) is None for rid in seen)
+            late = [("late", *jobs[0][1:])]
+            await client.submit_many(late)
+            assert client.instance_of("late") == "d0"
+            seen["late"] = []
+            await asyncio.wait_for(_collect(client, "late", seen["late"]), 60)
+            return seen
+
+        seen = asyncio.run(_with_client(cluster, "least-load", body))
+    finally:
+        cluster.shutdown()
+    for rid, _, _ in jobs:
+        assert _tokens(seen[rid]) == reference[rid].outputs[0].token_ids
+    assert _tokens(seen["late"]) == reference["r0"].outputs[0].token_ids
