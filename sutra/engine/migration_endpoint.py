@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -152,20 +153,7 @@ class MigrationEndpoint:
             target.open(migration_id, moved.request_id, layout)
             target.commit(migration_id, moved, blocks)  # reserves, writes, adopts; aborts on failure
 
-        self.aengine.take_over(
-            moved.request_id,
-            moved.prompt_token_ids,
-            moved.sampling_params,
-            moved.spec,
-            moved.sent_text,
-            moved.sent_tokens,
-        )
-        try:
-            await self.aengine.between_steps(adopt)
-        except BaseException:
-            self.aengine.drop_stream(moved.request_id)
-            raise
-        self.aengine.wake()
+        await self._adopt(moved, adopt)
 
     # ---- as the destination ----------------------------------------------------------------
     async def in_open(self, migration_id: str, request_id: str, layout: KVLayout) -> None:
@@ -178,6 +166,12 @@ class MigrationEndpoint:
         await asyncio.to_thread(target.write, migration_id, block_ids, blocks)
 
     async def in_commit(self, migration_id: str, moved: MovedRequest, blocks: KVBlocks) -> None:
+        target = self.engine.migration_target
+        await self._adopt(moved, lambda: target.commit(migration_id, moved, blocks))
+
+    async def _adopt(self, moved: MovedRequest, adopt: Callable[[], None]) -> None:
+        """Open the arriving request's stream where the source's stopped, then run `adopt` between
+        steps; if it raises, the stream goes again."""
         self.aengine.take_over(
             moved.request_id,
             moved.prompt_token_ids,
@@ -187,7 +181,7 @@ class MigrationEndpoint:
             moved.sent_tokens,
         )
         try:
-            await self.aengine.between_steps(self.engine.migration_target.commit, migration_id, moved, blocks)
+            await self.aengine.between_steps(adopt)
         except BaseException:
             self.aengine.drop_stream(moved.request_id)
             raise

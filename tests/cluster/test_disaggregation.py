@@ -18,6 +18,7 @@ from sutra.engine.engine import LLMEngine
 from sutra.sampling_params import SamplingParams
 from tests.cluster.conftest import TINY_CONFIG
 from tests.cluster.test_client import _run_offline, _wait_for, _with_client
+from tests.cluster.test_migration import _collect, _tokens
 
 pytestmark = pytest.mark.ray
 
@@ -40,15 +41,6 @@ def _jobs(n: int, prompt_len: int = 60, prefix: str = "r") -> list[tuple[str, li
     return [(f"{prefix}{i}", [(i * 37 + k) % 200 + 5 for k in range(prompt_len)], GREEDY) for i in range(n)]
 
 
-async def _collect(client: ClusterClient, request_id: str, seen: list[RequestDelta]) -> None:
-    async for delta in client.stream(request_id):
-        seen.append(delta)
-
-
-def _tokens(seen: list[RequestDelta]) -> list[int]:
-    return [t for d in seen for t in d.completions[0].token_ids]
-
-
 async def _at_baseline(client: ClusterClient) -> None:
     def idle() -> bool:
         loads = client.loads()
@@ -57,6 +49,17 @@ async def _at_baseline(client: ClusterClient) -> None:
         )
 
     await _wait_for(idle, what="both instances idle with every block free")
+
+
+def _run_on_fresh_cluster(body) -> dict[str, list[RequestDelta]]:
+    """body(client) on a 1 prefill + 1 decode cluster of its own (it will lose an instance)."""
+    cluster = Cluster.start(
+        TINY_CONFIG, 0, prefill_instances=1, decode_instances=1, threads_per_instance=1, ready_timeout_s=300
+    )
+    try:
+        return asyncio.run(_with_client(cluster, "least-load", body))
+    finally:
+        cluster.shutdown()
 
 
 def test_the_roles_are_what_serve_asked_for(pd_cluster):
@@ -147,21 +150,15 @@ def test_a_client_leaving_at_any_point_leaves_both_instances_at_baseline(pd_clus
 def test_with_no_decode_instance_left_the_prefill_instance_decodes_what_it_parks(ray_session):
     jobs = _jobs(3)
     reference = _run_offline(LLMEngine(TINY_CONFIG), jobs)
-    cluster = Cluster.start(
-        TINY_CONFIG, 0, prefill_instances=1, decode_instances=1, threads_per_instance=1, ready_timeout_s=300
-    )
-    try:
 
-        async def body(client: ClusterClient):
-            await client.retire("d0")  # the only decode instance goes away
-            await client.submit_many(jobs)
-            seen = {rid: [] for rid, _, _ in jobs}
-            await asyncio.wait_for(asyncio.gather(*(_collect(client, rid, seen[rid]) for rid in seen)), 120)
-            return seen
+    async def body(client: ClusterClient):
+        await client.retire("d0")  # the only decode instance goes away
+        await client.submit_many(jobs)
+        seen = {rid: [] for rid, _, _ in jobs}
+        await asyncio.wait_for(asyncio.gather(*(_collect(client, rid, seen[rid]) for rid in seen)), 120)
+        return seen
 
-        seen = asyncio.run(_with_client(cluster, "least-load", body))
-    finally:
-        cluster.shutdown()
+    seen = _run_on_fresh_cluster(body)
     for rid, _, _ in jobs:
         assert _tokens(seen[rid]) == reference[rid].outputs[0].token_ids
 
@@ -169,32 +166,26 @@ def test_with_no_decode_instance_left_the_prefill_instance_decodes_what_it_parks
 def test_requests_parked_on_a_prefill_instance_that_dies_resume_on_the_decode_instance(ray_session):
     jobs = _jobs(2)
     reference = _run_offline(LLMEngine(TINY_CONFIG), jobs)
-    cluster = Cluster.start(
-        TINY_CONFIG, 0, prefill_instances=1, decode_instances=1, threads_per_instance=1, ready_timeout_s=300
-    )
-    try:
 
-        async def body(client: ClusterClient):
-            client.handoffs.max_pulls = 0  # they stay parked on p0
-            await client.submit_many(jobs)
-            seen = {rid: [] for rid, _, _ in jobs}
-            readers = asyncio.gather(*(_collect(client, rid, seen[rid]) for rid in seen))
-            await _wait_for(lambda: len(client.handoffs.queue) == 2, what="both parked")
-            await client.retire("p0")  # the only prefill instance goes, with their KV
-            await asyncio.wait_for(readers, 120)
-            # Failover resubmitted them (prompt + the first token) to the decode instance, which
-            # runs them whole; a new request goes there too.
-            assert all(client.instance_of(rid) is None for rid in seen)
-            late = [("late", *jobs[0][1:])]
-            await client.submit_many(late)
-            assert client.instance_of("late") == "d0"
-            seen["late"] = []
-            await asyncio.wait_for(_collect(client, "late", seen["late"]), 60)
-            return seen
+    async def body(client: ClusterClient):
+        client.handoffs.max_pulls = 0  # they stay parked on p0
+        await client.submit_many(jobs)
+        seen = {rid: [] for rid, _, _ in jobs}
+        readers = asyncio.gather(*(_collect(client, rid, seen[rid]) for rid in seen))
+        await _wait_for(lambda: len(client.handoffs.queue) == 2, what="both parked")
+        await client.retire("p0")  # the only prefill instance goes, with their KV
+        await asyncio.wait_for(readers, 120)
+        # Failover resubmitted them (prompt + the first token) to the decode instance, which runs
+        # them whole; a new request goes there too.
+        assert all(client.instance_of(rid) is None for rid in seen)
+        late = [("late", *jobs[0][1:])]
+        await client.submit_many(late)
+        assert client.instance_of("late") == "d0"
+        seen["late"] = []
+        await asyncio.wait_for(_collect(client, "late", seen["late"]), 60)
+        return seen
 
-        seen = asyncio.run(_with_client(cluster, "least-load", body))
-    finally:
-        cluster.shutdown()
+    seen = _run_on_fresh_cluster(body)
     for rid, _, _ in jobs:
         assert _tokens(seen[rid]) == reference[rid].outputs[0].token_ids
     assert _tokens(seen["late"]) == reference["r0"].outputs[0].token_ids
