@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -14,6 +16,8 @@ MAX_N = 128  # samples per request (OpenAI's limit): each one is a sequence in t
 MAX_TEMPERATURE = 100.0
 # Dividing or multiplying logits by a tiny or huge factor overflows float32 into inf, then NaN.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# OpenAI's range for a logit_bias value: -100 bans a token in practice, +100 forces it.
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 _FLOAT_FIELDS = (
     "temperature",
     "top_p",
@@ -51,11 +55,15 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs of each sampled token (0: only the sampled one)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # token id -> added to its logit before sampling. Keys may be given as strings (JSON object keys,
+    # as OpenAI sends them); they are stored as ints. Empty means none.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self._check_types()
+        self.logit_bias = _checked_logit_bias(self.logit_bias)
         self._check(self.n >= 1, "n", "must be >= 1", self.n)
         self._check(self.n <= MAX_N, "n", f"must be <= {MAX_N}", self.n)
         self._check(self.temperature >= 0.0, "temperature", "must be >= 0", self.temperature)
@@ -123,14 +131,59 @@ class SamplingParams:
             self.stop_token_ids,
         )
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise, naming the field, for token ids only the model can tell are out of range."""
+        bad = [t for t in self.logit_bias or () if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
+                param="logit_bias",
+            )
+
     @staticmethod
     def _check(ok: bool, name: str, rule: str, value: object) -> None:
         if not ok:
-            shown = repr(value)
-            if len(shown) > 80:  # a whole-vocabulary list or a 400-digit number
-                shown = shown[:77] + "..."
-            raise InvalidRequestError(f"{name} {rule}, got {shown}", param=name)
+            raise InvalidRequestError(f"{name} {rule}, got {_shown(value)}", param=name)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def _shown(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."  # a whole-vocabulary list, a huge number
+
+
+def _checked_logit_bias(bias: object) -> dict[int, float] | None:
+    """{token id: bias} with int keys and finite values in LOGIT_BIAS_RANGE; None when empty."""
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise InvalidRequestError(
+            f"logit_bias must map token ids to numbers, got {_shown(bias)}", param="logit_bias"
+        )
+    lo, hi = LOGIT_BIAS_RANGE
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        token = _token_id(key)
+        if token is None:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids (integers), got {_shown(key)}", param="logit_bias"
+            )
+        if not (_is_finite_real(value) and lo <= value <= hi):
+            raise InvalidRequestError(
+                f"logit_bias values must be numbers in [{lo:g}, {hi:g}], got {_shown(value)} for "
+                f"token {token}",
+                param="logit_bias",
+            )
+        out[token] = float(value)
+    return out or None
+
+
+def _token_id(key: object) -> int | None:
+    if isinstance(key, Integral) and not isinstance(key, bool):
+        return int(key)
+    if isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key.strip()):
+        return int(key)
+    return None

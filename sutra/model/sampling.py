@@ -1,7 +1,7 @@
 """Turn one engine step's logits into tokens.
 
-Order per row: penalties -> (greedy argmax | temperature -> top-k -> top-p -> min-p -> sample), then
-logprobs of the raw logits for the rows that ask for them.
+Order per row: logit bias -> penalties -> (greedy argmax | temperature -> top-k -> top-p -> min-p ->
+sample), then logprobs of the raw logits for the rows that ask for them.
 
 Top-k/top-p rows are cut on a small window of their best tokens (one partial sort); a full-vocabulary
 sort happens only when a cut spills past the windows tried (very flat rows). Cuts are by value, so
@@ -61,7 +61,8 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
         raw = logits.float()
-        penalized = ban_tokens(apply_penalties(raw, requests), requests, raw)
+        biased = apply_logit_bias(raw, requests)
+        penalized = ban_tokens(apply_penalties(biased, requests, copy=biased is raw), requests, raw)
         tokens = self._choose(penalized, requests)
         token_ids = tokens.tolist()
         params = [r.params for r in requests]
@@ -145,9 +146,32 @@ def _column(values: list[float] | list[int], like: torch.Tensor) -> torch.Tensor
 # ---- penalties ----------------------------------------------------------------------------------------
 
 
-def apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
-    """Returns `logits` itself when no row has penalties, else a penalized copy. Only the (row, token)
-    pairs that occur are touched: a dense [rows, vocab] pass per penalty would cost far more."""
+def apply_logit_bias(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """Adds each row's logit_bias (before penalties, as vLLM orders them). Returns `logits` itself when
+    no row has a bias, else a copy in which only the biased (row, token) pairs changed: rows without a
+    bias keep their exact bits."""
+    rows = [i for i, r in enumerate(requests) if r.params.logit_bias]
+    if not rows:
+        return logits
+    vocab = logits.shape[1]
+    # Ids past the logits' vocabulary (the API layers refuse them) are dropped here, so that ids and
+    # values stay aligned.
+    biases = [
+        {t: v for t, v in (requests[i].params.logit_bias or {}).items() if 0 <= t < vocab} for i in rows
+    ]
+    row_ids, ids = _token_pairs([list(b) for b in biases], rows, logits)
+    values = torch.tensor([v for b in biases for v in b.values()], dtype=logits.dtype)
+    logits = logits.clone()
+    logits[row_ids, ids] += values.to(logits.device)  # a row's keys are distinct: no pair repeats
+    return logits
+
+
+def apply_penalties(
+    logits: torch.Tensor, requests: list[SamplingRequest], *, copy: bool = True
+) -> torch.Tensor:
+    """Returns `logits` itself when no row has penalties, else a penalized copy (or, with copy=False,
+    `logits` penalized in place). Only the (row, token) pairs that occur are touched: a dense
+    [rows, vocab] pass per penalty would cost far more."""
     rep_rows = [i for i, r in enumerate(requests) if r.params.repetition_penalty != 1.0]
     pf_rows = [
         i
@@ -156,7 +180,8 @@ def apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> to
     ]
     if not rep_rows and not pf_rows:
         return logits
-    logits = logits.clone()
+    if copy:
+        logits = logits.clone()
     if rep_rows:
         # Duplicate pairs write the same value, so they need no dedup.
         rows, ids = _token_pairs([requests[i].prompt_token_ids for i in rep_rows], rep_rows, logits)

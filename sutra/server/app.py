@@ -15,6 +15,7 @@ from sutra.server.common import ServerState
 from sutra.server.completions import create_completion
 from sutra.server.errors import APIError, install_error_handlers
 from sutra.server.protocol import ChatCompletionRequest, CompletionRequest
+from sutra.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, server_version, tokenize
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -110,6 +111,21 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await create_chat_completion(state, body, request)
+
+    # vLLM's paths, without /v1; behind the API key like every route but /health and /metrics.
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> JSONResponse:
+        return JSONResponse(await tokenize(state, body))
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> JSONResponse:
+        return JSONResponse(await detokenize(state, body))
+
+    version = server_version()
+
+    @app.get("/version")
+    async def version_route() -> JSONResponse:
+        return JSONResponse({"version": version})
 
     app.add_middleware(BodySizeLimit, max_bytes=state.limits.max_body_bytes)  # outermost: before auth
     return app

@@ -23,7 +23,7 @@ from sutra.server.common import (
     usage,
 )
 from sutra.server.errors import APIError
-from sutra.server.protocol import ChatCompletionRequest
+from sutra.server.protocol import ChatCompletionRequest, ChatMessage
 
 
 def _token_entry(tok: Tokenizer, token_id: int, logprob: float) -> dict:
@@ -48,18 +48,23 @@ def chat_logprobs(tok: Tokenizer, entries: list[TokenLogprobs]) -> dict:
     }
 
 
-async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http_request: Request):
-    state.check_request(body)
-    state.limits.check_chat(body)
-    engine = state.engine
-    if not engine.tokenizer.has_chat_template:
+def template_messages(state: ServerState, messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the chat template takes them; 400 for a model without a template."""
+    if not state.engine.tokenizer.has_chat_template:
         raise APIError(
             400,
             f"the model `{state.model_name}` has no chat template, so a chat cannot be turned into a "
             "prompt; send the prompt text to /v1/completions instead",
             code="chat_template_missing",
         )
-    messages = [m.template_dict() for m in body.messages]
+    return [m.template_dict() for m in messages]
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http_request: Request):
+    state.check_request(body)
+    state.limits.check_chat(body)
+    engine = state.engine
+    messages = template_messages(state, body.messages)
     prompt = await engine.apply_chat_template(messages, body.add_generation_prompt)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
 

@@ -116,6 +116,8 @@ async def submit_all(
 ) -> list[Submitted]:
     """Queue one engine request per prompt, all or none: a bad prompt rejects the whole batch."""
     params_list = [make_params(len(ids)) for ids in prompts]
+    for params in params_list:  # the front end knows the vocabulary by its tokenizer (Ray instances too)
+        params.check_vocabulary(state.engine.tokenizer.vocab_size)
     rids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
     await state.engine.submit_many(list(zip(rids, prompts, params_list, strict=True)), spec)
     return [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import time
 
@@ -54,11 +55,18 @@ def completion_logprobs(tok: Tokenizer, entries: list[TokenLogprobs], offsets: T
     }
 
 
+async def echo_texts(tok: Tokenizer, prompts: list[str | list[int]]) -> list[str]:
+    """What each prompt's choices start with under `echo`: a text prompt as sent, a token prompt
+    decoded with its special tokens (as vLLM echoes it). The ids must have been validated."""
+    return [p if isinstance(p, str) else await asyncio.to_thread(tok.decode, p, False) for p in prompts]
+
+
 async def create_completion(state: ServerState, body: CompletionRequest, http_request: Request):
     state.check_request(body)
     state.limits.check_completion(body)
     engine = state.engine
-    prompts = [p if isinstance(p, list) else await engine.encode(p) for p in body.prompts()]
+    given = body.prompts()
+    prompts = [p if isinstance(p, list) else await engine.encode(p) for p in given]
 
     def make_params(prompt_len: int) -> SamplingParams:
         max_tokens = resolve_max_tokens(
@@ -69,17 +77,26 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
     request_id = new_id("cmpl")
     submitted = await submit_all(state, request_id, prompts, make_params, state.spec_of(http_request, body))
     tok = engine.tokenizer
+    # Per prompt, in the order of `submitted`; empty strings without echo. (Logprobs with echo are
+    # refused, so text_offset never has to count the prompt.)
+    echoes = await echo_texts(tok, given) if body.echo else [""] * len(submitted)
     headers = await estimate_headers(state, submitted)
     if body.stream:
         offsets: dict[int, TextOffsets] = {}  # per choice, across its chunks
+        echo_of = {s.request_id: e for s, e in zip(submitted, echoes, strict=True)}
+        echoed: set[int] = set()  # choices whose first chunk (which carries the prompt) went out
 
         def to_choice(sub: Submitted, c: CompletionDelta) -> dict:
             index = sub.first_choice + c.index
+            text = c.text
+            if index not in echoed:
+                echoed.add(index)
+                text = echo_of[sub.request_id] + text
             logprobs = None
             if body.logprobs is not None:
                 at = offsets.setdefault(index, TextOffsets(tok, body.skip_special_tokens))
                 logprobs = completion_logprobs(tok, c.logprobs or [], at)
-            return _choice(index, c.text, logprobs, c.finish_reason, c.stop_reason)
+            return _choice(index, text, logprobs, c.finish_reason, c.stop_reason)
 
         events = sse_stream(
             state,
@@ -102,7 +119,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
             "choices": [
                 _choice(
                     i,
-                    acc.text,
+                    echoes[i // body.n] + acc.text,  # every prompt has n choices
                     None
                     if body.logprobs is None
                     else completion_logprobs(tok, acc.logprobs, TextOffsets(tok, body.skip_special_tokens)),

@@ -28,6 +28,8 @@ class RequestLimits:
     max_chat_messages: int = 2048
     # `user` labels the client's series in /metrics.
     max_user_chars: int = 256
+    # Each logit_bias entry is added to the logits at every step of the request (OpenAI's bound).
+    max_logit_bias: int = 300
     # Refused by its content-length header, or while a chunked body is read (413).
     max_body_bytes: int = 16 * 2**20
 
@@ -48,7 +50,10 @@ class RequestLimits:
 
     def check_chat(self, body: ChatCompletionRequest) -> None:
         self._check_sampling(body)
-        _at_most(len(body.messages), self.max_chat_messages, "messages", "messages")
+        self.check_messages(body.messages)
+
+    def check_messages(self, messages: list) -> None:
+        _at_most(len(messages), self.max_chat_messages, "messages", "messages")
 
     def _check_sampling(self, body: SamplingFields) -> None:
         _at_most(body.n, self.max_n, "n", "choices (n)")
@@ -58,6 +63,7 @@ class RequestLimits:
             _at_most(len(stop), self.max_stop_string_chars, "stop", "characters in a stop string")
         _at_most(len(body.stop_token_ids or []), self.max_stop_token_ids, "stop_token_ids", "stop token ids")
         _at_most(len(body.user or ""), self.max_user_chars, "user", "characters in user")
+        _at_most(len(body.logit_bias or {}), self.max_logit_bias, "logit_bias", "logit_bias entries")
 
 
 _HELP = {
@@ -68,6 +74,7 @@ _HELP = {
     "max_prompts_per_batch": "most prompts in one /v1/completions request",
     "max_chat_messages": "most messages in one chat request",
     "max_user_chars": "most characters in the user field",
+    "max_logit_bias": "most logit_bias entries in one request",
     "max_body_bytes": "largest request body in bytes (413 above it)",
 }
 

@@ -36,7 +36,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class CheckedText(BaseModel):
+    """A request body whose strings must be Unicode text (see check_text)."""
+
+    def check_text(self) -> None:
+        """Refuse a string holding a lone UTF-16 surrogate: JSON's \\ud800 escape allows it, but it is
+        not Unicode text, and no tokenizer, template or log line can encode it."""
+        if (where := _lone_surrogate_at(self, "")) is not None:
+            raise InvalidRequestError(
+                f"{where} contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                "which is not valid Unicode text",
+                param=where,
+            )
+
+
+class ChatTemplateOptions(BaseModel):
+    """How messages become a prompt: what chat completions and /tokenize share."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+
+    def check_template_options(self) -> None:
+        if self.continue_final_message:
+            raise InvalidRequestError(
+                "continue_final_message is not supported", param="continue_final_message"
+            )
+        if self.chat_template is not None:
+            raise InvalidRequestError(
+                "chat_template is not supported: the model's own template is applied", param="chat_template"
+            )
+
+
+class SamplingFields(CheckedText):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -84,24 +116,12 @@ class SamplingFields(BaseModel):
 
     def check_supported(self) -> None:
         """Refuse, by name, every feature the request asks for that the server does not implement."""
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
         for name in _REFUSED_WHEN_SET:
             if getattr(self, name) is not None:
                 raise InvalidRequestError(f"{name} is not supported", param=name)
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise InvalidRequestError(
                 "response_format other than text is not supported", param="response_format"
-            )
-
-    def check_text(self) -> None:
-        """Refuse a string holding a lone UTF-16 surrogate: JSON's \\ud800 escape allows it, but it is
-        not Unicode text, and no tokenizer, template or log line can encode it."""
-        if (where := _lone_surrogate_at(self, "")) is not None:
-            raise InvalidRequestError(
-                f"{where} contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
-                "which is not valid Unicode text",
-                param=where,
             )
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -125,6 +145,7 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.logit_bias,
             **{k: v for k, v in given.items() if v is not None},
         )
 
@@ -139,8 +160,14 @@ class CompletionRequest(SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", param="echo")
+        if self.echo and self.logprobs is not None:
+            # With echo, logprobs cover the prompt's tokens too, and the runner computes logits only
+            # where it samples.
+            raise InvalidRequestError(
+                "echo with logprobs is not supported (it needs the prompt's logprobs, which this server "
+                "does not compute): send echo without logprobs, or logprobs without echo",
+                param="echo",
+            )
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -185,7 +212,7 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatTemplateOptions):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -195,9 +222,6 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template: str | None = None
     echo: bool = False
 
     def check_supported(self) -> None:
@@ -211,14 +235,7 @@ class ChatCompletionRequest(SamplingFields):
                 raise InvalidRequestError(
                     f'{name} is not supported (tools are not): send null or "none"', param=name
                 )
-        if self.continue_final_message:
-            raise InvalidRequestError(
-                "continue_final_message is not supported", param="continue_final_message"
-            )
-        if self.chat_template is not None:
-            raise InvalidRequestError(
-                "chat_template is not supported: the model's own template is applied", param="chat_template"
-            )
+        self.check_template_options()
         if self.echo:
             raise InvalidRequestError("echo is not supported", param="echo")
         if self.top_logprobs is not None and not self.logprobs:

@@ -61,8 +61,8 @@ def _assert_healthy(server) -> None:
         ({"max_tokens": 4}, "prompt", "Field required"),
         ({"prompt": ""}, "prompt", "the prompt is empty"),
         ({"prompt": [99999999]}, "prompt", "outside the vocabulary"),
-        ({"prompt": "hi", "logit_bias": {"1": 5}}, "logit_bias", "not supported"),
-        ({"prompt": "hi", "echo": True}, "echo", "not supported"),
+        ({"prompt": "hi", "logit_bias": {"x": 5}}, "logit_bias", "keys must be token ids"),
+        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo", "echo with logprobs is not supported"),
     ],
 )
 def test_invalid_completion_fields_are_400_and_named(sutra_server, body, param, contains):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 
@@ -349,3 +350,21 @@ def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(client, api_server):
     assert cached("tenant-b") == 0
     assert cached(None) == 0
     assert cached(None) >= 32
+
+
+def test_logit_bias_echo_and_tokenize_on_any_engine(client, api_server):
+    """vLLM's comforts in front of Ray instances too: the front end tokenizes and checks logit_bias by
+    its own tokenizer, the instances sample with the bias (tests/server/test_logit_bias.py,
+    test_echo.py and test_tokenize.py cover each in depth)."""
+    tokenized = httpx.post(
+        f"{api_server.base_url}/tokenize", json={"prompt": " Paris", "add_special_tokens": False}, timeout=30
+    ).json()
+    (paris,) = tokenized["tokens"]
+    common = dict(model=api_server.model, prompt=PROMPT, max_tokens=3, temperature=0)
+    out = client.completions.create(
+        echo=True, logit_bias={str(paris): 100}, extra_body={"ignore_eos": True}, **common
+    )
+    assert out.choices[0].text == PROMPT + " Paris Paris Paris"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(logit_bias={"49152": 1}, **common)
+    assert e.value.body["param"] == "logit_bias" and "outside the vocabulary" in e.value.body["message"]
