@@ -1,10 +1,12 @@
-"""`sutra generate | chat | serve | bench | profile | simulate | plan`: the command line."""
+"""`sutra generate | chat | serve | convert | bench | profile | simulate | plan`: the command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from sutra.bench.cli import add_bench_parser
 from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -155,6 +157,62 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    conv = sub.add_parser(
+        "convert",
+        help="write a model in Sutra's checkpoint format (the runtime layout), which --model OUT loads fast",
+    )
+    conv.add_argument(
+        "source",
+        help="a .gguf file, a Hugging Face directory, random:<preset>, a Sutra checkpoint, or 'default' "
+        "(the bundled SmolLM2); with --check and no OUT, the checkpoint to check",
+    )
+    conv.add_argument("out", nargs="?", default=None, help="a new (or empty) folder for the checkpoint")
+    conv.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the stored dtype; auto: what the engine runs here (bf16 with native bf16 or CUDA, else fp32)",
+    )
+    conv.add_argument("--seed", type=int, default=0, help="the seed of random:<preset> weights")
+    conv.add_argument(
+        "--check", action="store_true", help="read the checkpoint back and verify every checksum"
+    )
+    conv.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from sutra.model.store.convert import convert
+    from sutra.model.store.load import check_store
+
+    if args.out is None:
+        if not args.check:
+            raise SystemExit("error: sutra convert needs SOURCE and OUT (or a checkpoint and --check)")
+        target = Path(args.source)
+    else:
+        target = Path(args.out)
+        start = time.perf_counter()
+        with tqdm(total=0, unit="B", unit_scale=True, desc="convert", file=sys.stderr) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            index = convert(args.source, target, dtype=args.dtype, seed=args.seed, progress=progress)
+        print(
+            f"wrote {target}: {len(index.tensors)} tensors in {len(index.groups)} groups, "
+            f"{len(index.partitions)} partition(s), {index.nbytes / 1e9:.2f} GB of {index.dtype} "
+            f"in {time.perf_counter() - start:.1f} s; serve it with --model {target}"
+        )
+    if args.check:
+        stats = check_store(target)
+        print(
+            f"checked {target}: {stats.nbytes / 1e9:.2f} GB, every checksum matches ({stats.seconds:.1f} s)"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sutra", description="Sutra LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_serve_args(serve)
     serve.set_defaults(func=lambda args: cmd_serve(args, engine_config(args)))
+    add_convert_parser(sub)
     add_bench_parser(sub)
     add_profile_parser(sub, add_engine_args, engine_config)
     add_simulate_parser(sub, add_engine_args, engine_config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 
 import torch
 
@@ -14,7 +15,7 @@ from sutra.model.arch import ModelArch
 _SAMPLE_BYTES = 4096  # from each end of every tensor: cheap for any model size, and any fine-tune differs
 
 
-def model_fingerprint(arch: ModelArch, weights: dict[str, torch.Tensor] | None, source: str) -> str:
+def model_fingerprint(arch: ModelArch, weights: Mapping[str, torch.Tensor] | None, source: str) -> str:
     """sha256 of the architecture and, per tensor, its name, shape, dtype and first and last bytes.
     Random-weight models (weights None) are identified by their source (the preset) instead."""
     h = hashlib.sha256()
@@ -31,6 +32,6 @@ def model_fingerprint(arch: ModelArch, weights: dict[str, torch.Tensor] | None, 
             if tensor.numel()
             else torch.empty(0, dtype=torch.uint8)
         )
-        h.update(raw[:_SAMPLE_BYTES].numpy().tobytes())
-        h.update(raw[-_SAMPLE_BYTES:].numpy().tobytes())
+        h.update(raw[:_SAMPLE_BYTES].cpu().numpy().tobytes())  # a checkpoint may load onto CUDA
+        h.update(raw[-_SAMPLE_BYTES:].cpu().numpy().tobytes())
     return h.hexdigest()

