@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from sutra.cluster.messages import PullReply
 from sutra.cluster.migrator import Move
 from sutra.cluster.pull import PULL_STEP_TIMEOUT_S, PULL_WATERMARK
+from sutra.core.migration import watermark_blocks
 from sutra.engine.migration_endpoint import MigrationResult
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class HandOffs:
                 load = loads[i]
                 free = load.free_blocks - self.promised.get(i, 0) - parked.blocks
                 if not load.draining and self.pulls.get(i, 0) < self.max_pulls:
-                    if free >= max(1, int(load.total_blocks * self.watermark)):
+                    if free >= watermark_blocks(load.total_blocks, self.watermark):
                         room[i] = free
             if not room:
                 return  # the head waits; FIFO

@@ -38,6 +38,7 @@ from sutra.cluster.messages import (
 )
 from sutra.cluster.pull import MAX_OPEN_PULLS, PULL_WATERMARK, RemoteSource, pull
 from sutra.config import EngineConfig
+from sutra.core.migration import watermark_blocks
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.async_engine import AsyncEngine
@@ -99,7 +100,7 @@ class InstanceActor:
         self._migration = MigrationEndpoint(self._async)
         if role == "decode":  # a pull never takes the room its own requests grow into
             inbox = self.engine.migration_target.inbox
-            inbox.min_free_blocks = max(1, int(self.engine.kv.pool.num_blocks * PULL_WATERMARK))
+            inbox.min_free_blocks = watermark_blocks(self.engine.kv.pool.num_blocks, PULL_WATERMARK)
             inbox.max_open = MAX_OPEN_PULLS
         self._started = False
         self._info = InstanceInfo(

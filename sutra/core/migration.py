@@ -30,6 +30,11 @@ MAX_PRECOPY_STAGES = 3
 LEASE_S = 10.0  # the destination frees a silent migration's reservation after this long
 
 
+def watermark_blocks(total_blocks: int, watermark: float) -> int:
+    """The free blocks an incoming migration must leave: `watermark` of the pool, at least one."""
+    return max(1, int(total_blocks * watermark))
+
+
 class MigrationAborted(SutraError):
     """A migration was called off; the request stays (or is back) on its source, nothing leaked."""
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from sutra.cluster.dispatch import DEFAULT_DISPATCH
 from sutra.cluster.rebalance import OUT_THRESHOLD
 from sutra.config import SchedulerConfig
-from sutra.core.migration import MigrationAborted, OutgoingMigration
+from sutra.core.migration import MigrationAborted, OutgoingMigration, watermark_blocks
 from sutra.core.request import Request
 from sutra.core.stats import InstanceLoad
 from sutra.sim.cluster import (
@@ -91,11 +91,6 @@ class InstanceGroup:
     cost_model: StepCost
     num_blocks: int
     scheduler_config: SchedulerConfig | None = None
-
-
-def watermark_blocks(total_blocks: int, watermark: float) -> int:
-    """The free blocks a pull must leave on a decode instance (as the real instance sets them)."""
-    return max(1, int(total_blocks * watermark))
 
 
 @dataclass

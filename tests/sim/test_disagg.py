@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sutra.config import SchedulerConfig
+from sutra.core.migration import watermark_blocks
 from sutra.sim.capacity import AttainmentSlo
 from sutra.sim.cluster import ClusterSimulator
 from sutra.sim.cost_model import CostModel
@@ -23,7 +24,6 @@ from sutra.sim.disagg import (
     DisaggSimulator,
     HandOffModel,
     InstanceGroup,
-    watermark_blocks,
 )
 from sutra.sim.simulator import SimRequest, Simulator
 
