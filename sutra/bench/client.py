@@ -15,14 +15,15 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from sutra.bench.datasets import SampleRequest
-from sutra.bench.errors import BenchError
+from sutra.bench.errors import BenchError, bench_dependency
 
-REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=6 * 60 * 60)
+if TYPE_CHECKING:
+    import aiohttp
+
+REQUEST_TIMEOUT_S = 6 * 60 * 60
 ERROR_BODY_CHARS = 500
 
 
@@ -114,11 +115,14 @@ async def send_request(
     headers: dict[str, str] | None = None,
 ) -> RequestOutput:
     """POST one streaming request and time its chunks; failures are recorded, never raised."""
+    aiohttp = bench_dependency("aiohttp")
     chat = "messages" in payload
     out = RequestOutput(prompt_len=prompt_len)
     out.start_time = time.perf_counter()
     try:
-        async with session.post(url, json=payload, headers=headers, timeout=REQUEST_TIMEOUT) as response:
+        async with session.post(
+            url, json=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+        ) as response:
             if response.status != 200:
                 body = (await response.text(errors="replace"))[:ERROR_BODY_CHARS]
                 out.error = f"HTTP {response.status} {response.reason or ''}: {body}".strip()
@@ -190,6 +194,7 @@ def _take_event(out: RequestOutput, message: str, arrived: float, chat: bool) ->
 
 async def list_models(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str]) -> list[str]:
     """Ids from GET /v1/models; an unreachable server is a BenchError, a missing route an empty list."""
+    aiohttp = bench_dependency("aiohttp")
     url = f"{base_url}/v1/models"
     try:
         async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as response:

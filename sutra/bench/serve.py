@@ -19,9 +19,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import numpy as np
 from tqdm import tqdm
 
@@ -35,9 +34,12 @@ from sutra.bench.client import (
 )
 from sutra.bench.config import BenchConfig
 from sutra.bench.datasets import SampleRequest, build_requests, describe_lengths
-from sutra.bench.errors import BenchError
+from sutra.bench.errors import BenchError, bench_dependency
 from sutra.bench.report import BenchMetrics, compute_metrics, format_report, metrics_json, requests_json
 from sutra.bench.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 @dataclass
@@ -141,6 +143,7 @@ async def run_benchmark_async(
     )
     headers = auth_headers(config.api_key)
     limit = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+    aiohttp = bench_dependency("aiohttp")
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)  # the semaphore is the only limit
     async with aiohttp.ClientSession(connector=connector) as session:
         model = await resolve_model(session, config)
@@ -213,7 +216,8 @@ def write_outputs(result: BenchResult, directory: Path | None) -> None:
             json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
             result.json_path = json_path
         if config.plot:
-            from sutra.bench.plot import plot_run  # matplotlib costs ~0.5 s to import: only when asked
+            bench_dependency("matplotlib")  # costs ~0.5 s to import: only when asked
+            from sutra.bench.plot import plot_run
 
             arrivals = describe_arrivals(config.request_rate, config.burstiness)
             title = f"{result.model} {config.endpoint}: {config.dataset_name}, {arrivals}"
