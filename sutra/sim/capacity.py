@@ -2,11 +2,12 @@
 within its latency SLOs.
 
 Sarathi-Serve defines capacity as the highest QPS whose run keeps P99 time-between-tokens under the
-SLO and the median scheduling delay under 2 s (without the latter, a scheduler that never stalls
-decodes would "meet" the TBT SLO at any rate while its queue grows without bound), and finds it by
-binary search over rates. The search here assumes the same thing theirs does: SLO attainment is
-monotone in rate (a run that meets the SLOs at a rate meets them at every lower rate). Every rate
-tried is kept with its key figures, so the latency-vs-rate curve comes with the answer.
+SLO and the median scheduling delay (arrival to the first step that runs the request) under 2 s (without
+the latter, a scheduler that never stalls decodes would "meet" the TBT SLO at any rate while its queue
+grows without bound), and finds it by binary search over rates. The search here assumes the same thing
+theirs does: SLO attainment is monotone in rate (a run that meets the SLOs at a rate meets them at every
+lower rate). Every rate tried is kept with its key figures, so the latency-vs-rate curve comes with the
+answer.
 
 Goodput, as DistServe defines it, is the same search with a per-request criterion: a request
 attains when its TTFT and its TPOT (mean time per output token after the first) are both within
@@ -32,7 +33,9 @@ class Slo:
     p99_tbt_s: float | None = None
     p50_tbt_s: float | None = None
     p99_ttft_s: float | None = None
-    p50_ttft_s: float | None = None  # a stand-in for median scheduling delay (it adds the prefill)
+    p50_ttft_s: float | None = None
+    p50_scheduling_delay_s: float | None = None  # Sarathi-Serve's capacity bound (2 s)
+    p99_scheduling_delay_s: float | None = None
     p99_e2e_s: float | None = None
 
     def violations(self, result: SimResult) -> list[str]:
@@ -56,7 +59,7 @@ def key_figures(result: SimResult) -> dict[str, float]:
     """The figures a capacity curve plots, from a run's summary."""
     summary = result.summary()
     figures: dict[str, float] = {}
-    for metric in ("tbt_s", "ttft_s", "e2e_s", "tpot_s"):
+    for metric in ("tbt_s", "ttft_s", "e2e_s", "tpot_s", "scheduling_delay_s"):
         for q, value in summary[metric].items():  # type: ignore[union-attr]
             if q in ("p50", "p99"):
                 figures[f"{q}_{metric}"] = value

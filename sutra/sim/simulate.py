@@ -224,6 +224,8 @@ def _describe(
         "dispatch": dispatch if instances > 1 else None,
         "num_steps": sim.num_steps,
         "num_preemptions": sim.num_preemptions,
+        # Arrival to the first step that runs the request (the server's request_queue_time).
+        "scheduling_delay_s": sim.summary()["scheduling_delay_s"],
         "wall_s": wall_s,
         "simulated_requests_per_wall_s": num_requests / wall_s if wall_s > 0 else math.inf,
     }

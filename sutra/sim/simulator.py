@@ -40,6 +40,12 @@ class SimTrace:
     arrival_time: float
     token_times: list[float] = field(default_factory=list)
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # when the step that began its prefill started
+
+    @property
+    def scheduling_delay(self) -> float | None:
+        """Arrival to the start of its first step: the queueing that TTFT adds the prefill to."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def ttft(self) -> float:
@@ -87,6 +93,9 @@ class SimResult:
             "output_throughput": tokens / self.duration_s if self.duration_s > 0 else 0.0,
             "request_throughput": len(traces) / self.duration_s if self.duration_s > 0 else 0.0,
             "ttft_s": percentiles([t.ttft for t in traces]),
+            "scheduling_delay_s": percentiles(
+                [d for t in self.traces.values() if (d := t.scheduling_delay) is not None]
+            ),
             "tbt_s": percentiles([g for t in traces for g in t.tbts]),
             "tpot_s": percentiles([t.tpot for t in traces if len(t.token_times) > 1]),
             "e2e_s": percentiles([t.e2e for t in traces]),
@@ -168,6 +177,10 @@ class SimEngine:
             self.executor.execute(out)  # the executor still drops finished requests' state
             self.now = min(self.now + IDLE_STEP_S, max(wait_until, self.now))
             return []
+        for new in out.new_requests:
+            trace = self.traces.get(new.request_id)
+            if trace is not None and trace.first_scheduled_time is None:
+                trace.first_scheduled_time = self.now
         runner_out = self.executor.execute(out)
         self.now += self.executor.last_step_seconds
         self.num_steps += 1

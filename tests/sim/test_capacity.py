@@ -24,7 +24,7 @@ from sutra.sim.simulator import SimResult, SimTrace, Simulator
 
 def result_with(tbt: float, ttft: float = 0.1, tokens: int = 4) -> SimResult:
     """A one-request run with a fixed TTFT and evenly spaced tokens."""
-    trace = SimTrace(0.0, [ttft + k * tbt for k in range(tokens)])
+    trace = SimTrace(0.0, [ttft + k * tbt for k in range(tokens)], first_scheduled_time=ttft / 2)
     return SimResult({"r": trace}, trace.e2e, tokens, 0)
 
 
@@ -67,7 +67,8 @@ def test_slo_checks_each_bound():
     result = result_with(tbt=0.05, ttft=0.4, tokens=4)  # e2e = 0.4 + 3 * 0.05 = 0.55
     assert Slo().meets(result)  # no bounds, no constraint
     for name, value in [("p99_tbt_s", 0.05), ("p50_tbt_s", 0.05), ("p99_ttft_s", 0.4),
-                        ("p50_ttft_s", 0.4), ("p99_e2e_s", 0.55)]:  # fmt: skip
+                        ("p50_ttft_s", 0.4), ("p99_e2e_s", 0.55),
+                        ("p50_scheduling_delay_s", 0.2), ("p99_scheduling_delay_s", 0.2)]:  # fmt: skip
         assert Slo(**{name: value * 1.01}).meets(result), name
         missed = Slo(**{name: value * 0.99}).violations(result)
         assert len(missed) == 1 and missed[0].startswith(f"{name}: "), name

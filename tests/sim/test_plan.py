@@ -54,6 +54,7 @@ def test_keeping_up_is_judged_on_the_second_half_of_the_arrivals():
 
 def test_slos_parse_from_milliseconds_and_bad_ones_are_refused():
     assert parse_slos(["p99_tbt:100", "p50_ttft:2000"]) == Slo(p99_tbt_s=0.1, p50_ttft_s=2.0)
+    assert parse_slos(["p50_scheduling_delay:2000"]) == Slo(p50_scheduling_delay_s=2.0)
     for bad, message in [([], "at least one"), (["p98_tbt:5"], "NAME:MS"), (["p99_tbt:x"], "not a number")]:
         with pytest.raises(BenchError, match=message):
             parse_slos(bad)

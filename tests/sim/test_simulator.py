@@ -23,6 +23,22 @@ def test_one_request_takes_its_prefill_chunks_then_one_step_per_token():
     assert trace.tbts == pytest.approx([0.01] * 4)
     assert trace.e2e == pytest.approx(0.07) and result.num_steps == 7
     assert result.duration_s == pytest.approx(0.07)
+    assert trace.scheduling_delay == pytest.approx(0.0)  # an idle engine runs it on arrival
+
+
+def test_scheduling_delay_is_the_wait_before_the_first_step_that_runs_the_request():
+    config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=1)
+    sim = Simulator(config, CONSTANT, num_blocks=64)
+    requests = [SimRequest("first", 0.0, 32, 5), SimRequest("second", 0.001, 32, 5)]
+    result = sim.run(requests)
+    first, second = result.traces["first"], result.traces["second"]
+    # One seat: "second" waits for "first"'s 5 steps (its prefill samples the first token).
+    assert first.scheduling_delay == pytest.approx(0.0)
+    assert second.first_scheduled_time == pytest.approx(first.token_times[-1])
+    assert second.scheduling_delay == pytest.approx(0.05 - 0.001)
+    assert second.ttft == pytest.approx(second.scheduling_delay + 0.01)  # its prefill is one step
+    delays = result.summary()["scheduling_delay_s"]
+    assert delays["p99"] == pytest.approx(0.049)
 
 
 def test_prefill_first_stalls_decodes_that_sarathi_keeps_running():
