@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -64,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 
 from sutra.bench.arrivals import arrival_offsets
@@ -514,11 +514,6 @@ def ratios(by_policy: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | 
 
 
 def plot_balance(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = report["policies"]
     names = [r["policy"] for r in runs]
     colors = {"round-robin": "tab:gray", "least-load": "tab:blue", "llumnix": "tab:orange"}
@@ -528,7 +523,7 @@ def plot_balance(report: dict[str, Any], path: Path) -> None:
         ("tbt_p99_s", "P99 TBT (s)"),
         ("preemptions", "preemptions (sum of instances)"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2))
+    fig, axes = common.figure(1, len(panels), figsize=(4 * len(panels), 4.2))
     for ax, (key, title) in zip(axes, panels, strict=True):
         values = [r["summary"].get(key) or 0.0 for r in runs]
         bars = ax.bar(names, values, color=[colors.get(n, "tab:green") for n in names])
@@ -550,9 +545,7 @@ def plot_balance(report: dict[str, Any], path: Path) -> None:
         f"({w['long_min']}-{w['long_max']} tok)",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 async def part_balance(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
@@ -717,7 +710,7 @@ async def run_parts(cluster: Cluster, args: argparse.Namespace) -> None:
     if args.part in ("both", "balance"):
         report = await part_balance(cluster, args)
         out = args.out_dir / "cluster-balance-cpu.json"
-        out.write_text(json.dumps(report, indent=1))
+        common.write_json(out, report, indent=1)
         plot_balance(report, out.with_suffix(".png"))
         for pair, values in report["ratios"].items():
             shown = {k: round(v, 2) for k, v in values.items() if v is not None}
@@ -728,12 +721,12 @@ async def run_parts(cluster: Cluster, args: argparse.Namespace) -> None:
             await asyncio.sleep(args.settle)
         report = await part_drain(cluster, args)
         out = args.out_dir / "cluster-drain-cpu.json"
-        out.write_text(json.dumps(report, indent=1))
+        common.write_json(out, report, indent=1)
         print(f"wrote {out}", flush=True)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--part", choices=("both", "balance", "drain"), default="both")
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--policies", default=",".join(POLICIES))

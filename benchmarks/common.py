@@ -1,10 +1,14 @@
-"""Workload, model paths, weight size and memory-bandwidth probes for the throughput benchmark."""
+"""What the benchmarks share: their command line's parser, figures and JSON results, and for the
+throughput benchmark the workload, model paths, weight size and memory-bandwidth probes."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +19,49 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 PEERS_DIR = BENCH_DIR / ".peers"
 OUT_DIR = BENCH_DIR / "out"
+RESULTS_DIR = BENCH_DIR / "results"
 HF_DIR = PEERS_DIR / "smollm2-hf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VOCAB_SIZE = 49152
 FIRST_PLAIN_TOKEN = 17  # ids 0..16 are SmolLM2's special tokens
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser: its module docstring, line breaks kept, as the --help description."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def figure(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """plt.subplots(*args, **kwargs) on the Agg backend (no display needed): (figure, axes).
+    matplotlib is imported here, only by the benchmarks that plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110, **layout: Any) -> None:
+    """Lay out (tight_layout(**layout)), save and close a figure from figure()."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def write_json(
+    path: Path,
+    doc: Any,
+    indent: int | None = 2,
+    *,
+    default: Callable[[Any], Any] | None = None,
+    newline: bool = False,
+) -> None:
+    """Write a result as JSON, creating its directory; `newline` ends the file with one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=indent, default=default) + ("\n" if newline else ""))
 
 
 def bundled_gguf() -> Path:

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 from cluster import Job, Record, _ids, pct, run_jobs, warm_up, with_client
 
@@ -253,12 +254,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
 
 
 def plot(report_: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = common.figure(1, 2, figsize=(11, 4))
     for k, (deployment, row) in enumerate(report_["table"].items()):
         color = f"C{k}"
         attainment = [row["attainment"][str(r)] for r in args.rates]
@@ -282,12 +278,11 @@ def plot(report_: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Disaggregated (1 prefill + 1 decode) vs 2 colocated instances, 1 thread each")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--deployments", default=",".join(DEPLOYMENTS))
     p.add_argument("--rates", default="0.15,0.3,0.45", help="request rates to run (req/s)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate")
@@ -336,7 +331,7 @@ def main() -> None:
         "table": report(results, args),
         "runs": results,
     }
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    common.write_json(args.out_dir / f"{args.name}.json", out, indent=1)
     plot(out, args, args.out_dir / f"{args.name}.png")
     for deployment, row in out["table"].items():
         print(

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import time
@@ -276,14 +275,9 @@ def summary(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     exps = doc["experiments"]
     ncols = max(len(e["policies"]) for e in exps.values())
-    fig, axes = plt.subplots(len(exps), ncols, figsize=(max(6, 4 * ncols), 3 * len(exps)), squeeze=False)
+    fig, axes = common.figure(len(exps), ncols, figsize=(max(6, 4 * ncols), 3 * len(exps)), squeeze=False)
     for i, (exp, e) in enumerate(exps.items()):
         for j in range(ncols):
             ax = axes[i][j]
@@ -301,13 +295,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             ax.set_ylabel(f"service/s ({win}s window)", fontsize=8)
             ax.legend(fontsize=7)
     fig.suptitle("Per-client service rate (prompt + 2 x output tokens per s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--experiments", default="overload,onoff,weighted")
     p.add_argument("--policies", default="vtc,vtc-plain,fcfs,lcf,rpm")
     p.add_argument("--duration", type=float, default=120.0, help="seconds per experiment and policy")
@@ -364,8 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
         doc["experiments"][exp] = entry
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
+    common.write_json(args.out, doc, indent=1)
     plot(doc, args.out.with_suffix(".png"))
     print(summary(doc))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import torch
 
@@ -46,7 +46,7 @@ RAY_TIMEOUT_S = 120.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--shapes", default="default,llama-3-8b", help="'default' (the bundled model) or presets")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtypes", default="float32,bfloat16")
@@ -236,15 +236,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = doc["results"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.8), sharey=True, squeeze=False)
+    fig, axes = common.figure(1, len(shapes), figsize=(5.5 * len(shapes), 4.8), sharey=True, squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=True):
         for si, stage in enumerate(STAGES):
             for di, dtype in enumerate(dtypes):
@@ -278,17 +273,14 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         f"solid / dashed: {' / '.join(dtypes)}; median of {doc['reps']}",
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, rect=(0, 0.1, 1, 1))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     doc = run(args)
     out = args.out or RESULTS_DIR / f"kv-transfer-{doc['device']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    common.write_json(out, doc, newline=True)
     plot(doc, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

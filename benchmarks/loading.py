@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WORK_DIR = Path(__file__).resolve().parent / "out" / "loading"
 MODELS = {  # name: (source, stored dtype)
@@ -497,13 +499,8 @@ def _filesystem(path: Path) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(doc["models"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names), 4.8), squeeze=False)
+    fig, axes = common.figure(1, len(names), figsize=(5.6 * len(names), 4.8), squeeze=False)
     bars = (("cold", "#4a7bb7"), ("warm", "#f0a44b"))
     for ax, name in zip(axes[0], names, strict=True):
         s = doc["models"][name]["summary"]
@@ -522,13 +519,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("seconds")
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Time to a ready engine, {doc['machine']['cpu']}, disk {doc['disk_gb_s']:.2f} GB/s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--reps", type=int, default=2, help="cold and warm trials per method (median)")
@@ -549,8 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     args.models = args.models.split(",")
     args.methods = args.methods.split(",")
     doc = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    common.write_json(args.out, doc, indent=1, newline=True)
     plot(doc, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     for name, info in doc["models"].items():

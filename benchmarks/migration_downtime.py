@@ -23,14 +23,14 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+import common
 
 from sutra.config import CacheConfig, EngineConfig, ModelConfig
 from sutra.engine.async_engine import AsyncEngine
@@ -153,13 +153,8 @@ async def run_context(engines: dict[str, LLMEngine], context: int, reps: int, ri
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     contexts = [r["context"] for r in results]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = common.figure(figsize=(7, 4.5))
     for method, marker in (("live", "o"), ("blocking", "s"), ("recompute", "^")):
         ax.plot(contexts, [r[method]["downtime_s"] * 1e3 for r in results], marker=marker, label=method)
     ax.plot(contexts, [r["decode_s"] * 1e3 for r in results], "k:", label="one decode step (median)")
@@ -169,12 +164,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("Migration downtime vs context (SmolLM2-135M, 2 engines in one process)")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.save_figure(fig, path, dpi=120)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--contexts", default="1024,2048,4096,7168")
     p.add_argument("--reps", type=int, default=2, help="live and blocking moves per context length")
     p.add_argument("--dtype", default="auto")
@@ -211,8 +205,7 @@ def main() -> None:
             m: last[m]["downtime_s"] / first[m]["downtime_s"] for m in ("live", "blocking", "recompute")
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    common.write_json(args.out, report)
     plot(results, args.out.with_suffix(".png"))
     print(f"growth {first['context']} -> {last['context']} tokens:", report["growth_first_to_last"])
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import common
+
 # (label, section, key): the headline figures of one engine
 METRICS: list[tuple[str, str, str]] = [
     ("offline output tok/s", "offline", "output_tok_s"),
@@ -178,13 +180,8 @@ def render_text(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     res = {k: v for k, v in doc["results"].items() if status(v) == "ok"}
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.2))
+    fig, axes = common.figure(1, len(METRICS), figsize=(4.2 * len(METRICS), 4.2))
     for ax, (label, section, key) in zip(axes, METRICS, strict=True):
         names = [n for n in res if metric(res[n], section, key) is not None]
         vals = [metric(res[n], section, key) or 0.0 for n in names]
@@ -201,6 +198,4 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"SmolLM2-135M, {doc['dtype']}, {doc['threads']} CPU threads, {doc['workload']['num_requests']} requests"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)

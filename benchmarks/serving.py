@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import common
 import httpx
 import numpy as np
 
@@ -242,7 +243,7 @@ def capacity_search(base: str, args: argparse.Namespace, seed_base: int) -> dict
 
 # ---- main ------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--rate", type=float, default=0.6, help="req/s of the side-by-side runs")
     p.add_argument("--num-requests", type=int, default=64, help="requests of each side-by-side run")
     p.add_argument("--probe-requests", type=int, default=40, help="requests of each capacity probe")
@@ -301,8 +302,7 @@ def main(argv: list[str] | None = None) -> None:
                 report["runs"][name] = {"error": str(e)}
                 print(f"   {name} failed: {e}", flush=True)
     summarize(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
+    common.write_json(args.out, report, default=str)
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
@@ -322,13 +322,8 @@ def summarize(report: dict[str, Any]) -> None:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = {k: v for k, v in report["runs"].items() if "error" not in v}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = common.figure(1, 3, figsize=(15, 4.5))
     names = list(runs)
     axes[0].bar(names, [runs[n]["p99_tbt_s"] or 0 for n in names], color="tab:red")
     axes[0].set_title("P99 time between tokens (s)")
@@ -346,8 +341,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[2].legend(fontsize=8)
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,13 @@ Usage (one process, about 30 s per capacity search):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import common
 
 from sutra.config import SchedulerConfig
 from sutra.sim.capacity import Slo, find_capacity, lognormal_lengths, poisson_workload
@@ -179,14 +180,9 @@ def curves(dataset: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     setups = doc["setups"]
     ncols = 1 + 2 * max(len(s["datasets"]) for s in setups.values())
-    fig, axes = plt.subplots(len(setups), ncols, figsize=(4.2 * ncols, 3.6 * len(setups)), squeeze=False)
+    fig, axes = common.figure(len(setups), ncols, figsize=(4.2 * ncols, 3.6 * len(setups)), squeeze=False)
     for i, (setup, s) in enumerate(setups.items()):
         ax = axes[i][0]
         groups = [(d, n, e) for d, de in s["datasets"].items() for n, e in de["slos"].items()]
@@ -222,13 +218,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                 ax.set_title(f"{setup} / {dataset}: {what}", fontsize=10)
                 ax.legend(fontsize=7)
     fig.suptitle("Simulated capacity: Sarathi-Serve vs prefill-first (roofline cost model)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument(
         "--setups", type=lambda s: s.split(","), default=["h100-llama-3-8b"], help=",".join(SETUPS)
     )
@@ -262,8 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     for setup in args.setups:
         doc["setups"][setup] = run_setup(setup, args)
     doc["wall_s"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
+    common.write_json(args.out, doc, indent=1)
     plot(doc, args.out.with_suffix(".png"))
     print(table(doc))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {doc['wall_s']:.0f} s")

@@ -36,11 +36,12 @@ Usage (one process, about a minute):
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import common
 
 from sutra.bench.config import BenchConfig
 from sutra.config import SchedulerConfig
@@ -174,12 +175,7 @@ def table(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(SLOS), figsize=(4.6 * len(SLOS), 7.4), squeeze=False)
+    fig, axes = common.figure(2, len(SLOS), figsize=(4.6 * len(SLOS), 7.4), squeeze=False)
     for ax, (slo_name, slo) in zip(axes[0], SLOS.items(), strict=True):
         for name, entry in doc["deployments"].items():
             curve = entry["curve"]
@@ -211,13 +207,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         f"(>= {KEEP_UP:.0%} of the arrival rate)",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=100)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--device", default="h100-sxm")
     p.add_argument("--shape", default="llama-3-8b")
     p.add_argument("--requests", type=int, default=400, help="requests per run")
@@ -245,8 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     doc = {"config": config, **run(args)}
     doc["wall_s"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1))
+    common.write_json(args.out, doc, indent=1)
     plot(doc, args.out.with_suffix(".png"))
     print(table(doc))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} in {doc['wall_s']:.0f} s")

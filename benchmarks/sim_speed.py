@@ -15,19 +15,18 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
+
+import common
 
 from sutra.config import SchedulerConfig
 from sutra.sim.capacity import lognormal_lengths, poisson_workload
 from sutra.sim.roofline import RooflineCostModel, device_spec, kv_cache_blocks, model_shape
 from sutra.sim.simulator import Simulator
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MAX_NUM_SEQS = 128
 BUDGET = 512
 # (median, P90) of prompt and output lengths.
@@ -46,11 +45,11 @@ def capacity_rate(model: RooflineCostModel, lengths: list[tuple[int, int]]) -> f
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--requests", type=int, default=3000)
     p.add_argument("--load", type=float, default=0.8, help="arrival rate as a share of the rough capacity")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS / "sim-speed.json")
+    p.add_argument("--out", type=Path, default=common.RESULTS_DIR / "sim-speed.json")
     args = p.parse_args()
     model = RooflineCostModel(device_spec("h100-sxm"), model_shape("llama-3-8b"))
     blocks = kv_cache_blocks(
@@ -87,17 +86,12 @@ def main() -> None:
             f"{tokens / args.requests:.0f} output tokens each, {tokens / wall:,.0f} tokens/s",
             flush=True,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": platform.processor() or platform.machine(),
-                "args": vars(args) | {"out": str(args.out)},
-                "workloads": rows,
-            },
-            indent=1,
-        )
-    )
+    doc = {
+        "machine": platform.processor() or platform.machine(),
+        "args": vars(args) | {"out": str(args.out)},
+        "workloads": rows,
+    }
+    common.write_json(args.out, doc, indent=1)
 
 
 if __name__ == "__main__":

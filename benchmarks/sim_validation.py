@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 from serving import RESULTS, ServerSpec, build_requests, running
 
@@ -114,7 +115,7 @@ def compare(measured: dict[str, float], simulated: dict[str, float]) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--rates", default=None, help="comma-separated req/s (default: from --load-fractions)")
     p.add_argument(
         "--load-fractions",
@@ -165,8 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                 report["runs"].append(row)
                 print_row(row)
     report["summary"] = summarize(report["runs"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    common.write_json(args.out, report)
     plot(report, args.out.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=2))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

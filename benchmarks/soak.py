@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import random
 import shlex
 import socket
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import common
 import httpx
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
@@ -238,7 +238,7 @@ async def soak(args: argparse.Namespace, base: str, pid: int | None, alive: Call
 
 # ---- main -------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--num-requests", type=int, default=10_000)
     p.add_argument("--max-seconds", type=float, default=3600.0, help="the run stops here, sent or not")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent clients (each its own user)")
@@ -291,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(run, {k: str(v) for k, v in vars(args).items()}, args.max_rss_growth_mib)
     report["server"] = server
     print_summary(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str))
+    common.write_json(args.out, report, indent=1, default=str)
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0 if report["passed"] else 1

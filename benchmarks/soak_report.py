@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import common
 from soak_invariants import check_invariants
 from soak_mix import Kind
 from soak_requests import BAD_INPUT, WELL_FORMED, Target
@@ -163,12 +164,7 @@ _CLASSES = {  # name: (color, which answers it counts)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = common.figure(1, 3, figsize=(16, 4.5))
     timeline = sorted(report["timeline"])
     for name, (color, counts) in _CLASSES.items():
         ts = [t for t, cat, ok in timeline if counts(cat, ok)]
@@ -192,6 +188,4 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axes[2].legend(fontsize=8, loc="upper left")
     kv.legend(fontsize=8, loc="upper right")
     fig.suptitle(f"soak: {report['num_requests']} requests, {'passed' if report['passed'] else 'FAILED'}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)

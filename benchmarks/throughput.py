@@ -42,7 +42,7 @@ class Peer:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--engines", default=DEFAULT_ENGINES, help=f"comma list from {', '.join(ALL_ENGINES)}")
     p.add_argument("--runs", type=int, default=3, help="timed runs per metric (median reported)")
     p.add_argument("--num-requests", type=int, default=128)
@@ -165,7 +165,7 @@ def write_workload(peer: Peer, wl: dict[str, Any], args: argparse.Namespace, wor
         "gguf": str(peer.gguf or common.bundled_gguf()),
     }
     path = work_dir / f"workload-{peer.name}.json"
-    path.write_text(json.dumps(doc))
+    common.write_json(path, doc, indent=None)
     return path
 
 
@@ -281,7 +281,7 @@ def run_all(args: argparse.Namespace, engines: list[str]) -> dict[str, dict[str,
 def write_report(doc: dict[str, Any], out_dir: Path) -> None:
     doc["ratios"] = report.ratios(doc["results"])
     doc["headline"] = report.headline(doc["results"])
-    (out_dir / "throughput.json").write_text(json.dumps(doc, indent=2))
+    common.write_json(out_dir / "throughput.json", doc)
     report.plot(doc, out_dir / "throughput.png")
     print()
     print(report.render_text(doc))

@@ -10,6 +10,8 @@ instances' own tokenizer (no weights are loaded in this process); everything els
 - Progress: one pump task per instance long-polls it and routes each update to its request's stream by
   request id, whichever instance sent it, so a request that moves between instances keeps its stream.
   Listeners see each poll's deltas as they arrive (sutra/cluster/routing.py).
+- Loads: read from every instance about every 100 ms, for dispatch, the migration trigger and
+  hand-offs (sutra/cluster/loads.py).
 - Abort: routed to the instance that holds the request, batched per instance.
 - Failure: an instance that dies (or stops answering) is dropped from dispatch and its requests
   resume on other instances by recompute, their streams carrying on (cluster/failover.py); those
@@ -41,12 +43,12 @@ from sutra.cluster.dispatch import (
 )
 from sutra.cluster.failover import Failover, Progress, instance_died_error
 from sutra.cluster.handoff import HandOffs
+from sutra.cluster.loads import LOAD_REFRESH_S, REBALANCE_EVERY, REPORT_TIMEOUT_S, InstanceLoads
 from sutra.cluster.messages import InstanceInfo, InstanceReport, InstanceRole, Update
 from sutra.cluster.migrator import Migrator
 from sutra.cluster.routing import POLL_WAIT_S, UpdateRouting
 from sutra.cluster.rpc import call, summarize_error
 from sutra.core.request import RequestSpec
-from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.client import (
     EngineDeadError,
     EngineListener,
@@ -61,11 +63,6 @@ T = TypeVar("T")
 
 # Control calls (submit, abort): generous, since a busy instance answers only between its GIL turns.
 RPC_TIMEOUT_S = 30.0
-# Load reads are frequent and only advisory: a slow one is skipped, the last load stands.
-REPORT_TIMEOUT_S = 5.0
-LOAD_REFRESH_S = 0.1
-# Load reads between two rounds of the migration trigger (llumnix dispatch): every ~0.5 s.
-REBALANCE_EVERY = 5
 
 
 @dataclass
@@ -92,7 +89,7 @@ class _Stream(Stream):
     progress: Progress | None = None  # what its reader got, to resume from (None: n > 1, cannot)
 
 
-class ClusterClient(UpdateRouting, StreamHub):
+class ClusterClient(UpdateRouting, InstanceLoads, StreamHub):
     """The EngineClient over InstanceActors; see the module docstring. One client per set of
     instances: each instance's updates are consumed by whoever polls it."""
 
@@ -233,24 +230,6 @@ class ClusterClient(UpdateRouting, StreamHub):
         inst = self._instances[instance_id]
         self._instance_died(inst, "retired by the operator", kill=True)
 
-    def instance_stats(self) -> dict[str, EngineStats]:
-        """The latest stats of every instance alive that has reported (for per-instance metrics)."""
-        return {i: inst.report.stats for i, inst in self._instances.items() if inst.alive and inst.report}
-
-    def loads(self) -> dict[str, InstanceLoad]:
-        """The latest load of every instance alive that has reported one."""
-        return {
-            i: inst.report.load
-            for i, inst in self._instances.items()
-            if inst.alive and inst.report is not None
-        }
-
-    def stats(self) -> EngineStats:
-        """The sum of the instances' latest stats (at most ~100 ms old)."""
-        return EngineStats.total(
-            [inst.report.stats for inst in self._instances.values() if inst.alive and inst.report]
-        )
-
     # ---- requests --------------------------------------------------------------------------
     async def submit_many(self, requests: list[PromptRequest], spec: RequestSpec = RequestSpec()) -> None:
         """Send the requests, all together and all or none, to the instance the dispatch policy
@@ -366,56 +345,6 @@ class ClusterClient(UpdateRouting, StreamHub):
         self._close(request_id, stream, None)  # wakes a reader, which then ends
         if stream.instance_id is not None:
             self._send_abort(stream.instance_id, request_id)
-
-    # ---- loads -----------------------------------------------------------------------------
-    async def _refresh_loop(self) -> None:
-        rounds = 0
-        rebalancing: asyncio.Task[int] | None = None
-        while not self._closed:
-            try:
-                await self._refresh_loads()
-            except Exception:
-                logger.exception("reading the instances' loads failed")
-            rounds += 1
-            if self.dispatch.migrates and rounds % self.rebalance_every == 0:
-                if rebalancing is None or rebalancing.done():
-                    rebalancing = asyncio.create_task(self._rebalance())
-            await asyncio.sleep(self.load_refresh_s)
-        if rebalancing is not None:
-            rebalancing.cancel()
-
-    async def _rebalance(self) -> int:
-        try:
-            return await self.migrator.rebalance()
-        except Exception:
-            logger.exception("a rebalancing round failed")
-            return 0
-
-    async def _refresh_loads(self) -> None:
-        alive = [inst for inst in self._instances.values() if inst.alive]
-        mark = self.dispatch.mark()
-        read_index = self.load_reads
-        self.load_reads += 1
-        results = await asyncio.gather(
-            *(self._call(inst.actor.report.remote(), self.report_timeout_s) for inst in alive),
-            return_exceptions=True,
-        )
-        refreshed: list[str] = []
-        for inst, result in zip(alive, results, strict=True):
-            if isinstance(result, ActorDiedError):
-                self._instance_died(inst, summarize_error(result))
-            elif isinstance(result, BaseException):
-                logger.debug("no load from engine instance %s: %s", inst.instance_id, summarize_error(result))
-            elif result.dead_reason is not None:
-                self._instance_died(inst, f"its engine loop stopped: {result.dead_reason}")
-            else:
-                inst.report = result
-                refreshed.append(inst.instance_id)
-        self.dispatch.loads_refreshed(refreshed, mark)
-        try:
-            self.handoffs.loads_refreshed(read_index)
-        except Exception:
-            logger.exception("starting hand-offs failed")
 
     # ---- ending requests -------------------------------------------------------------------
     def _instance_died(self, inst: _Instance, reason: str, kill: bool = False) -> None:

@@ -286,12 +286,11 @@ def cmd_plan_placement(args: argparse.Namespace, config: EngineConfig) -> None:
     from sutra.bench.errors import BenchError
     from sutra.sim.capacity import AttainmentSlo
     from sutra.sim.disagg import DEFAULT_HAND_OFF, HandOffModel
-    from sutra.sim.placement import (
+    from sutra.sim.placement import plan_placement, read_profiles
+    from sutra.sim.placement_report import (
         exec_argv,
         format_placement,
         placement_json,
-        plan_placement,
-        read_profiles,
         serve_command,
         write_placement,
     )

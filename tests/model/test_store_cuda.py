@@ -1,4 +1,4 @@
-"""A checkpoint read onto CUDA through the pinned staging buffers (sutra/model/store/reader.py). Needs a
+"""A checkpoint read onto CUDA through the pinned staging buffers (sutra/model/store/staging.py). Needs a
 CUDA device: skipped without one. The staging pipeline itself runs on CPU in test_store_reader.py
 (`staged`); what only runs here is the pinned memory, the copy streams and their events."""
 

@@ -22,6 +22,7 @@ from sutra.model.store import reader as reader_module
 from sutra.model.store.format import GROUP_ALIGN, StoreIndex, read_index
 from sutra.model.store.load import StoreWeights
 from sutra.model.store.pagecache import Residency, evict
+from sutra.model.store.partition import O_DIRECT
 from sutra.model.store.reader import CheckpointReader
 from sutra.model.store.writer import write_store
 
@@ -101,7 +102,7 @@ def test_o_direct_refused_falls_back_to_buffered_reads(
     real_open = os.open
 
     def no_direct(path: str | os.PathLike[str], flags: int, *args: int) -> int:
-        if flags & reader_module._O_DIRECT:
+        if flags & O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")  # what tmpfs answers
         return real_open(path, flags, *args)
 

@@ -16,14 +16,9 @@ import pytest
 from sutra.cluster.rebalance import MigrationPair
 from sutra.config import SchedulerConfig
 from sutra.core.request import RequestStatus
-from sutra.sim.cluster import (
-    LOAD_REFRESH_S,
-    REBALANCE_EVERY,
-    ClusterSimulator,
-    MigrationModel,
-    migration_candidate,
-)
+from sutra.sim.cluster import LOAD_REFRESH_S, REBALANCE_EVERY, ClusterSimulator
 from sutra.sim.cost_model import CostModel
+from sutra.sim.migration import MigrationModel, migration_candidate
 from sutra.sim.simulator import SimRequest, Simulator
 
 CONSTANT = CostModel((0.01, 0.0, 0.0, 0.0, 0.0, 0.0))  # every step takes 10 ms
@@ -171,7 +166,7 @@ def test_llumnix_moves_requests_off_a_crowded_instance():
 
 
 def test_the_mirrored_constants_match_the_cluster_client():
-    tree = ast.parse((ROOT / "sutra/cluster/client.py").read_text())
+    tree = ast.parse((ROOT / "sutra/cluster/loads.py").read_text())
     values = {
         node.targets[0].id: ast.literal_eval(node.value)
         for node in tree.body

@@ -14,13 +14,8 @@ from sutra.bench.errors import BenchError
 from sutra.cli import build_parser, main
 from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from sutra.sim.capacity import AttainmentSlo
-from sutra.sim.placement import (
-    Placement,
-    enumerate_placements,
-    plan_placement,
-    read_profiles,
-    serve_command,
-)
+from sutra.sim.placement import Placement, enumerate_placements, plan_placement, read_profiles
+from sutra.sim.placement_report import serve_command
 from sutra.sim.profile import DecodePoint, PrefillPoint, Profile
 from sutra.sim.roofline import RooflineCostModel, device_spec, model_shape, roofline_profile
 

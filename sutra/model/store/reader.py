@@ -22,9 +22,8 @@ Measured on a 2-core VM (benchmarks/RESULTS.md, "Model loading"): mmap takes 4.9
 cache in 0.16-0.18 s and from the disk 1.28x faster than O_DIRECT, whose copies into fresh memory are
 bound by page faults (~2 GB/s) even when the file is cached.
 
-On CUDA each reading thread owns two pinned staging buffers (a fixed pool of chunk-sized buffers):
-it reads a chunk into one, queues its host-to-device copy on its own stream and reads the next chunk
-into the other while the copy runs, waiting for a buffer's previous copy before refilling it.
+A partition file opened for a mode is partition.py; on CUDA the bytes go through pinned staging
+buffers, staging.py.
 """
 
 from __future__ import annotations
@@ -45,20 +44,20 @@ from sutra.errors import ModelLoadError
 from sutra.model.store.format import (
     CHECKSUMS,
     FORMAT_VERSION,
-    GROUP_ALIGN,
     HEADER_BYTES,
     MAGIC,
     StoreIndex,
     unpack_header,
 )
-from sutra.model.store.pagecache import Residency, address_of, populate
+from sutra.model.store.pagecache import populate
+from sutra.model.store.partition import Partition
+from sutra.model.store.staging import Staging
 
 logger = logging.getLogger(__name__)
 
 IO_MODES = ("auto", "mmap", "direct", "buffered")
 DEFAULT_THREADS = 4
 PROGRESS_INTERVAL_S = 2.0
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 # Errors that mean "this file system does not do that", not "the read failed".
 _UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
 
@@ -89,46 +88,6 @@ class _Chunk:
     checksum: str
 
 
-class _Partition:
-    def __init__(self, path: Path, io: str, nbytes: int) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        self.direct_fd = -1
-        self.direct_note = ""
-        self.mapping: mmap.mmap | None = None
-        self.address = 0
-        if io == "mmap":
-            try:
-                # Private and writable, so torch takes it as a buffer; only ever read, so never copied.
-                self.mapping = mmap.mmap(self.fd, nbytes, flags=mmap.MAP_PRIVATE)
-                self.address = address_of(self.mapping)
-            except OSError as e:  # a file system without mmap: read it into memory instead
-                self.direct_note = f"{path}: cannot be mapped ({e.strerror}); read into memory"
-                io = "direct"
-        if io == "direct" and _O_DIRECT:
-            try:
-                self.direct_fd = os.open(path, os.O_RDONLY | _O_DIRECT)
-            except OSError as e:
-                note = f"{path}: O_DIRECT is not available ({e.strerror}); buffered reads"
-                self.direct_note = f"{self.direct_note}; {note}" if self.direct_note else note
-        self.direct = self.direct_fd >= 0  # turned off if O_DIRECT reads turn out to fail
-        if self.direct and hasattr(os, "posix_fadvise"):
-            # The buffered descriptor then only reads the header and chunks already cached: no
-            # readahead, which would read from the disk what O_DIRECT reads anyway (8 MB here).
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
-        # Which chunks are cached: direct copies those; mmap only counts them.
-        self.residency = Residency(self.fd, nbytes) if self.direct or self.mapping is not None else None
-
-    def close(self) -> None:
-        """Close the files; a mapping stays for as long as tensors view it."""
-        if self.residency is not None:
-            self.residency.close()
-        for fd in (self.fd, self.direct_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self.direct_fd = -1
-
-
 class _Group:
     def __init__(self, buffer: torch.Tensor, view: memoryview | None, chunks: int) -> None:
         self.buffer = buffer  # uint8, on the target device
@@ -137,16 +96,6 @@ class _Group:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.copies: list[Any] = []  # CUDA events of this group's host-to-device copies
-
-
-class _Slot:
-    """A staging buffer: chunks are read into it, then copied to the device."""
-
-    def __init__(self, nbytes: int, pin: bool) -> None:
-        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-        self.view = memoryview(self.host.numpy())
-        self.aligned = self.host.data_ptr() % GROUP_ALIGN == 0  # else no O_DIRECT into it
-        self.copy_done: Any = None
 
 
 class CheckpointReader:
@@ -183,7 +132,7 @@ class CheckpointReader:
         self._next = 0
         self._chunks: list[_Chunk] = []
         self._groups: list[_Group] = []
-        self._partitions: list[_Partition] = []
+        self._partitions: list[Partition] = []
         self._live_workers = 0
         self._all_done = threading.Event()
         self._start = 0.0
@@ -219,7 +168,7 @@ class CheckpointReader:
             threading.Thread(target=self._work, name=f"sutra-load-{i}", daemon=True).start()
         return self
 
-    def _open_partition(self, number: int, name: str, nbytes: int) -> _Partition:
+    def _open_partition(self, number: int, name: str, nbytes: int) -> Partition:
         path = self.directory / name
         try:
             size = os.stat(path).st_size
@@ -231,7 +180,7 @@ class CheckpointReader:
                 f"{'truncated' if size < nbytes else 'not the one the index was written with'}"
             )
         try:
-            part = _Partition(path, self.io, nbytes)
+            part = Partition(path, self.io, nbytes)
         except OSError as e:
             raise ModelLoadError(f"{path} cannot be opened: {e.strerror}") from e
         try:
@@ -288,13 +237,7 @@ class CheckpointReader:
     # ---- the reading threads ---------------------------------------------------------------------------
 
     def _work(self) -> None:
-        slots: list[_Slot] = []
-        stream = None
-        if self.staged:
-            pin = self.device.type == "cuda"
-            slots = [_Slot(self.index.chunk_bytes, pin) for _ in range(2)]
-            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        turn = 0
+        staging = Staging(self.index.chunk_bytes, self.device) if self.staged else None
         try:
             while True:
                 with self._lock:
@@ -306,10 +249,8 @@ class CheckpointReader:
                 if group.error is not None:
                     continue
                 try:
-                    if slots:
-                        slot = slots[turn % len(slots)]
-                        turn += 1
-                        self._read_staged(chunk, group, slot, stream)
+                    if staging is not None:
+                        self._read_staged(chunk, group, staging)
                     elif group.view is not None:
                         view = group.view[chunk.buffer_offset : chunk.buffer_offset + chunk.nbytes]
                         self._read(chunk, view, direct_ok=True)
@@ -319,9 +260,8 @@ class CheckpointReader:
                     self._fail(chunk.group, e)
                     continue
                 self._chunk_done(chunk, group)
-            for slot in slots:  # the last copies must finish before their staging buffers go
-                if slot.copy_done is not None:
-                    slot.copy_done.synchronize()
+            if staging is not None:
+                staging.drain()
         finally:
             with self._lock:
                 self._live_workers -= 1
@@ -329,22 +269,14 @@ class CheckpointReader:
             if last:
                 self._finish()
 
-    def _read_staged(self, chunk: _Chunk, group: _Group, slot: _Slot, stream: Any) -> None:
-        if slot.copy_done is not None:
-            slot.copy_done.synchronize()  # its previous chunk's copy must be done before it is refilled
-            slot.copy_done = None
+    def _read_staged(self, chunk: _Chunk, group: _Group, staging: Staging) -> None:
+        slot = staging.next_slot()
         self._read(chunk, slot.view[: chunk.nbytes], direct_ok=slot.aligned)
         target = group.buffer[chunk.buffer_offset : chunk.buffer_offset + chunk.nbytes]
-        if stream is None:
-            target.copy_(slot.host[: chunk.nbytes])
-            return
-        with torch.cuda.stream(stream):
-            target.copy_(slot.host[: chunk.nbytes], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-        slot.copy_done = event
-        with self._lock:
-            group.copies.append(event)
+        event = staging.copy(slot, target)
+        if event is not None:
+            with self._lock:
+                group.copies.append(event)
 
     def _read(self, chunk: _Chunk, view: memoryview, direct_ok: bool) -> None:
         part = self._partitions[self.index.groups[chunk.group].partition]
@@ -380,7 +312,7 @@ class CheckpointReader:
             self.stats.cached_bytes += n if cached and not direct else 0
             self.stats.buffered_bytes += 0 if cached or direct else n
 
-    def _fault_in(self, part: _Partition, chunk: _Chunk, view: memoryview) -> None:
+    def _fault_in(self, part: Partition, chunk: _Chunk, view: memoryview) -> None:
         error = populate(part.address + chunk.file_offset, len(view))
         if error in (errno.EINVAL, errno.ENOSYS):  # a kernel before 5.14: touch the pages instead
             self._note(f"{part.path}: no MADV_POPULATE_READ ({os.strerror(error)}); touching the pages")
@@ -392,7 +324,7 @@ class CheckpointReader:
             )
 
     @staticmethod
-    def _read_full(part: _Partition, fd: int, view: memoryview, offset: int) -> None:
+    def _read_full(part: Partition, fd: int, view: memoryview, offset: int) -> None:
         done = 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
