@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sutra.bench.cli import add_bench_parser
-from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_of
 from sutra.core.policies import POLICIES
 from sutra.core.policies.config_file import apply_policy_file
 from sutra.engine.engine import LLMEngine
@@ -19,13 +19,32 @@ from sutra.server.launcher import add_serve_args, cmd_serve
 from sutra.sim.cli import add_plan_parser, add_profile_parser, add_simulate_parser
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
+def add_engine_args(parser: argparse.ArgumentParser, many_models: bool = False) -> None:
     g = parser.add_argument_group("engine")
+    if many_models:  # sutra serve: repeat --model NAME=SRC for several models (sutra/server/model_specs.py)
+        g.add_argument(
+            "--model",
+            dest="model_args",
+            action="append",
+            default=[],
+            metavar="[NAME=]SRC",
+            help="HF directory, .gguf file, Sutra checkpoint, random:<preset> or default (the bundled "
+            "SmolLM2, also when no --model is given); repeat NAME=SRC to serve several models by name",
+        )
+        parser.set_defaults(model=None)  # each model's source is set from model_args
+    else:
+        g.add_argument(
+            "--model",
+            default=None,
+            help="HF directory, .gguf file or random:<preset> (default: bundled SmolLM2)",
+        )
+    # Defaults come from the config dataclasses (sutra/config.py), as LLM(...)'s do.
     g.add_argument(
-        "--model", default=None, help="HF directory, .gguf file or random:<preset> (default: bundled SmolLM2)"
+        "--dtype",
+        default=default_of(ModelConfig, "dtype"),
+        choices=["auto", "float32", "bfloat16", "float16"],
     )
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--device", default=default_of(ModelConfig, "device"), choices=["auto", "cpu", "cuda"])
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     g.add_argument(
@@ -34,18 +53,38 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="greedy and seeded outputs bit-identical whatever the batch mates, chunk sizes, "
         "prefix-cache hits and preemptions (CPU with the C++ kernels; its cost is in README)",
     )
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per iteration")
-    g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument(
-        "--scheduling-mode", default="sarathi", choices=["sarathi", "prefill_first", "no_chunking"]
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template file (or the template itself) to use instead of the model's own",
+    )
+    g.add_argument(
+        "--generation-config",
+        default=default_of(ModelConfig, "generation_config"),
+        choices=["auto", "vllm"],
+        help="auto: sampling fields a request leaves unset come from the model's generation_config.json "
+        "(as vLLM does); vllm: the engine's own defaults",
+    )
+    g.add_argument("--block-size", type=int, default=default_of(CacheConfig, "block_size"))
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=default_of(CacheConfig, "kv_cache_memory_gb"))
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=default_of(SchedulerConfig, "max_num_batched_tokens"),
+        help="token budget per iteration",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=default_of(SchedulerConfig, "max_num_seqs"))
+    g.add_argument(
+        "--scheduling-mode",
+        default=default_of(SchedulerConfig, "mode"),
+        choices=["sarathi", "prefill_first", "no_chunking"],
     )
     g.add_argument(
         "--scheduling-policy",
-        default="fcfs",
+        default=default_of(SchedulerConfig, "policy"),
         choices=sorted(POLICIES),
         help="who goes first: fcfs; priority (the request's priority, then arrival; may preempt); "
         "vtc (per-client fairness); priority-vtc (vtc within each priority); lcf and rpm (baselines)",
@@ -78,6 +117,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             max_model_len=args.max_model_len,
             num_threads=args.num_threads,
             batch_invariant=args.batch_invariant,
+            chat_template=args.chat_template,
+            generation_config=args.generation_config,
         ),
         cache=CacheConfig(
             block_size=args.block_size,
@@ -228,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server")
-    add_engine_args(serve)
+    add_engine_args(serve, many_models=True)
     add_serve_args(serve)
     serve.set_defaults(func=lambda args: cmd_serve(args, engine_config(args)))
     add_convert_parser(sub)

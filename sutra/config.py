@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
 
 SchedulingMode = Literal["sarathi", "prefill_first", "no_chunking"]
 
@@ -21,10 +21,17 @@ class ModelConfig:
     # Greedy and seeded outputs bit-identical whatever the batch mates, chunk sizes, prefix-cache
     # hits and preemptions (one fixed reduction order per row in every op; CPU, C++ kernels only).
     batch_invariant: bool = False
+    # A Jinja chat template (its text, or a file holding it) in place of the model's own.
+    chat_template: str | None = None
+    # auto: requests that leave temperature, top_p, top_k, min_p or repetition_penalty unset get the
+    # model's generation_config.json values (vLLM's default); vllm: the engine's own defaults.
+    generation_config: Literal["auto", "vllm"] = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
+        if self.generation_config not in ("auto", "vllm"):
+            raise ValueError(f"generation_config must be auto or vllm, got {self.generation_config!r}")
 
 
 @dataclass
@@ -105,7 +112,71 @@ class SchedulerConfig:
 
 
 @dataclass
+class StructuredOutputsConfig:
+    """Bounds on structured-output specs (JSON schema, regex, choice, grammar), which clients send."""
+
+    max_spec_bytes: int = 64 * 1024  # the spec's canonical text; larger ones are refused (400)
+    # A spec is compiled off the event loop and the step thread before its request is queued; one
+    # that takes longer fails that request alone (400). Its compile still finishes and is cached.
+    compile_timeout_s: float = 10.0
+    compile_threads: int = 2
+    cache_size: int = 256  # compiled grammars kept, least recently used dropped first
+    mask_threads: int | None = None  # threads filling a step's token masks; None: the grammar engine's
+
+    def __post_init__(self) -> None:
+        for name in ("max_spec_bytes", "compile_threads", "cache_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        t = self.compile_timeout_s
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < float("inf"):
+            raise ValueError(f"compile_timeout_s must be a finite number of seconds > 0, got {t!r}")
+        m = self.mask_threads
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise ValueError(f"mask_threads must be an integer >= 1 or None, got {m!r}")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    structured: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+
+
+# Keyword names that differ from the field they set (kept for the offline API's callers).
+_ALIASES = {"num_kv_blocks": ("cache", "num_blocks")}
+
+
+def _owners() -> dict[str, tuple[str, str]]:
+    """keyword -> (EngineConfig field, sub-config field), for every field of every sub-config."""
+    owners: dict[str, tuple[str, str]] = dict(_ALIASES)
+    for part in fields(EngineConfig):
+        for f in fields(part.default_factory()):  # type: ignore[misc]
+            owners.setdefault(f.name, (part.name, f.name))
+    return owners
+
+
+def engine_config(**kwargs: Any) -> EngineConfig:
+    """An EngineConfig from flat keywords named as the sub-configs' fields (model=, block_size=,
+    max_num_seqs=, policy=, ...): the offline API's keywords, with the defaults in one place."""
+    owners = _owners()
+    parts: dict[str, dict[str, Any]] = {f.name: {} for f in fields(EngineConfig)}
+    for key, value in kwargs.items():
+        if key not in owners:
+            raise TypeError(f"unknown engine option {key!r}; options are {', '.join(sorted(owners))}")
+        part, name = owners[key]
+        parts[part][name] = value
+    return EngineConfig(**{f.name: f.default_factory(**parts[f.name]) for f in fields(EngineConfig)})  # type: ignore[misc]
+
+
+def default_of(config_class: type, name: str) -> Any:
+    """A sub-config field's default, for the command line's flags (so it is written once)."""
+    for f in fields(config_class):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise ValueError(f"{config_class.__name__}.{name} has no default")
+    raise ValueError(f"{config_class.__name__} has no field {name!r}")

@@ -125,7 +125,7 @@ class EngineClient(Protocol):
     async def encode(self, prompt: str) -> list[int]: ...
 
     async def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
     ) -> list[int]: ...
 
     async def submit_many(self, requests: list[PromptRequest], spec: RequestSpec = RequestSpec()) -> None:

@@ -10,7 +10,7 @@ from typing import Any, TypedDict
 
 from tqdm import tqdm
 
-from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sutra.config import EngineConfig, engine_config
 from sutra.core.request import RequestSpec
 from sutra.engine.engine import LLMEngine
 from sutra.errors import InvalidRequestError
@@ -88,51 +88,24 @@ def _token_ids(ids: Any, param: str) -> list[int]:
 
 class LLM:
     def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        seed: int = 0,
-        num_threads: int | None = None,
-        batch_invariant: bool = False,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory_gb: float = 2.0,
-        enable_prefix_caching: bool = True,
-        max_num_batched_tokens: int = 512,
-        max_num_seqs: int = 128,
-        mode: str = "sarathi",
-        policy: str = "fcfs",
-        config: EngineConfig | None = None,
+        self, model: str | None = None, *, config: EngineConfig | None = None, **options: Any
     ) -> None:
-        self.config = config or EngineConfig(
-            model=ModelConfig(
-                model=model,
-                dtype=dtype,
-                device=device,
-                max_model_len=max_model_len,
-                seed=seed,
-                num_threads=num_threads,
-                batch_invariant=batch_invariant,
-            ),
-            cache=CacheConfig(
-                block_size=block_size,
-                num_blocks=num_kv_blocks,
-                kv_cache_memory_gb=kv_cache_memory_gb,
-                enable_prefix_caching=enable_prefix_caching,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                mode=mode,
-                policy=policy,
-            ),
-        )
+        """`model` as `sutra serve --model` takes it (None: the bundled SmolLM2). `options` are the
+        engine config's fields by name (sutra/config.py), with the same defaults as the command
+        line: dtype, device, max_model_len, seed, num_threads, batch_invariant, chat_template,
+        generation_config, block_size, num_kv_blocks, kv_cache_memory_gb, enable_prefix_caching,
+        max_num_batched_tokens, max_num_seqs, mode, policy, ... Or a whole EngineConfig as `config`."""
+        if config is not None and (options or model is not None):
+            raise TypeError("pass either config or the model and engine options, not both")
+        self.config = config or engine_config(model=model, **options)
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without SamplingParams samples with: the model's generation_config.json
+        defaults unless the engine was built with generation_config="vllm" (as vLLM's LLM does)."""
+        return SamplingParams(**self.tokenizer.generation_defaults)
 
     def generate(
         self,
@@ -148,7 +121,7 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         parsed = [parse_prompt(p) for p in prompts]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(parsed)
+            params = [sampling_params or self.get_default_sampling_params()] * len(parsed)
         else:
             params = list(sampling_params)
             if len(params) != len(parsed):

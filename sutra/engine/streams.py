@@ -87,9 +87,11 @@ class StreamHub:
         return await asyncio.to_thread(self.tokenizer.encode, prompt)
 
     async def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
     ) -> list[int]:
-        return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages, add_generation_prompt)
+        return await asyncio.to_thread(
+            self.tokenizer.apply_chat_template, messages, add_generation_prompt, tools
+        )
 
     # ---- reading ---------------------------------------------------------------------------
     async def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:

@@ -1,4 +1,8 @@
-"""Read a llama.cpp GGUF file into a ModelArch and dequantized fp32 weights under Hugging Face Llama names."""
+"""Read a llama.cpp GGUF file into a ModelArch and dequantized fp32 weights under Hugging Face Llama names.
+
+Architectures: llama, qwen2 (q/k/v biases) and qwen3 (per-head q/k norms). llama.cpp permutes Llama's
+q/k rows for its interleaved RoPE and writes Qwen's as they are (NeoX RoPE), so only Llama's are undone.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import torch
 from sutra.errors import ModelLoadError
 from sutra.model.arch import ModelArch
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_PERMUTED_ROPE = ("llama",)  # the architectures whose q/k rows llama.cpp's converter permutes
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -25,6 +30,8 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -92,6 +99,7 @@ def read_arch(reader: Any, path: str | Path) -> ModelArch:
         max_position_embeddings=field(reader, f"{a}.context_length", 4096),
         attention_bias="blk.0.attn_q.bias" in tensors,
         name=Path(path).stem,
+        qk_norm=a == "qwen3",
     )
 
 
@@ -139,15 +147,16 @@ def infer_llama3_scaling(
 
 def read_weights(reader: Any, arch: ModelArch, path: str | Path) -> dict[str, torch.Tensor]:
     """All weights, dequantized to fp32, with llama.cpp's rope row permutation of q/k undone."""
+    permuted = architecture(reader, path) in _PERMUTED_ROPE
     weights: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             continue
         name = hf_name(tensor.name, path)
         w = _dequantize(tensor)
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rope_rows(w, arch.num_heads)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rope_rows(w, arch.num_kv_heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
         weights[name] = torch.from_numpy(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +10,26 @@ import torch
 
 from sutra.errors import ModelLoadError
 from sutra.model.arch import ModelArch
+from sutra.model.generation_config import generation_defaults
+from sutra.model.hf_config import SUPPORTED_ARCHITECTURES, arch_from_config
 from sutra.model.tokenizer import Tokenizer
 
-logger = logging.getLogger(__name__)
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# arch_from_config and SUPPORTED_ARCHITECTURES live in hf_config.py; importable from here as before.
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "arch_from_config",
+    "check_weights",
+    "expected_shapes",
+    "layer_shapes",
+    "load_hf_dir",
+    "split_fused",
+]
+# Checkpoints that store these projections fused (Phi-3) are split into the Llama parts at load; the
+# model fuses them again, as views of the same rows.
+_FUSED_IN_CHECKPOINT = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -32,65 +45,10 @@ def load_hf_dir(path: Path) -> tuple[ModelArch, dict[str, torch.Tensor], Tokeniz
     return arch, weights, read_tokenizer(path, config)
 
 
-def arch_from_config(config: dict[str, Any], path: Path) -> ModelArch:
-    names = config.get("architectures") or [config.get("model_type")]
-    if names[0] not in SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(
-            f"{path}: architecture {names[0]!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
-        raise ModelLoadError(f"{path}: only SiLU MLPs without bias are supported")
-    try:
-        heads = config["num_attention_heads"]
-        theta, scaling = _rope(config, path)
-        return ModelArch(
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_layers=config["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_position_embeddings=_context_length(config, names[0], path),
-            attention_bias=names[0] == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
-            name=path.name,
-        )
-    except KeyError as e:
-        raise ModelLoadError(f"{path}/config.json lacks {e.args[0]!r}") from e
-
-
-def _rope(config: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | None]:
-    # transformers 5 writes rope_parameters (theta inside); 4.x wrote rope_theta + rope_scaling.
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
-    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    params.pop("type", None)
-    if kind not in SUPPORTED_ROPE_TYPES:
-        raise ModelLoadError(
-            f"{path}: rope type {kind!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
-        )
-    return theta, None if kind == "default" else {"rope_type": kind, **params}
-
-
-def _context_length(config: dict[str, Any], architecture: str, path: Path) -> int:
-    length = int(config.get("max_position_embeddings", 4096))
-    window = config.get("sliding_window")
-    if architecture == "Qwen2ForCausalLM" and not config.get("use_sliding_window"):
-        window = None
-    if window and window < length:
-        # Full attention equals sliding-window attention up to the window, so cap the context there.
-        logger.warning("%s uses a %d-token sliding window; capping the context length to it", path, window)
-        length = int(window)
-    return length
-
-
 def expected_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
-    """Every weight a model of this arch has, under Hugging Face Llama names."""
-    h, q, kv = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    """Every weight a model of this arch has, under Hugging Face Llama names (and the other families'
+    names for what Llama lacks: q_norm/k_norm, pre_/post_feedforward_layernorm)."""
+    h = arch.hidden_size
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (arch.vocab_size, h),
         "model.norm.weight": (h,),
@@ -98,22 +56,56 @@ def expected_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     if not arch.tie_word_embeddings:
         shapes["lm_head.weight"] = (arch.vocab_size, h)
     for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (arch.intermediate_size, h),
-            p + "mlp.up_proj.weight": (arch.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, arch.intermediate_size),
-        }
-        if arch.attention_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)}
-            shapes[p + "self_attn.v_proj.bias"] = (kv,)
+        shapes |= layer_shapes(arch, i)
     return shapes
+
+
+def layer_shapes(arch: ModelArch, i: int) -> dict[str, tuple[int, ...]]:
+    """The weights of layer i."""
+    h, q, kv = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    p = f"model.layers.{i}."
+    shapes: dict[str, tuple[int, ...]] = {
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
+        p + "self_attn.q_proj.weight": (q, h),
+        p + "self_attn.k_proj.weight": (kv, h),
+        p + "self_attn.v_proj.weight": (kv, h),
+        p + "self_attn.o_proj.weight": (h, q),
+        p + "mlp.gate_proj.weight": (arch.intermediate_size, h),
+        p + "mlp.up_proj.weight": (arch.intermediate_size, h),
+        p + "mlp.down_proj.weight": (h, arch.intermediate_size),
+    }
+    if arch.attention_bias:
+        shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)}
+        shapes[p + "self_attn.v_proj.bias"] = (kv,)
+    if arch.qk_norm:
+        shapes |= {
+            p + "self_attn.q_norm.weight": (arch.head_dim,),
+            p + "self_attn.k_norm.weight": (arch.head_dim,),
+        }
+    if arch.sandwich_norms:
+        shapes |= {
+            p + "pre_feedforward_layernorm.weight": (h,),
+            p + "post_feedforward_layernorm.weight": (h,),
+        }
+    return shapes
+
+
+def split_fused(weights: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:
+    """Fused qkv_proj / gate_up_proj weights (Phi-3) as their Llama parts: row views, no copy."""
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    rows = {"self_attn.qkv_proj": (q, kv, kv), "mlp.gate_up_proj": (arch.intermediate_size,) * 2}
+    for name in list(weights):
+        for fused, parts in _FUSED_IN_CHECKPOINT.items():
+            suffix = f".{fused}.weight"
+            if not name.endswith(suffix):
+                continue
+            tensor = weights.pop(name)
+            if tensor.shape[0] != sum(rows[fused]):
+                raise ModelLoadError(f"{name} has {tensor.shape[0]} rows, expected {sum(rows[fused])}")
+            for part, piece in zip(parts, tensor.split(rows[fused]), strict=True):
+                weights[f"{name.removesuffix(suffix)}.{part}.weight"] = piece
+    return weights
 
 
 def check_weights(
@@ -152,7 +144,7 @@ def read_weights(path: Path, arch: ModelArch) -> dict[str, torch.Tensor]:
         if not (path / name).is_file():
             raise ModelLoadError(f"{path}: the shard {name} named in model.safetensors.index.json is missing")
         weights.update(load_file(str(path / name)))
-    return check_weights(weights, arch, path)
+    return check_weights(split_fused(weights, arch), arch, path)
 
 
 def read_tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
@@ -164,7 +156,9 @@ def read_tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
         raise ModelLoadError(f"could not load the tokenizer in {path}: {e}") from e
     generation = _read_json(path / "generation_config.json") or {}
     extra = _as_list(generation.get("eos_token_id")) + _as_list(config.get("eos_token_id"))
-    return Tokenizer.from_transformers(hf_tokenizer, extra)
+    tokenizer = Tokenizer.from_transformers(hf_tokenizer, extra)
+    tokenizer.generation_defaults = generation_defaults(generation)
+    return tokenizer
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

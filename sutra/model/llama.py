@@ -1,4 +1,6 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over a flattened, paged batch.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Phi-3, SmolLM) over a flattened, paged batch.
+Families whose steps do more (Qwen3, Gemma 2/3, partial rotary) run the FamilyModel subclass
+(family_model.py), which LlamaModel(...) builds for them, so this forward stays Llama's alone.
 
 Projections are fused (q|k|v and gate|up) so each layer is a handful of large GEMMs; on CPU the
 per-op overhead of eager PyTorch is what a small model's decode step is made of.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from sutra.model.arch import ModelArch
 from sutra.model.attention import AttentionMetadata, paged_attention, per_token_metadata
 from sutra.model.cpu_kernels import cpu_kernels
-from sutra.model.hf_dir import expected_shapes
+from sutra.model.hf_dir import expected_shapes, layer_shapes
 from sutra.model.linear import SMALL_BATCH_MAX_BYTES, InvariantLinear, Linear
 from sutra.model.ops import select_ops
 from sutra.model.rope import RotaryEmbedding
@@ -32,12 +35,19 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
 _LAYER_PREFIX = "model.layers."
+_NORMS = ("input_layernorm", "post_attention_layernorm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm")
 
 
 class LlamaLayer:
     def __init__(self, weights: dict[str, torch.Tensor], small_batch: bool, invariant: bool) -> None:
         self.input_norm = weights["input_layernorm"]
-        self.post_norm = weights["post_attention_layernorm"]
+        self.post_norm = weights["post_attention_layernorm"]  # the MLP input's norm
+        # Other families' extras (None in Llama): per-head q/k norms, and the norms of the attention
+        # and MLP outputs (Gemma's post_attention_layernorm and post_feedforward_layernorm).
+        self.q_norm = weights.get("q_norm")
+        self.k_norm = weights.get("k_norm")
+        self.attn_out_norm = weights.get("attn_out_norm")
+        self.mlp_out_norm = weights.get("mlp_out_norm")
         if invariant:
             self.qkv = InvariantLinear(weights["qkv"], weights.get("qkv_bias"))
             self.o = InvariantLinear(weights["o"])
@@ -52,6 +62,15 @@ class LlamaLayer:
 
 class LlamaModel:
     """Plain tensors, no nn.Module: the model is only ever run forward under inference_mode."""
+
+    def __new__(cls, arch: ModelArch, *args: Any, **kwargs: Any) -> LlamaModel:
+        # Every model is built as LlamaModel(...); one whose layers do more than Llama's becomes a
+        # FamilyModel here, so Llama's own steps carry no check for other families' features.
+        if cls is LlamaModel and not arch.is_plain_llama():
+            from sutra.model.family_model import FamilyModel
+
+            cls = FamilyModel
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -72,7 +91,7 @@ class LlamaModel:
         self.dtype = dtype
         self.device = device
         self.batch_invariant = batch_invariant
-        self.scale = arch.head_dim**-0.5
+        self.scale = (arch.query_pre_attn_scalar or arch.head_dim) ** -0.5
         # The invariant mode keeps one packed copy per weight and never runs the small-batch kernel.
         small_batch = not batch_invariant and _weight_bytes(arch, dtype) <= SMALL_BATCH_MAX_BYTES
         # Each layer is built as soon as its weights are in. A stored checkpoint hands its tensors
@@ -91,14 +110,14 @@ class LlamaModel:
         self.lm_head = (
             InvariantLinear(lm_head) if batch_invariant else Linear(lm_head, small_batch=small_batch)
         )
-        self.norm = w["model.norm.weight"]
+        self.norm = self._norm_weight(w["model.norm.weight"])
         self.layers = [
             layer if layer is not None else self._fuse_layer(w, i, small_batch)
             for i, layer in enumerate(layers)
         ]
         self.ops = select_ops(device)  # the fused C++ kernels whenever batch_invariant
         self.rope = RotaryEmbedding(
-            arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype, device
+            arch.rotary_dim, max_positions, arch.rope_theta, arch.rope_scaling, dtype, device
         )
 
     @classmethod
@@ -129,7 +148,24 @@ class LlamaModel:
         }
         if p + "self_attn.q_proj.bias" in w:
             fused["qkv_bias"] = cat_rows([w.pop(p + f"{n}.bias") for n in qkv])
+        if self.arch.qk_norm:
+            fused["q_norm"] = w.pop(p + "self_attn.q_norm.weight")
+            fused["k_norm"] = w.pop(p + "self_attn.k_norm.weight")
+        if self.arch.sandwich_norms:
+            # Gemma's post_attention_layernorm normalizes the attention output; its MLP input norm is
+            # pre_feedforward_layernorm, which takes the place of Llama's post_attention_layernorm.
+            fused["attn_out_norm"] = fused["post_attention_layernorm"]
+            fused["post_attention_layernorm"] = w.pop(p + "pre_feedforward_layernorm.weight")
+            fused["mlp_out_norm"] = w.pop(p + "post_feedforward_layernorm.weight")
+        for name in _NORMS:
+            if name in fused:
+                fused[name] = self._norm_weight(fused[name])
         return LlamaLayer(fused, small_batch, self.batch_invariant)
+
+    def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight RMSNorm multiplies by: Gemma stores it less one (its norm scales by 1 + weight)."""
+        offset = self.arch.norm_weight_offset
+        return weight if not offset else (weight.float() + offset).to(weight.dtype)
 
     def forward(
         self,
@@ -195,14 +231,7 @@ def _layer_of(name: str) -> int | None:
 
 
 def _layer_weight_names(arch: ModelArch, i: int) -> set[str]:
-    p = f"{_LAYER_PREFIX}{i}."
-    names = {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
-    names |= {p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight"}
-    for parts in FUSED_PROJECTIONS.values():
-        names |= {p + f"{n}.weight" for n in parts}
-    if arch.attention_bias:
-        names |= {p + f"{n}.bias" for n in FUSED_PROJECTIONS["self_attn.qkv_proj"]}
-    return names
+    return set(layer_shapes(arch, i))
 
 
 def _weight_bytes(arch: ModelArch, dtype: torch.dtype) -> int:
@@ -223,8 +252,8 @@ def random_weights(
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, dtype=dtype, device=device).mul_(0.02)
 
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, dtype=dtype, device=device)
+    def ones(n: int) -> torch.Tensor:  # unit norms, stored as the family stores them
+        return torch.full((n,), 1.0 - arch.norm_weight_offset, dtype=dtype, device=device)
 
     w = {"model.embed_tokens.weight": rand(arch.vocab_size, h), "model.norm.weight": ones(h)}
     if not arch.tie_word_embeddings:
@@ -240,6 +269,12 @@ def random_weights(
         w[p + "mlp.gate_proj.weight"] = rand(inter, h)
         w[p + "mlp.up_proj.weight"] = rand(inter, h)
         w[p + "mlp.down_proj.weight"] = rand(h, inter)
+        if arch.qk_norm:
+            w[p + "self_attn.q_norm.weight"] = ones(hd)
+            w[p + "self_attn.k_norm.weight"] = ones(hd)
+        if arch.sandwich_norms:
+            w[p + "pre_feedforward_layernorm.weight"] = ones(h)
+            w[p + "post_feedforward_layernorm.weight"] = ones(h)
         if arch.attention_bias:
             for n, size in (
                 ("q", arch.num_heads * hd),

@@ -10,6 +10,7 @@ weights are still being read when load_model returns: looking one up waits for i
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -18,8 +19,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -69,14 +71,57 @@ def default_model_path() -> str:
     )
 
 
+# A model already in memory that load_model hands back in this thread (see preloaded()).
+_preloaded = threading.local()
+
+
+@contextlib.contextmanager
+def preloaded(loaded: LoadedModel) -> Iterator[None]:
+    """Within the block, load_model in this thread returns `loaded` instead of reading its source: an
+    engine is built from weights already in memory (a server's host cache of evicted models)."""
+    _preloaded.model = loaded
+    try:
+        yield
+    finally:
+        _preloaded.model = None
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
+    given = getattr(_preloaded, "model", None)
+    if given is not None:
+        return given
     start = time.perf_counter()
     loaded = _load(config.model, config)
+    loaded.tokenizer = customized_tokenizer(loaded.tokenizer, config)
     loaded.arch.bos_token_id = loaded.tokenizer.bos_token_id
     loaded.arch.eos_token_ids = list(loaded.tokenizer.eos_token_ids)
     streaming = " (its weights are still being read)" if loaded.source.startswith(STORE_PREFIX) else ""
     logger.info("loaded %s in %.2f s%s", loaded.source, time.perf_counter() - start, streaming)
     return loaded
+
+
+def customized_tokenizer(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:
+    """The tokenizer with the operator's chat template and generation-config choice applied; a copy,
+    since loaders may share one tokenizer object between models."""
+    if config.chat_template is None and config.generation_config == "auto":
+        return tokenizer
+    tokenizer = copy.copy(tokenizer)
+    if config.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(config.chat_template)
+    if config.generation_config == "vllm":
+        tokenizer.generation_defaults = {}
+    return tokenizer
+
+
+def read_chat_template(template: str) -> str:
+    """A template given as a file's path, or as the template itself (vLLM's --chat-template)."""
+    if "{" not in template and "\n" not in template:  # no Jinja in it: it names a file
+        path = Path(template).expanduser()
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ModelLoadError(f"--chat-template {template}: cannot read the file: {e}") from e
+    return template
 
 
 def _load(model: str | None, config: ModelConfig) -> LoadedModel:

@@ -13,6 +13,12 @@ from sutra.model.rope import RotaryEmbedding, apply_rotary
 Rotary = tuple[torch.Tensor, ...]  # whatever a backend needs per step to rotate, looked up once
 
 
+def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GeGLU: gelu(gate) * up with GELU's tanh approximation (Gemma's gelu_pytorch_tanh)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 class TorchOps:
     @staticmethod
     def rotary_inputs(rope: RotaryEmbedding, positions: torch.Tensor) -> Rotary:
@@ -49,6 +55,13 @@ class TorchOps:
     def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """rms_norm(x) * weight over the last dim, without a residual stream."""
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    gelu_and_mul = staticmethod(gelu_and_mul)
 
 
 class CpuKernelOps:
@@ -89,6 +102,15 @@ class CpuKernelOps:
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.kernels.silu_and_mul(gate_up)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [rows, dim] normalized in place (a copy first unless contiguous), as add_rms_norm without a
+        residual: each row alone, so the batch-invariant mode can use it."""
+        x = x.contiguous()
+        self.kernels.add_rms_norm(x, None, weight, eps)
+        return x
+
+    gelu_and_mul = staticmethod(gelu_and_mul)  # elementwise in torch: no kernel of its own
 
 
 def select_ops(device: torch.device) -> TorchOps | CpuKernelOps:

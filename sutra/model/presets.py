@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from sutra.errors import ModelLoadError
-from sutra.model.arch import ModelArch
+from sutra.model.arch import FULL, SLIDING, ModelArch
 
 _LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -14,6 +15,30 @@ _LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+
+
+def _gemma(name: str, *, version: int, num_layers: int, pattern: int, **shape: Any) -> ModelArch:
+    """A Gemma 2 (soft-capped) or Gemma 3 (q/k norms, local RoPE base) shape; every pattern-th layer
+    attends in full, the others to the sliding window."""
+    extra: dict[str, Any] = (
+        {"attn_logit_softcap": 50.0, "final_logit_softcap": 30.0}
+        if version == 2
+        else {"qk_norm": True, "rope_local_theta": 10000.0}
+    )
+    return ModelArch(
+        num_layers=num_layers,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        sandwich_norms=True,
+        norm_weight_offset=1.0,
+        hidden_act="gelu_tanh",
+        embed_scale=shape["hidden_size"] ** 0.5,
+        layer_types=[SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)],
+        name=name,
+        **shape,
+        **extra,
+    )
+
 
 PRESETS: dict[str, ModelArch] = {
     "llama-3-8b": ModelArch(
@@ -76,6 +101,53 @@ PRESETS: dict[str, ModelArch] = {
         attention_bias=True,
         name="qwen2-0.5b",
     ),
+    "qwen3-0.6b": ModelArch(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=40960,
+        qk_norm=True,
+        name="qwen3-0.6b",
+    ),
+    "gemma-2-2b": _gemma(
+        "gemma-2-2b",
+        version=2,
+        num_layers=26,
+        pattern=2,
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        rope_theta=10000.0,
+        max_position_embeddings=8192,
+        query_pre_attn_scalar=256.0,
+        sliding_window=4096,
+    ),
+    "gemma-3-1b": _gemma(
+        "gemma-3-1b",
+        version=3,
+        num_layers=26,
+        pattern=6,
+        vocab_size=262144,
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        query_pre_attn_scalar=256.0,
+        sliding_window=512,
+    ),
     "smollm2-135m": ModelArch(
         vocab_size=49152,
         hidden_size=576,
@@ -119,6 +191,53 @@ PRESETS: dict[str, ModelArch] = {
         max_position_embeddings=2048,
         attention_bias=True,
         name="tiny-qwen2",
+    ),
+    "tiny-qwen3": ModelArch(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        max_position_embeddings=2048,
+        qk_norm=True,
+        name="tiny-qwen3",
+    ),
+    "tiny-gemma2": _gemma(
+        "tiny-gemma2",
+        version=2,
+        num_layers=4,
+        pattern=2,
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        query_pre_attn_scalar=16.0,
+        sliding_window=32,
+    ),
+    "tiny-gemma3": _gemma(
+        "tiny-gemma3",
+        version=3,
+        num_layers=4,
+        pattern=2,  # Gemma 3's pattern is 6; four layers need a shorter one to hold both kinds
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=1000000.0,
+        max_position_embeddings=2048,
+        query_pre_attn_scalar=16.0,
+        sliding_window=32,
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Rotary position embeddings (HF "rotate half" layout), with Llama-3 frequency scaling."""
+"""Rotary position embeddings (HF "rotate half" layout), with linear, Llama-3 and LongRoPE scaling."""
 
 from __future__ import annotations
 
@@ -19,7 +19,17 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         return inv_freq / scaling["factor"]
     if rope_type == "llama3":
         return _llama3_scaling(inv_freq, scaling)
-    raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3)")
+    if rope_type == "longrope":
+        return _longrope_inv_freq(head_dim, theta, scaling["short_factor"])
+    raise ValueError(
+        f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3, longrope)"
+    )
+
+
+def _longrope_inv_freq(head_dim: int, theta: float, factors: list[float]) -> torch.Tensor:
+    # transformers' arithmetic, to the bit: the factor divides before the inversion
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta**exponents)
 
 
 def _llama3_scaling(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
@@ -34,6 +44,18 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _longrope_freqs(
+    short: torch.Tensor, positions: torch.Tensor, head_dim: int, theta: float, s: dict[str, Any]
+) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): the short factors' frequencies below original_max_position_embeddings and the
+    long factors' from there on, both scaled by attention_factor. Per position, so a sequence that stays
+    within the original length is rotated exactly as transformers does; transformers switches a whole
+    sequence to the long factors once it grows past that length, which this does not."""
+    long = torch.outer(positions, _longrope_inv_freq(head_dim, theta, s["long_factor"]))
+    past = positions >= s["original_max_position_embeddings"]
+    return torch.where(past[:, None], long, short), float(s["attention_factor"])
+
+
 class RotaryEmbedding:
     """Precomputed cos/sin tables; `lookup` is done once per step and shared by every layer."""
 
@@ -46,10 +68,13 @@ class RotaryEmbedding:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        inv_freq = inverse_frequencies(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.cos = freqs.cos().to(dtype=dtype, device=device)
-        self.sin = freqs.sin().to(dtype=dtype, device=device)
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(positions, inverse_frequencies(head_dim, theta, scaling))
+        scale = 1.0
+        if scaling and scaling.get("rope_type") == "longrope":
+            freqs, scale = _longrope_freqs(freqs, positions, head_dim, theta, scaling)
+        self.cos = (freqs.cos() * scale).to(dtype=dtype, device=device)
+        self.sin = (freqs.sin() * scale).to(dtype=dtype, device=device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [T, 1, head_dim / 2] for broadcasting over heads."""

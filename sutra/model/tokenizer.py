@@ -51,8 +51,12 @@ class Tokenizer:
         special_tokens: dict[str, str],
         bos_token_id: int | None,
         eos_token_ids: list[int],
+        generation_defaults: dict[str, float | int] | None = None,
     ) -> None:
         self._backend = backend
+        # The model's sampling defaults (sutra.model.generation_config): kept beside the chat template
+        # since both travel with the model to wherever requests are parsed.
+        self.generation_defaults = dict(generation_defaults or {})
         self.chat_template = chat_template
         self.special_tokens = special_tokens
         self.bos_token_id = bos_token_id
@@ -96,6 +100,7 @@ class Tokenizer:
             special_tokens=meta["special_tokens"],
             bos_token_id=meta["bos_token_id"],
             eos_token_ids=meta["eos_token_ids"],
+            generation_defaults=meta.get("generation_defaults"),
         )
 
     def save(self, directory: str | Path) -> None:
@@ -106,6 +111,7 @@ class Tokenizer:
             "special_tokens": self.special_tokens,
             "bos_token_id": self.bos_token_id,
             "eos_token_ids": self.eos_token_ids,
+            "generation_defaults": self.generation_defaults,
         }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
 
@@ -174,7 +180,12 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
 
-    def chat_text(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def chat_text(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         """The prompt text the chat template renders, rendered as transformers' apply_chat_template does."""
         if not self.chat_template:
             raise ModelLoadError(
@@ -188,7 +199,7 @@ class Tokenizer:
             return _compile(self.chat_template).render(
                 **self.special_tokens,
                 messages=clean,
-                tools=None,
+                tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
             )
@@ -198,10 +209,13 @@ class Tokenizer:
             ) from e
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         # The template writes special tokens (BOS included) itself, so none are added on top.
-        return self.encode(self.chat_text(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.chat_text(messages, add_generation_prompt, tools), add_special_tokens=False)
 
 
 def _eos_ids(backend: BackendTokenizer, template: str | None, candidates: Iterable[int | None]) -> list[int]:
