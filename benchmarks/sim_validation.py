@@ -75,7 +75,7 @@ def choose_rates(args: argparse.Namespace, profile_path: Path) -> list[float]:
         offsets = arrival_offsets(len(samples), rate, 1.0, np.random.default_rng([args.seed, 3]))
         return simulate(sim_requests(samples, offsets, [None] * len(samples)), config, profile, cost)
 
-    found = find_capacity(run_at, Slo(p50_ttft_s=2.0).meets, low=0.1, high=1.0, tolerance=0.05)
+    found = find_capacity(run_at, Slo(p50_scheduling_delay_s=2.0).meets, low=0.1, high=1.0, tolerance=0.05)
     print(f"== simulated capacity (sarathi, median TTFT <= 2 s): {found.capacity:.3f} req/s", flush=True)
     return [round(f * found.capacity, 3) for f in args.load_fractions]
 

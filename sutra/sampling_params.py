@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 from sutra.errors import InvalidRequestError
+from sutra.structured.params import StructuredOutputsParams
+
+__all__ = ["SamplingParams", "StructuredOutputsParams"]
 
 MAX_N = 128  # samples per request (OpenAI's limit): each one is a sequence in the batch
 # Hotter than this samples little but noise; the bound also keeps logits / temperature well inside
@@ -58,10 +61,14 @@ class SamplingParams:
     # token id -> added to its logit before sampling. Keys may be given as strings (JSON object keys,
     # as OpenAI sends them); they are stored as ints. Empty means none.
     logit_bias: dict[int, float] | None = None
+    # Output constrained to a JSON schema, regex, choice or grammar (vLLM's field); None: free text.
+    # A mapping with StructuredOutputsParams' keys is accepted and converted.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.structured_outputs = _checked_structured(self.structured_outputs)
         self._check_types()
         self.logit_bias = _checked_logit_bias(self.logit_bias)
         self._check(self.n >= 1, "n", "must be >= 1", self.n)
@@ -179,6 +186,25 @@ def _checked_logit_bias(bias: object) -> dict[int, float] | None:
             )
         out[token] = float(value)
     return out or None
+
+
+def _checked_structured(value: object) -> StructuredOutputsParams | None:
+    if value is None or isinstance(value, StructuredOutputsParams):
+        return value
+    if isinstance(value, Mapping):
+        allowed = {"json", "regex", "choice", "grammar", "json_object"}
+        unknown = sorted(str(k) for k in value if k not in allowed)
+        if unknown:
+            raise InvalidRequestError(
+                f"structured_outputs: unknown key(s) {', '.join(unknown)}; use json, regex, choice, grammar "
+                "or json_object",
+                param="structured_outputs",
+            )
+        return StructuredOutputsParams(**{str(k): v for k, v in value.items()})
+    raise InvalidRequestError(
+        f"structured_outputs must be a StructuredOutputsParams or a mapping, got {_shown(value)}",
+        param="structured_outputs",
+    )
 
 
 def _token_id(key: object) -> int | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sutra.cli import build_parser, engine_config as engine_config_from_args
+from sutra.cli import build_parser
+from sutra.cli import engine_config as engine_config_from_args
 from sutra.config import CacheConfig, EngineConfig, SchedulerConfig, default_of, engine_config
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from sutra.config import SchedulerConfig, SchedulingMode
+from sutra.core.request import Request
 
 T = TypeVar("T")
 
@@ -53,8 +54,20 @@ class BatchRules:
         return decodes + prefills
 
     @staticmethod
+    def split_decodes(running: list[Request]) -> tuple[list[Request], list[Request]]:
+        """decodes_first's two groups for Requests, the predicate inlined (the scheduler splits every
+        running request every iteration): decodes (one known token without KV) and partial prefills
+        (more), each in the given order. A request with no token to compute would get no slice
+        (running_slice <= 0), so it is in neither."""
+        decodes = [r for r in running if len(r.token_ids) - r.num_computed_tokens == 1]
+        if len(decodes) == len(running):  # most iterations: no partial prefill
+            return decodes, []
+        return decodes, [r for r in running if len(r.token_ids) - r.num_computed_tokens > 1]
+
+    @staticmethod
     def running_slice(num_uncomputed: int, budget: int) -> int:
-        """Tokens a running request computes this iteration; <= 0 means none."""
+        """Tokens a running request computes this iteration; <= 0 means none. A decode (one uncomputed
+        token) takes 1 while any budget is left, which the scheduler relies on to skip this call."""
         return min(num_uncomputed, budget)
 
     def admission_slice(self, num_remaining: int, budget: int, admitted_any: bool) -> int | None:

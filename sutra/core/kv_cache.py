@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sutra.core.request import Request
@@ -40,9 +41,15 @@ def salted_root(root: bytes, cache_salt: str | None) -> bytes:
     return hashlib.sha256(root + b"|salt|" + cache_salt.encode("utf-8", "surrogatepass")).digest()
 
 
+_TOKEN_PACKERS: dict[int, struct.Struct] = {}  # by block length: one compiled format each
+
+
 def hash_block(parent_hash: bytes, token_ids: list[int]) -> bytes:
     """Chained hash: a block's identity covers every token before it (and the root), not only its own."""
-    return hashlib.sha256(parent_hash + struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
+    packer = _TOKEN_PACKERS.get(len(token_ids))
+    if packer is None:
+        packer = _TOKEN_PACKERS[len(token_ids)] = struct.Struct(f"<{len(token_ids)}q")
+    return hashlib.sha256(parent_hash + packer.pack(*token_ids)).digest()
 
 
 class BlockPool:
@@ -148,6 +155,11 @@ class KVCacheManager:
     def num_request_blocks(self, request_id: str) -> int:
         return len(self._tables.get(request_id, ()))
 
+    @property
+    def block_tables(self) -> Mapping[str, Sequence[KVBlock]]:
+        """Every request's blocks (read only), for a loop over a whole batch without a call each."""
+        return self._tables
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -157,10 +169,12 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size
         num_full = num_tokens // bs
-        while len(hashes) < num_full:
-            i = len(hashes)
+        if len(hashes) < num_full:
+            tokens = request.token_ids
             parent = hashes[-1] if hashes else salted_root(self.hash_root, request.cache_salt)
-            hashes.append(hash_block(parent, request.token_ids[i * bs : (i + 1) * bs]))
+            for i in range(len(hashes), num_full):
+                parent = hash_block(parent, tokens[i * bs : (i + 1) * bs])
+                hashes.append(parent)
         return hashes, num_full
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
@@ -191,36 +205,52 @@ class KVCacheManager:
     def allocate(self, request: Request, num_new_tokens: int, cached: list[KVBlock] = ()) -> bool:
         """Give the request blocks for num_new_tokens more tokens; False (and no change) if short.
         `cached` are prefix-cache hits for a request that has no blocks yet."""
+        rid = request.request_id
         total = request.num_computed_tokens + num_new_tokens
-        if not cached and total <= self._room.get(request.request_id, 0):
+        if not cached and total <= self._room.get(rid, 0):
             return True  # most decode steps: the last block has room and no block fills up to publish
-        table = self._tables.get(request.request_id, [])
-        reusable_free = sum(1 for b in cached if b.ref_count == 0)
-        new_blocks = self.blocks_needed(total) - len(table) - len(cached)
-        if new_blocks > self.num_free_blocks - reusable_free:
-            return False
-        for block in cached:
-            self.pool.share(block)
-        table = self._tables.setdefault(request.request_id, [])
+        bs = self.block_size
+        table = self._tables.get(rid)
+        new_blocks = -(-total // bs) - (len(table) if table is not None else 0) - len(cached)
+        if new_blocks > 0 or cached:  # else there is only a full block to publish: nothing to fall short of
+            reusable_free = sum(1 for b in cached if b.ref_count == 0)
+            if new_blocks > self.pool.num_free_blocks - reusable_free:
+                return False
+            for block in cached:
+                self.pool.share(block)
+        if table is None:
+            table = self._tables[rid] = []
         table.extend(cached)
         if new_blocks > 0:
             table.extend(self.pool.take(new_blocks))
-        if self.enable_prefix_caching:
+        num_registered = self._num_registered.get(rid, 0)
+        if self.enable_prefix_caching and total // bs > num_registered:
             # Blocks filled by this step are published now: the step writes their KV before any
             # later step can read them.
             hashes, num_full = self._full_block_hashes(request, total)
-            start = self._num_registered.get(request.request_id, 0)
-            for i in range(start, num_full):
-                self.pool.register(table[i], hashes[i])
-            self._num_registered[request.request_id] = max(start, num_full)
-        self._update_room(request.request_id)
+            register = self.pool.register
+            for i in range(num_registered, num_full):
+                register(table[i], hashes[i])
+            num_registered = self._num_registered[rid] = num_full
+        self._update_room(rid, len(table), num_registered)
         return True
 
-    def _update_room(self, request_id: str) -> None:
-        """The most tokens the request can reach with no block to take and none to publish."""
-        room = len(self._tables[request_id]) * self.block_size
+    def allocate_decodes(self, decodes: list[Request], start: int, stop: int) -> int:
+        """allocate(request, 1) for each of decodes[start:stop] in order, up to the first that cannot
+        get its blocks: that one's index, or stop if all could. Most decodes need nothing (their last
+        block has room and none fills up): they cost a dict lookup, not a call."""
+        room, allocate = self._room, self.allocate
+        for i in range(start, stop):
+            request = decodes[i]
+            if request.num_computed_tokens >= room.get(request.request_id, 0) and not allocate(request, 1):
+                return i
+        return stop
+
+    def _update_room(self, request_id: str, num_blocks: int, num_registered: int) -> None:
+        """Record the most tokens the request can reach with no block to take and none to publish."""
+        room = num_blocks * self.block_size
         if self.enable_prefix_caching:
-            room = min(room, (self._num_registered.get(request_id, 0) + 1) * self.block_size - 1)
+            room = min(room, (num_registered + 1) * self.block_size - 1)
         self._room[request_id] = room
 
     # ---- KV that is read or written outside a step (migration) ----------------------------------
@@ -263,14 +293,14 @@ class KVCacheManager:
         missing = [b for b in block_ids if b not in self._reserved]
         if missing:
             raise ValueError(f"blocks {missing} were not reserved")
-        self._tables[request.request_id] = [self._reserved.pop(b) for b in block_ids]
+        table = self._tables[request.request_id] = [self._reserved.pop(b) for b in block_ids]
+        num_full = 0
         if self.enable_prefix_caching:
             hashes, num_full = self._full_block_hashes(request, request.num_computed_tokens)
-            table = self._tables[request.request_id]
             for i in range(num_full):
                 self.pool.register(table[i], hashes[i])
             self._num_registered[request.request_id] = num_full
-        self._update_room(request.request_id)
+        self._update_room(request.request_id, len(table), num_full)
 
     def free(self, request: Request) -> None:
         """Return a request's blocks; tail first, so a shared prefix outlives its private suffix."""

@@ -32,6 +32,8 @@ class CachedRequestData:
 @dataclass
 class SchedulerOutput:
     new_requests: list[NewRequestData] = field(default_factory=list)
+    # Scheduled requests the runner holds; those without new blocks are left out when the scheduler's
+    # report_unchanged_requests is off (the simulator's).
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # request id -> slice length
     preempted_request_ids: list[str] = field(default_factory=list)

@@ -32,6 +32,7 @@ max_tokens exceeds it, so this cap only ever applies to requests that bypass tha
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 from sutra.config import SchedulerConfig
@@ -44,11 +45,6 @@ from sutra.core.scheduler_moves import SchedulerMoves
 from sutra.core.stats import EngineStats, InstanceLoad
 
 _RUNNING = RequestStatus.RUNNING
-
-
-def _is_prefilling(request: Request) -> bool:
-    """Request.is_prefilling without the property calls (it runs for every request every step)."""
-    return len(request.token_ids) - request.num_computed_tokens > 1
 
 
 class Scheduler(SchedulerMoves):
@@ -70,12 +66,19 @@ class Scheduler(SchedulerMoves):
         self._policy_counts_tokens = (
             kind.on_scheduled is not Policy.on_scheduled or kind.on_generated is not Policy.on_generated
         )
+        # Only a policy that overrides may_preempt ever preempts for a waiting request (FCFS and VTC
+        # never do), so the others skip asking it about every running request every step.
+        self._policy_preempts = kind.may_preempt is not Policy.may_preempt
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.running: list[Request] = []
         # Requests past their first token waiting, with their KV, for a decode instance to take them
         # (hand_off requests on a prefill instance), oldest first. PAUSED: never scheduled or preempted.
         self.parked: dict[str, Request] = {}
         self._runner_blocks: dict[str, int] = {}  # requests whose state the runner holds -> its block count
+        # Whether cached_requests has an entry for every scheduled request the runner holds, or only
+        # for those with new blocks. An unchanged request's entry only lets the runner check its
+        # progress: the simulator does without that check (SimEngine turns this off).
+        self.report_unchanged_requests = True
         self._finished_for_runner: list[str] = []
         self.num_preemptions = 0
 
@@ -169,31 +172,59 @@ class Scheduler(SchedulerMoves):
         return self._emit(out, scheduled)
 
     def _running_in_order(self, running: list[Request]) -> list[Request]:
-        return self.rules.decodes_first(self.policy.running_order(running), _is_prefilling)
+        decodes, prefills = self.rules.split_decodes(self.policy.running_order(running))
+        return decodes + prefills
 
     def _schedule_running(self, scheduled: dict[Request, int], budget: int, out: SchedulerOutput) -> bool:
-        preempted = False
-        running_slice, allocate = self.rules.running_slice, self.kv.allocate
+        decodes, prefills = self.rules.split_decodes(self.policy.running_order(self.running))
         on_scheduled = self.policy.on_scheduled if self._policy_counts_tokens else None
-        for request in self._running_in_order(self.running):
+        preempted = False
+        i = 0
+        # Decodes first, one token each (running_slice(1, budget)) while the budget lasts, allocated
+        # in runs up to one short of blocks; that one preempts as any slice does. Until something is
+        # preempted every one of them is still running.
+        while i < len(decodes) and budget > 0 and not preempted:
+            stop = min(len(decodes), i + budget)
+            end = self.kv.allocate_decodes(decodes, i, stop)
+            run = decodes[i:end]
+            scheduled.update(dict.fromkeys(run, 1))
+            if on_scheduled is not None:
+                for request in run:
+                    on_scheduled(request, 1)
+            budget -= end - i
+            i = end
+            if end < stop:
+                budget, preempted = self._allocate_slice(decodes[end], 1, budget, scheduled, out)
+                i += 1
+        for request in itertools.chain(decodes[i:], prefills):
+            if budget <= 0:
+                break  # every later slice is empty, and only a slice's allocation can refund budget
             if request.status is not _RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = running_slice(len(request.token_ids) - request.num_computed_tokens, budget)
-            if num_new <= 0:
-                continue
-            while not allocate(request, num_new):
-                victim = self._pick_victim(request)
-                budget += scheduled.pop(victim, 0)
-                self._preempt(victim, out)
-                preempted = True
-                if victim is request:
-                    break
-            else:
-                scheduled[request] = num_new
-                budget -= num_new
-                if on_scheduled is not None:
-                    on_scheduled(request, num_new)
+            num_new = self.rules.running_slice(len(request.token_ids) - request.num_computed_tokens, budget)
+            if num_new > 0:
+                budget, preempted_now = self._allocate_slice(request, num_new, budget, scheduled, out)
+                preempted = preempted or preempted_now
         return preempted
+
+    def _allocate_slice(
+        self, request: Request, num_new: int, budget: int, scheduled: dict[Request, int], out: SchedulerOutput
+    ) -> tuple[int, bool]:
+        """Give a running request KV for its slice, preempting the least entitled running requests
+        until it fits (a scheduled victim's slice goes back to the budget); the request may be the
+        victim itself. Returns the budget left and whether anything was preempted."""
+        preempted = False
+        while not self.kv.allocate(request, num_new):
+            victim = self._pick_victim(request)
+            budget += scheduled.pop(victim, 0)
+            self._preempt(victim, out)
+            preempted = True
+            if victim is request:
+                return budget, preempted
+        scheduled[request] = num_new
+        if self._policy_counts_tokens:
+            self.policy.on_scheduled(request, num_new)
+        return budget - num_new, preempted
 
     def _admit_waiting(self, scheduled: dict[Request, int], budget: int) -> int:
         admitted_any = False
@@ -228,7 +259,9 @@ class Scheduler(SchedulerMoves):
     # ---- preemption for a waiting request ------------------------------------------------------
     def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
         head = self.policy.peek()
-        if head is None or not any(self.policy.may_preempt(head, r) for r in self.running):
+        if head is None or not self._policy_preempts:
+            return
+        if not any(self.policy.may_preempt(head, r) for r in self.running):
             return
         if self._can_start(head, []):
             return
@@ -298,12 +331,13 @@ class Scheduler(SchedulerMoves):
             out.preempted_request_ids.append(request.request_id)
 
     def _emit(self, out: SchedulerOutput, scheduled: dict[Request, int]) -> SchedulerOutput:
-        runner_blocks, num_request_blocks = self._runner_blocks, self.kv.num_request_blocks
+        runner_blocks, tables = self._runner_blocks, self.kv.block_tables
         cached_requests, num_scheduled = out.cached_requests, out.num_scheduled_tokens
+        report_unchanged = self.report_unchanged_requests
         for request, num_tokens in scheduled.items():
             rid = request.request_id
             known = runner_blocks.get(rid)
-            num_blocks = num_request_blocks(rid)
+            num_blocks = len(tables.get(rid, ()))
             if known is None:
                 out.new_requests.append(
                     NewRequestData(
@@ -321,7 +355,7 @@ class Scheduler(SchedulerMoves):
                     CachedRequestData(rid, self.kv.block_ids(rid, known), request.num_computed_tokens)
                 )
                 runner_blocks[rid] = num_blocks
-            else:  # most steps: no new block
+            elif report_unchanged:  # most steps: no new block
                 cached_requests.append(CachedRequestData(rid, [], request.num_computed_tokens))
             num_scheduled[rid] = num_tokens
         return out
@@ -330,11 +364,11 @@ class Scheduler(SchedulerMoves):
     def update_from_output(self, out: SchedulerOutput, runner_out: RunnerOutput) -> list[Request]:
         """Advance progress, append sampled tokens, apply token-level stops. Returns the requests
         that got a new token (finished ones included)."""
-        updated = []
-        sampled = runner_out.sampled_token_ids
+        updated: list[Request] = []
+        requests, sampled, stop_status = self.requests, runner_out.sampled_token_ids, self._stop_status
         on_generated = self.policy.on_generated if self._policy_counts_tokens else None
         for rid, num_tokens in out.num_scheduled_tokens.items():
-            request = self.requests.get(rid)
+            request = requests.get(rid)
             if request is None or request.status is not _RUNNING:
                 continue
             request.num_computed_tokens += num_tokens
@@ -344,7 +378,7 @@ class Scheduler(SchedulerMoves):
             request.token_ids.append(token)
             if on_generated is not None:
                 on_generated(request, 1)
-            status = self._stop_status(request, token)
+            status = stop_status(request, token)
             if status is not None:
                 self._finish(request, status)
             elif request.hand_off and request.num_output_tokens == 1:

@@ -122,6 +122,11 @@ class LLMEngine:
                     f"tokens), so no token could be generated before min_tokens={params.min_tokens}",
                     param="stop_token_ids",
                 )
+        if params.structured_outputs is not None:
+            # Raises, naming the field, for a spec over the size limit or one that does not compile.
+            # The server compiles specs in a worker thread before it submits (sutra.server.structured),
+            # so here, on its event loop, this is a cache hit.
+            self.runner.structured.compile(params.structured_outputs)
         # Capped like generation itself: a request stops at the context length whatever max_tokens says.
         total = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
         if total > self.max_request_tokens:

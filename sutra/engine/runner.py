@@ -19,6 +19,8 @@ from sutra.model.llama import LlamaModel
 from sutra.model.loader import LoadedModel
 from sutra.model.sampling import Sampler, SamplingRequest
 from sutra.sampling_params import SamplingParams
+from sutra.structured.compiler import compiler_for
+from sutra.structured.matchers import ConstrainedRow, RequestGrammars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,6 +79,10 @@ class ModelRunner:
             )
         self.sampler = Sampler()
         self.eos_token_ids = tuple(loaded.tokenizer.eos_token_ids)
+        # Structured outputs: the process's compiler for this tokenizer (the server compiles into its
+        # cache before queueing), and a matcher per constrained request held here.
+        self.structured = compiler_for(loaded.tokenizer, loaded.arch.vocab_size, config.structured)
+        self.grammars = RequestGrammars(self.structured, self.eos_token_ids)
         self.requests: dict[str, RunnerRequest] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -120,6 +126,7 @@ class ModelRunner:
         """Take in the scheduler's changes: new, resumed, finished and preempted requests, new blocks."""
         for rid in out.finished_request_ids + out.preempted_request_ids:
             self.requests.pop(rid, None)
+            self.grammars.forget(rid)  # a resumed request replays its tokens into a new matcher
         for new in out.new_requests:
             seeded = new.sampling_params.seed is not None
             self.requests[new.request_id] = RunnerRequest(
@@ -160,6 +167,8 @@ class ModelRunner:
             if start + n == len(st.token_ids):
                 sample_ids.append(rid)
                 sample_rows.append(len(input_ids) - 1)
+        # Before the forward pass: a request whose grammar cannot go on fails without costing one.
+        masks = self._token_masks(sample_ids)
         meta = build_metadata(slices, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
@@ -167,7 +176,9 @@ class ModelRunner:
         sampled = None
         if sample_ids:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            sampled = self.sampler(logits, [self._sampling_request(rid) for rid in sample_ids])
+            sampled = self.sampler(
+                logits, [self._sampling_request(rid, masks.get(rid)) for rid in sample_ids]
+            )
         for rid, n in order:
             self.requests[rid].num_computed += n
         result = RunnerOutput()
@@ -179,13 +190,27 @@ class ModelRunner:
             if token < 0:
                 result.failed[rid] = sampled.errors[row]
                 continue
+            if rid in masks and (error := self.grammars.accept(rid, token)) is not None:
+                result.failed[rid] = error
+                continue
             self.requests[rid].token_ids.append(token)
             result.sampled_token_ids[rid] = token
             if lp is not None:
                 result.logprobs[rid] = lp
         return result
 
-    def _sampling_request(self, rid: str) -> SamplingRequest:
+    def _token_masks(self, sample_ids: list[str]) -> dict[str, torch.Tensor]:
+        """The token bitmask row of each constrained request sampled in this step; none otherwise."""
+        rows = []
+        for rid in sample_ids:
+            st = self.requests[rid]
+            if st.params.structured_outputs is not None:
+                rows.append(
+                    ConstrainedRow(rid, st.params.structured_outputs, st.token_ids, st.num_prompt_tokens)
+                )
+        return self.grammars.masks(rows) if rows else {}
+
+    def _sampling_request(self, rid: str, allowed_tokens: torch.Tensor | None = None) -> SamplingRequest:
         st = self.requests[rid]
         if st.generator is not None:
             st.generator.manual_seed(step_seed(st.params.seed, len(st.token_ids) - st.num_prompt_tokens))
@@ -200,4 +225,5 @@ class ModelRunner:
             output_token_ids=st.token_ids[st.num_prompt_tokens :],
             generator=st.generator,
             banned_token_ids=banned,
+            allowed_tokens=allowed_tokens,
         )

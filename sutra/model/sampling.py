@@ -1,7 +1,9 @@
 """Turn one engine step's logits into tokens.
 
-Order per row: logit bias -> penalties -> (greedy argmax | temperature -> top-k -> top-p -> min-p ->
-sample), then logprobs of the raw logits for the rows that ask for them.
+Order per row: structured-output token mask -> logit bias -> penalties -> (greedy argmax | temperature
+-> top-k -> top-p -> min-p -> sample), then logprobs of the raw logits for the rows that ask for them
+(the model's own distribution, before the mask, the bias and the penalties: vLLM's raw logprobs).
+Rows without a mask skip it at no cost, and keep their exact bits when batch mates have one.
 
 Top-k/top-p rows are cut on a small window of their best tokens (one partial sort); a full-vocabulary
 sort happens only when a cut spills past the windows tried (very flat rows). Cuts are by value, so
@@ -24,6 +26,7 @@ import torch
 
 from sutra.errors import InvalidRequestError, RequestFailedError, SutraError
 from sutra.sampling_params import SamplingParams
+from sutra.structured import bitmask
 
 # Dividing by a smaller temperature could overflow float32; this is already argmax in practice.
 _MIN_TEMPERATURE = 1e-6
@@ -39,6 +42,9 @@ class SamplingRequest:
     output_token_ids: list[int]
     generator: torch.Generator | None = None
     banned_token_ids: tuple[int, ...] = ()  # may not be sampled now (stop tokens before min_tokens)
+    # Structured outputs: the tokens the request's grammar allows next, as an int32 bitmask row
+    # (sutra.structured.bitmask); None for an unconstrained request.
+    allowed_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -61,7 +67,7 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
         raw = logits.float()
-        biased = apply_logit_bias(raw, requests)
+        biased = apply_logit_bias(apply_token_masks(raw, requests), requests)
         penalized = ban_tokens(apply_penalties(biased, requests, copy=biased is raw), requests, raw)
         tokens = self._choose(penalized, requests)
         token_ids = tokens.tolist()
@@ -141,6 +147,26 @@ def _temperatures(params: list[SamplingParams], like: torch.Tensor) -> torch.Ten
 
 def _column(values: list[float] | list[int], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+# ---- structured outputs -------------------------------------------------------------------------------
+
+
+def apply_token_masks(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """-inf for every token a constrained row's grammar does not allow next. Returns `logits` itself
+    when no row is constrained, else a copy in which only the constrained rows changed."""
+    rows = [i for i, r in enumerate(requests) if r.allowed_tokens is not None]
+    if not rows:
+        return logits
+    masks = torch.stack([requests[i].allowed_tokens for i in rows]).to(logits.device)  # type: ignore[misc]
+    add = bitmask.additive(masks, logits.shape[1], logits.dtype)
+    logits = logits.clone()
+    if len(rows) == len(requests):
+        logits += add
+    else:
+        idx = torch.tensor(rows, device=logits.device)
+        logits[idx] += add
+    return logits
 
 
 # ---- penalties ----------------------------------------------------------------------------------------
@@ -344,6 +370,19 @@ def unsampleable_error(raw: torch.Tensor, request: SamplingRequest) -> SutraErro
         return RequestFailedError("the model produced non-finite logits (NaN or infinity) for this request")
     vocab = raw.shape[0]
     banned = {t for t in request.banned_token_ids if 0 <= t < vocab}
+    if request.allowed_tokens is not None:
+        allowed = bitmask.allowed_ids(request.allowed_tokens, vocab)
+        if not allowed:
+            return RequestFailedError(
+                "no token can be generated: the structured output constraint allows none here"
+            )
+        if set(allowed) <= banned:
+            return InvalidRequestError(
+                f"no token can be generated: the structured output constraint allows only {len(allowed)} "
+                f"token(s) here (the end of the output), and they are banned until min_tokens="
+                f"{request.params.min_tokens} tokens have been generated",
+                param="min_tokens",
+            )
     if len(banned) == vocab:
         return InvalidRequestError(
             f"no token can be generated: stop_token_ids and the end-of-sequence tokens cover the whole "

@@ -14,6 +14,7 @@ from sutra.server.chat import create_chat_completion
 from sutra.server.common import ServerState
 from sutra.server.completions import create_completion
 from sutra.server.errors import APIError, install_error_handlers
+from sutra.server.model_leases import ModelLeases
 from sutra.server.protocol import ChatCompletionRequest, CompletionRequest
 from sutra.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, server_version, tokenize
 
@@ -21,10 +22,9 @@ from sutra.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize
 def create_app(state: ServerState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        state.engine.listeners.append(state.metrics)
-        state.engine.start()
+        state.pool.start()  # starts the ready engines, with the metrics listening to each
         yield
-        await state.engine.shutdown()
+        await state.pool.shutdown()
 
     app = FastAPI(title="Sutra", lifespan=lifespan)
     app.state.sutra = state
@@ -64,13 +64,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        # 503 tells a load balancer to send traffic elsewhere: the engine loop has stopped (only a
-        # restart helps), or the server is draining before it exits.
-        engine = state.engine
-        if engine.dead_reason is not None:
-            message = f"the engine is not running: {engine.dead_reason}"
+        # 503 tells a load balancer to send traffic elsewhere: no model can serve (the engine loop
+        # has stopped: only a restart helps), or the server is draining before it exits. With many
+        # models it is 200 while any can serve (a cold one can: it loads).
+        pool = state.pool
+        if pool.dead_reason is not None:
+            message = f"the engine is not running: {pool.dead_reason}"
             return APIError(503, message, type="service_unavailable_error", code="engine_dead").response()
-        if engine.is_draining:
+        if pool.is_draining:
             message = "the server is shutting down"
             return APIError(
                 503, message, type="service_unavailable_error", code="server_shutting_down"
@@ -79,7 +80,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        state.metrics.observe_state(state.engine.stats())
+        for name, model in state.pool.models.items():
+            series = state.metrics.for_model(name)
+            if model.engine is not None:
+                series.observe_state(model.engine.stats())
+            else:
+                series.engine_gone()
+        state.metrics.models.observe_pool(state.pool)
         if state.metrics.cluster is not None:
             engine = state.engine
             stats = engine.instance_stats()
@@ -89,20 +96,15 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": state.model_name,
-                        "object": "model",
-                        "created": state.created,
-                        "owned_by": "sutra",
-                        "max_model_len": state.engine.max_model_len,
-                    }
-                ],
-            }
-        )
+        # Every model served, whether loaded or not; "sutra" (ignored by OpenAI clients) says which.
+        data = []
+        for name, model in state.pool.models.items():
+            entry = {"id": name, "object": "model", "created": state.created, "owned_by": "sutra"}
+            if model.max_model_len is not None:
+                entry["max_model_len"] = model.max_model_len
+            entry["sutra"] = {"state": model.state.value}
+            data.append(entry)
+        return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -114,12 +116,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     # vLLM's paths, without /v1; behind the API key like every route but /health and /metrics.
     @app.post("/tokenize")
-    async def tokenize_route(body: TokenizeRequest) -> JSONResponse:
-        return JSONResponse(await tokenize(state, body))
+    async def tokenize_route(body: TokenizeRequest, request: Request) -> JSONResponse:
+        return JSONResponse(await tokenize(state, body, request))
 
     @app.post("/detokenize")
-    async def detokenize_route(body: DetokenizeRequest) -> JSONResponse:
-        return JSONResponse(await detokenize(state, body))
+    async def detokenize_route(body: DetokenizeRequest, request: Request) -> JSONResponse:
+        return JSONResponse(await detokenize(state, body, request))
 
     version = server_version()
 
@@ -127,7 +129,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def version_route() -> JSONResponse:
         return JSONResponse({"version": version})
 
-    app.add_middleware(BodySizeLimit, max_bytes=state.limits.max_body_bytes)  # outermost: before auth
+    app.add_middleware(BodySizeLimit, max_bytes=state.limits.max_body_bytes)  # before auth
+    # Outermost: releases each request's hold on its model once the response has ended.
+    app.add_middleware(ModelLeases)
     return app
 
 

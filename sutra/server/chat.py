@@ -8,10 +8,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sutra.engine.client import CompletionDelta
+from sutra.errors import InvalidRequestError
 from sutra.model.sampling import TokenLogprobs
 from sutra.model.tokenizer import Tokenizer
 from sutra.sampling_params import SamplingParams
 from sutra.server.common import (
+    ChoiceAccumulator,
     ServerState,
     Submitted,
     collect_choices,
@@ -24,6 +26,16 @@ from sutra.server.common import (
 )
 from sutra.server.errors import APIError
 from sutra.server.protocol import ChatCompletionRequest, ChatMessage
+from sutra.server.served_model import ServedModel
+from sutra.server.structured import prepare_structured
+from sutra.server.tool_parsers import make_tool_parser, parser_for_template
+from sutra.server.tools import (
+    ToolCallStream,
+    message_and_finish,
+    prompt_messages,
+    template_knows_tools,
+    tool_request,
+)
 
 
 def _token_entry(tok: Tokenizer, token_id: int, logprob: float) -> dict:
@@ -48,12 +60,12 @@ def chat_logprobs(tok: Tokenizer, entries: list[TokenLogprobs]) -> dict:
     }
 
 
-def template_messages(state: ServerState, messages: list[ChatMessage]) -> list[dict]:
+def template_messages(served: ServedModel, messages: list[ChatMessage]) -> list[dict]:
     """The messages as the chat template takes them; 400 for a model without a template."""
-    if not state.engine.tokenizer.has_chat_template:
+    if served.tokenizer is None or not served.tokenizer.has_chat_template:
         raise APIError(
             400,
-            f"the model `{state.model_name}` has no chat template, so a chat cannot be turned into a "
+            f"the model `{served.name}` has no chat template, so a chat cannot be turned into a "
             "prompt; send the prompt text to /v1/completions instead",
             code="chat_template_missing",
         )
@@ -63,9 +75,26 @@ def template_messages(state: ServerState, messages: list[ChatMessage]) -> list[d
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, http_request: Request):
     state.check_request(body)
     state.limits.check_chat(body)
-    engine = state.engine
-    messages = template_messages(state, body.messages)
-    prompt = await engine.apply_chat_template(messages, body.add_generation_prompt)
+    tools = tool_request(body.tools, body.tool_choice, state.limits.max_tools)
+    # tool_choice required or a named function: the grammar engine enforces the call.
+    tool_constraint = tools.constraint() if tools is not None else None
+    if tool_constraint is not None and body.structured_spec is not None:
+        raise InvalidRequestError(
+            f"{body.structured_spec.source} cannot be combined with tool_choice required or a named "
+            "function, which constrain the reply to the tool call",
+            param="tool_choice",
+        )
+    served = await state.model_for(body.model, http_request)
+    engine = served.engine
+    # Compiled off the event loop, before queueing.
+    await prepare_structured(engine, tool_constraint or body.structured_spec)
+    template = engine.tokenizer.chat_template
+    native_tools = template_knows_tools(template)
+    messages, rendered_tools = prompt_messages(template_messages(served, body.messages), tools, native_tools)
+    prompt = await engine.apply_chat_template(messages, body.add_generation_prompt, rendered_tools)
+    parser = make_tool_parser(
+        state.tool_call_parser or (parser_for_template(template) if native_tools else "hermes")
+    )
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
 
     def make_params(prompt_len: int) -> SamplingParams:
@@ -76,27 +105,36 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
             param,
             engine.max_request_tokens,
         )
-        return body.sampling_params(max_tokens, body.num_logprobs)
+        params = body.sampling_params(max_tokens, body.num_logprobs, engine.tokenizer.generation_defaults)
+        if tool_constraint is not None:
+            params.structured_outputs = tool_constraint
+        return params
 
     request_id = new_id("chatcmpl")
-    submitted = await submit_all(state, request_id, [prompt], make_params, state.spec_of(http_request, body))
+    submitted = await submit_all(served, request_id, [prompt], make_params, state.spec_of(http_request, body))
     tok = engine.tokenizer
-    headers = await estimate_headers(state, submitted)
+    headers = await estimate_headers(served, submitted)
     if body.stream:
+        streams = {i: ToolCallStream(tools, parser) for i in range(body.n)} if tools else {}
 
         def to_choice(_: Submitted, c: CompletionDelta) -> dict:
+            finish_reason = c.finish_reason
+            if tools is not None:
+                delta, finish_reason = streams[c.index].delta(c.text, c.finish_reason)
+            else:
+                delta = {"content": c.text} if c.text else {}
             return {
                 "index": c.index,
-                "delta": {"content": c.text} if c.text else {},
+                "delta": delta,
                 "logprobs": chat_logprobs(tok, c.logprobs or []) if body.logprobs else None,
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish_reason,
                 "stop_reason": c.stop_reason,
             }
 
         # The role comes first, alone, as OpenAI sends it.
         role = {"role": "assistant", "content": ""}
         events = sse_stream(
-            state,
+            served,
             http_request,
             request_id,
             submitted,
@@ -109,22 +147,29 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         )
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
-    choices, cached = await collect_choices(state, http_request, submitted)
+    choices, cached = await collect_choices(served, http_request, submitted)
+
+    def message(acc: ChoiceAccumulator) -> tuple[dict, str | None]:
+        if tools is None:
+            return {"role": "assistant", "content": acc.text}, acc.finish_reason
+        return message_and_finish(tools.reply(acc.text, parser), acc.finish_reason)
+
+    replies = [message(acc) for acc in choices]
     return JSONResponse(
         {
             "id": request_id,
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": state.model_name,
+            "model": served.name,
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": acc.text},
+                    "message": reply,
                     "logprobs": chat_logprobs(tok, acc.logprobs) if body.logprobs else None,
-                    "finish_reason": acc.finish_reason,
+                    "finish_reason": finish_reason,
                     "stop_reason": acc.stop_reason,
                 }
-                for i, acc in enumerate(choices)
+                for i, (acc, (reply, finish_reason)) in enumerate(zip(choices, replies, strict=True))
             ],
             # The prompt is counted once, whatever n is (as OpenAI and vLLM count it).
             "usage": usage(len(prompt), sum(len(a.token_ids) for a in choices), cached),

@@ -14,37 +14,81 @@ from typing import Any
 from fastapi import Request
 
 from sutra.core.request import RequestSpec
-from sutra.engine.client import CompletionDelta, EngineClient, RequestDelta
+from sutra.engine.client import CompletionDelta, EngineClient, EngineListener, RequestDelta
 from sutra.errors import InvalidRequestError, prompt_too_long
 from sutra.sampling_params import SamplingParams
 from sutra.server.errors import APIError, to_api_error
 from sutra.server.limits import RequestLimits
 from sutra.server.metrics import ServerMetrics
+from sutra.server.model_leases import hold
+from sutra.server.model_pool import ModelPool
 from sutra.server.protocol import SamplingFields
+from sutra.server.served_model import ModelLoadFailedError, ModelUnavailableError, ServedModel
 from sutra.server.tenants import PriorityCaps
 
 
 @dataclass
 class ServerState:
-    engine: EngineClient
-    model_name: str
-    metrics: ServerMetrics
+    """What the routes share. A server of one engine gives `engine` and `model_name`; a server of many
+    models gives `pool` (sutra/server/model_pool.py), and then `engine` is None and `model_name` names
+    the default model. Either way requests reach their model through model_for()."""
+
+    engine: EngineClient | None = None
+    model_name: str = ""
+    metrics: ServerMetrics | None = None  # None: ServerMetrics(model_name)
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> tenant; empty: no auth
     limits: RequestLimits = field(default_factory=RequestLimits)
     priority_caps: PriorityCaps = field(default_factory=PriorityCaps)
     admin_key: str | None = None  # opens /admin (servers with Ray instances)
     cluster: Any = None  # sutra.cluster.manager.Cluster when the instances run on Ray
+    tool_call_parser: str | None = None  # None: chosen from each model's chat template
     created: int = field(default_factory=lambda: int(time.time()))
+    pool: ModelPool = None  # type: ignore[assignment]  # None: a pool of `engine` alone
+    engine_listeners: list[EngineListener] = field(default_factory=list)  # on every model's engine
+
+    def __post_init__(self) -> None:
+        if self.pool is None:
+            if self.engine is None:
+                raise ValueError("a server needs an engine or a model pool")
+            self.pool = ModelPool.single(self.model_name, self.engine)
+        self.model_name = self.model_name or self.pool.default
+        if self.metrics is None:
+            self.metrics = ServerMetrics(self.model_name)
+        metrics = self.metrics
+        self.pool.observer = metrics.models
+        self.pool.listeners_for = lambda m: [metrics.for_model(m.name), *self.engine_listeners]
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        if model is not None and model not in self.pool.models:
+            served = ", ".join(f"`{name}`" for name in self.pool.models)
             raise APIError(
                 404,
-                f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                f"The model `{model}` does not exist; this server serves {served}.",
                 type="not_found_error",
                 param="model",
                 code="model_not_found",
             )
+
+    async def model_for(self, model: str | None, http_request: Request) -> ServedModel:
+        """The model a request names (None: the default), ready to serve it, and held until the
+        response has ended: a cold model is loaded first, which the request waits for."""
+        self.check_model(model)
+        try:
+            lease = await self.pool.acquire(model)
+        except ModelUnavailableError as e:
+            raise APIError(503, str(e), type="service_unavailable_error", code="model_unavailable") from e
+        except ModelLoadFailedError as e:
+            raise APIError(500, str(e), type="internal_server_error", code="model_load_failed") from e
+        hold(http_request, lease)
+        return lease.model
+
+    async def tokenizer_for(self, model: str | None, http_request: Request) -> ServedModel:
+        """A model whose tokenizer is known: loaded once, it needs no engine (and no load) again."""
+        self.check_model(model)
+        served = self.pool.get(model)
+        if served.tokenizer is not None and served.max_model_len is not None:
+            return served
+        return await self.model_for(model, http_request)
 
     def check_request(self, body: SamplingFields) -> None:
         """Everything about a body that can be refused before it is tokenized: the model, features we
@@ -108,7 +152,7 @@ class Submitted:
 
 
 async def submit_all(
-    state: ServerState,
+    served: ServedModel,
     base_id: str,
     prompts: list[list[int]],
     make_params: Callable[[int], SamplingParams],  # prompt length -> params
@@ -117,9 +161,9 @@ async def submit_all(
     """Queue one engine request per prompt, all or none: a bad prompt rejects the whole batch."""
     params_list = [make_params(len(ids)) for ids in prompts]
     for params in params_list:  # the front end knows the vocabulary by its tokenizer (Ray instances too)
-        params.check_vocabulary(state.engine.tokenizer.vocab_size)
+        params.check_vocabulary(served.engine.tokenizer.vocab_size)
     rids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
-    await state.engine.submit_many(list(zip(rids, prompts, params_list, strict=True)), spec)
+    await served.engine.submit_many(list(zip(rids, prompts, params_list, strict=True)), spec)
     return [
         Submitted(rid, len(ids), i * params.n, params.n)
         for i, (rid, ids, params) in enumerate(zip(rids, prompts, params_list, strict=True))
@@ -129,9 +173,9 @@ async def submit_all(
 ESTIMATE_HEADER = "x-sutra-estimated-completion-seconds"
 
 
-async def estimate_headers(state: ServerState, submitted: list[Submitted]) -> dict[str, str]:
+async def estimate_headers(served: ServedModel, submitted: list[Submitted]) -> dict[str, str]:
     """The engine's completion-time estimate for the whole HTTP request, as a response header."""
-    estimates = [await state.engine.estimated_finish(s.request_id) for s in submitted]
+    estimates = [await served.engine.estimated_finish(s.request_id) for s in submitted]
     known = [e for e in estimates if e is not None]
     return {ESTIMATE_HEADER: f"{max(known):.3f}"} if known else {}
 
@@ -228,13 +272,13 @@ class ChoiceAccumulator:
 
 
 async def collect_choices(
-    state: ServerState, http_request: Request, submitted: list[Submitted]
+    served: ServedModel, http_request: Request, submitted: list[Submitted]
 ) -> tuple[list[ChoiceAccumulator], int]:
     """Whole choices in index order, and the prompt tokens served from the prefix cache."""
     choices: dict[int, ChoiceAccumulator] = {}
     cached = 0
-    async with abort_on_disconnect(http_request, state.engine, [s.request_id for s in submitted]):
-        async for sub, delta in merged_deltas(state.engine, submitted):
+    async with abort_on_disconnect(http_request, served.engine, [s.request_id for s in submitted]):
+        async for sub, delta in merged_deltas(served.engine, submitted):
             for c in delta.completions:
                 choices.setdefault(sub.first_choice + c.index, ChoiceAccumulator()).add(c)
             if delta.finished:
@@ -243,7 +287,7 @@ async def collect_choices(
 
 
 async def sse_stream(
-    state: ServerState,
+    served: ServedModel,
     http_request: Request,
     request_id: str,
     submitted: list[Submitted],
@@ -263,7 +307,7 @@ async def sse_stream(
             "id": request_id,
             "object": object_name,
             "created": created,
-            "model": state.model_name,
+            "model": served.name,
             "choices": choices,
         }
         if include_usage:  # null on every chunk but the last, as OpenAI sends it
@@ -273,8 +317,8 @@ async def sse_stream(
     try:
         if preamble:
             yield chunk(preamble)
-        async with abort_on_disconnect(http_request, state.engine, [s.request_id for s in submitted]):
-            async for sub, delta in merged_deltas(state.engine, submitted):
+        async with abort_on_disconnect(http_request, served.engine, [s.request_id for s in submitted]):
+            async for sub, delta in merged_deltas(served.engine, submitted):
                 choices = []
                 for c in delta.completions:
                     # A request's delta lists all its n choices: one that finished earlier has nothing

@@ -25,6 +25,7 @@ from sutra.server.common import (
     usage,
 )
 from sutra.server.protocol import CompletionRequest
+from sutra.server.structured import prepare_structured
 
 
 class TextOffsets:
@@ -64,7 +65,9 @@ async def echo_texts(tok: Tokenizer, prompts: list[str | list[int]]) -> list[str
 async def create_completion(state: ServerState, body: CompletionRequest, http_request: Request):
     state.check_request(body)
     state.limits.check_completion(body)
-    engine = state.engine
+    served = await state.model_for(body.model, http_request)
+    engine = served.engine
+    await prepare_structured(engine, body.structured_spec)  # compiled off the event loop, before queueing
     given = body.prompts()
     prompts = [p if isinstance(p, list) else await engine.encode(p) for p in given]
 
@@ -72,15 +75,15 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
         max_tokens = resolve_max_tokens(
             body.max_tokens, prompt_len, engine.max_model_len, "max_tokens", engine.max_request_tokens
         )
-        return body.sampling_params(max_tokens, body.logprobs)
+        return body.sampling_params(max_tokens, body.logprobs, engine.tokenizer.generation_defaults)
 
     request_id = new_id("cmpl")
-    submitted = await submit_all(state, request_id, prompts, make_params, state.spec_of(http_request, body))
+    submitted = await submit_all(served, request_id, prompts, make_params, state.spec_of(http_request, body))
     tok = engine.tokenizer
     # Per prompt, in the order of `submitted`; empty strings without echo. (Logprobs with echo are
     # refused, so text_offset never has to count the prompt.)
     echoes = await echo_texts(tok, given) if body.echo else [""] * len(submitted)
-    headers = await estimate_headers(state, submitted)
+    headers = await estimate_headers(served, submitted)
     if body.stream:
         offsets: dict[int, TextOffsets] = {}  # per choice, across its chunks
         echo_of = {s.request_id: e for s, e in zip(submitted, echoes, strict=True)}
@@ -99,7 +102,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
             return _choice(index, text, logprobs, c.finish_reason, c.stop_reason)
 
         events = sse_stream(
-            state,
+            served,
             http_request,
             request_id,
             submitted,
@@ -109,13 +112,13 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
         )
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
-    choices, cached = await collect_choices(state, http_request, submitted)
+    choices, cached = await collect_choices(served, http_request, submitted)
     return JSONResponse(
         {
             "id": request_id,
             "object": "text_completion",
             "created": int(time.time()),
-            "model": state.model_name,
+            "model": served.name,
             "choices": [
                 _choice(
                     i,

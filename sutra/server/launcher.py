@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
-import time
+import types
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -17,15 +15,26 @@ import uvicorn
 from sutra.cluster.dispatch import DEFAULT_DISPATCH, DISPATCH_POLICIES
 from sutra.config import EngineConfig
 from sutra.engine.async_engine import AsyncEngine
-from sutra.engine.client import EngineClient, EngineDrainingError
+from sutra.engine.client import EngineClient
 from sutra.engine.engine import LLMEngine
 from sutra.server.app import create_app
 from sutra.server.client_series import DEFAULT_IDLE_S, DEFAULT_MAX_SERIES
 from sutra.server.common import ServerState
+from sutra.server.draining_server import DrainingServer
 from sutra.server.limits import add_limit_args, limits_from_args
+from sutra.server.many_models import (
+    add_many_model_args,
+    budget_bytes,
+    config_for,
+    pool_from_args,
+    size_model,
+    specs_from_args,
+)
 from sutra.server.metrics import ServerMetrics, ServingSlo
+from sutra.server.model_pool import ModelPool
 from sutra.server.request_log import enable_request_log
 from sutra.server.tenants import PriorityCaps, parse_priority_caps
+from sutra.server.tool_parsers import TOOL_CALL_PARSERS
 
 if TYPE_CHECKING:
     from sutra.cluster.manager import Cluster
@@ -40,6 +49,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000)
+    g.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="the format tool calls are parsed in (default: chosen from each model's chat template)",
+    )
     g.add_argument(
         "--api-key",
         action="append",
@@ -92,7 +107,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="time-per-output-token SLO (mean gap between output tokens after the first), as --slo-ttft-ms",
     )
     g.add_argument(
-        "--served-model-name", default=None, help="the model id clients send (default: from --model)"
+        "--served-model-name",
+        default=None,
+        help="the model id clients send, for a server of one model (default: from --model)",
     )
     g.add_argument(
         "--max-waiting-requests",
@@ -122,6 +139,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="with --log-requests (implied), also log each request's prompt and output text",
     )
     add_limit_args(parser)
+    add_many_model_args(parser)
     add_cluster_args(parser)
 
 
@@ -268,77 +286,38 @@ def _seconds_arg(text: str) -> float:
     return value
 
 
-class _Server(uvicorn.Server):
-    """uvicorn whose SIGTERM / SIGINT drains the engine before the server stops.
-
-    uvicorn would stop listening at the first signal (so new requests would see a refused connection
-    rather than a 503) and re-raise the signal after shutdown (so the process would die by it rather
-    than exit 0). Here the signal only starts the drain; the tick below ends it.
-    """
-
-    def __init__(self, config: uvicorn.Config, engine: EngineClient, shutdown_timeout: float) -> None:
-        super().__init__(config)
-        self.engine = engine
-        self.shutdown_timeout = shutdown_timeout
-        self._signal: int | None = None
-        self._drain_deadline: float | None = None  # monotonic time; set at the first tick after a signal
-        self._signals_seen = 0
-
-    async def startup(self, sockets=None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            name = self.config.app.state.sutra.model_name
-            print(f"Sutra is serving {name} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # A signal handler: set flags only (no logging, no asyncio); the next tick acts on them.
-        self.engine.begin_drain()
-        self._signal = sig
-        self._signals_seen += 1
-
-    async def on_tick(self, counter: int) -> bool:
-        should_exit = await super().on_tick(counter)
-        if self._signal is None:
-            return should_exit
-        now = time.monotonic()
-        if self._drain_deadline is None:
-            self._drain_deadline = now + self.shutdown_timeout
-            logger.warning(
-                "%s: refusing new requests; waiting up to %.0f s for %d in flight (a second signal "
-                "stops now)",
-                signal.Signals(self._signal).name,
-                self.shutdown_timeout,
-                self.engine.num_in_flight,
-            )
-        if self.engine.num_in_flight == 0:
-            return True
-        if now < self._drain_deadline and self._signals_seen < 2:
-            return False
-        ended = self.engine.abort_all(
-            EngineDrainingError("the server shut down before this request finished; retry it")
-        )
-        logger.warning("shutting down: ended %d requests still in flight", ended)
-        return True  # uvicorn then lets their responses (now errors) go out, and stops
-
-
 def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     api_keys = parse_api_keys(args.api_key)
     priority_caps = priority_caps_from_args(args, api_keys)
-    name = served_model_name(engine_config.model.model, args.served_model_name)
+    specs, name = specs_from_args(args, lambda model: served_model_name(model, None))
+    many = len(specs) > 1
+    if many and uses_cluster(args):
+        raise SystemExit(
+            "error: several models are served by one engine instance for now; leave out --instances, "
+            "--prefill-instances/--decode-instances and --ray-address, or serve one model"
+        )
     metrics = metrics_from_args(args, name)  # checked before the model loads
     limits = limits_from_args(args)
+    if not many:
+        engine_config = config_for(engine_config, specs[0])
+        if args.model_memory_gb is not None:  # a model that could never fit is refused, even alone
+            size_model(specs[0], engine_config, budget_bytes(args))
     cluster = start_cluster(args, engine_config) if uses_cluster(args) else None
     try:
+        engine: EngineClient | None = None
+        pool: ModelPool | None = None
         if cluster is not None:
-            engine: EngineClient = cluster.client(args.dispatch)
+            engine = cluster.client(args.dispatch)
         else:
             if args.admin_key:
                 logger.warning("--admin-key applies to servers with Ray instances (--instances above 1)")
             if args.threads_per_instance is not None:
                 logger.warning("--threads-per-instance applies to Ray instances only; use --num-threads")
-            engine = AsyncEngine(LLMEngine(engine_config), max_waiting_requests=args.max_waiting_requests)
+            if many:
+                pool = pool_from_args(args, engine_config, specs, name)
+            else:
+                engine = AsyncEngine(LLMEngine(engine_config), max_waiting_requests=args.max_waiting_requests)
         state = ServerState(
             engine=engine,
             model_name=name,
@@ -348,9 +327,14 @@ def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
             cluster=cluster,
             priority_caps=priority_caps,
             limits=limits,
+            pool=pool,  # type: ignore[arg-type]  # None: the pool of `engine` alone
+            tool_call_parser=args.tool_call_parser,
         )
         if args.log_requests or args.log_request_text:
-            enable_request_log(state.engine, include_text=args.log_request_text)
+            # On every model's engine, as each starts.
+            enable_request_log(types.SimpleNamespace(listeners=state.engine_listeners), args.log_request_text)
+        if pool is not None:
+            pool.preload(name)  # the default model serves from the start; the others load on request
         config = uvicorn.Config(
             create_app(state),
             host=args.host,
@@ -362,7 +346,7 @@ def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
             timeout_graceful_shutdown=5,
         )
         try:
-            asyncio.run(_Server(config, state.engine, args.shutdown_timeout).serve())
+            asyncio.run(DrainingServer(config, state.pool, args.shutdown_timeout).serve())
         except KeyboardInterrupt:
             sys.exit(130)
     finally:

@@ -30,6 +30,9 @@ class RequestLimits:
     max_user_chars: int = 256
     # Each logit_bias entry is added to the logits at every step of the request (OpenAI's bound).
     max_logit_bias: int = 300
+    # Each tool's schema is rendered into the prompt, and under tool_choice required compiled into
+    # one grammar with all the others.
+    max_tools: int = 128
     # Refused by its content-length header, or while a chunked body is read (413).
     max_body_bytes: int = 16 * 2**20
 
@@ -75,6 +78,7 @@ _HELP = {
     "max_chat_messages": "most messages in one chat request",
     "max_user_chars": "most characters in the user field",
     "max_logit_bias": "most logit_bias entries in one request",
+    "max_tools": "most tools in one chat request",
     "max_body_bytes": "largest request body in bytes (413 above it)",
 }
 

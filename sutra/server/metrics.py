@@ -22,6 +22,7 @@ from sutra.core.stats import EngineStats
 from sutra.engine.client import EngineClient, RequestDelta
 from sutra.server.client_series import DEFAULT_IDLE_S, DEFAULT_MAX_SERIES, ClientSeries
 from sutra.server.cluster_metrics import ClusterMetrics
+from sutra.server.model_metrics import ModelMetrics
 
 # `*_created` timestamps double the output and no dashboard reads them (vLLM turns them off too).
 disable_created_metrics()
@@ -62,7 +63,6 @@ class ServerMetrics:
         self.registry = registry = CollectorRegistry()
         self.slo = slo
         labels = ["model_name"]
-        self._labels = {"model_name": model_name}
         self.clients = ClientSeries(max_client_series, client_idle_s, on_drop=self._drop_client)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -143,57 +143,101 @@ class ServerMetrics:
             [*labels, "outcome"],
             registry=registry,
         )
-        if slo is not None:
-            for outcome in ("attained", "missed"):
-                self.slo_requests.labels(model_name, outcome)
-        self._seen_preemptions = 0
         self.cluster: ClusterMetrics | None = None  # per-instance families, when serving a cluster
-        self._progress: dict[str, _Progress] = {}
+        self.models = ModelMetrics(registry)  # the model pool's: states, loads, evictions, memory
+        self._progress: dict[str, _Progress] = {}  # by request id, unique across models
+        self._series: dict[str, ModelSeries] = {}
+        self._default = self.for_model(model_name)
 
-    # ---- EngineListener --------------------------------------------------------------------
+    def for_model(self, model_name: str) -> ModelSeries:
+        """The listener that labels a model's engine's series with its name."""
+        series = self._series.get(model_name)
+        if series is None:
+            series = self._series[model_name] = ModelSeries(self, model_name)
+            if self.slo is not None:
+                for outcome in ("attained", "missed"):
+                    self.slo_requests.labels(model_name, outcome)
+        return series
+
+    # ---- EngineListener of the first model (a server of one engine attaches the metrics itself) ----
+    def on_step(self, engine: EngineClient, deltas: list[RequestDelta]) -> None:
+        self._default.on_step(engine, deltas)
+
+    def on_abort(self, engine: EngineClient, request_id: str) -> None:
+        self._default.on_abort(engine, request_id)
+
+    def observe_state(self, stats: EngineStats) -> None:
+        self._default.observe_state(stats)
+
+    def _drop_client(self, client: str) -> None:
+        for family in (self.client_tokens, self.client_prompt_tokens, self.client_queue_time):
+            for model_name in self._series:
+                try:
+                    family.remove(model_name, client)
+                except KeyError:  # this family never saw the client with this model
+                    pass
+
+    def enable_cluster(self) -> ClusterMetrics:
+        if self.cluster is None:
+            self.cluster = ClusterMetrics(self.registry, self._default.model_name)
+        return self.cluster
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ModelSeries:
+    """The engine-fed series of one model: an EngineListener of that model's engine."""
+
+    def __init__(self, metrics: ServerMetrics, model_name: str) -> None:
+        self.metrics = metrics
+        self.model_name = model_name
+        self._labels = {"model_name": model_name}
+        self._seen_preemptions = 0
+
     def on_step(self, engine: EngineClient, deltas: list[RequestDelta]) -> None:
         lab = self._labels
         for delta in deltas:
             rid, m = delta.request_id, delta.metrics
             info = engine.request_info(rid)
-            client = self.clients.label(None if info is None else info.client)
-            progress = self._progress.get(rid)
+            client = self.metrics.clients.label(None if info is None else info.client)
+            progress = self.metrics._progress.get(rid)
             if progress is None:
-                progress = self._progress[rid] = _Progress()
+                progress = self.metrics._progress[rid] = _Progress()
                 if m.queue_time is not None:
-                    self.queue_time.labels(**lab).observe(m.queue_time)
-                    self.client_queue_time.labels(**lab, client=client).observe(m.queue_time)
-                self.client_prompt_tokens.labels(**lab, client=client).inc(delta.num_prompt_tokens)
+                    self.metrics.queue_time.labels(**lab).observe(m.queue_time)
+                    self.metrics.client_queue_time.labels(**lab, client=client).observe(m.queue_time)
+                self.metrics.client_prompt_tokens.labels(**lab, client=client).inc(delta.num_prompt_tokens)
             new_tokens = sum(len(c.token_ids) for c in delta.completions)
             num_tokens = progress.num_tokens + new_tokens
             if new_tokens > 0 and m.last_token_time is not None:
                 if progress.num_tokens == 0:
                     progress.first_token_time = m.last_token_time
                     if m.time_to_first_token is not None:
-                        self.ttft.labels(**lab).observe(m.time_to_first_token)
+                        self.metrics.ttft.labels(**lab).observe(m.time_to_first_token)
                 else:
-                    self.itl.labels(**lab).observe(m.last_token_time - progress.last_token_time)
+                    self.metrics.itl.labels(**lab).observe(m.last_token_time - progress.last_token_time)
                 progress.num_tokens, progress.last_token_time = num_tokens, m.last_token_time
-                self.generation_tokens.labels(**lab).inc(new_tokens)
-                self.client_tokens.labels(**lab, client=client).inc(new_tokens)
+                self.metrics.generation_tokens.labels(**lab).inc(new_tokens)
+                self.metrics.client_tokens.labels(**lab, client=client).inc(new_tokens)
             if delta.finished:
-                del self._progress[rid]
-                self.prompt_tokens.labels(**lab).inc(delta.num_prompt_tokens)
+                del self.metrics._progress[rid]
+                self.metrics.prompt_tokens.labels(**lab).inc(delta.num_prompt_tokens)
                 if m.finished_time is not None:
-                    self.e2e.labels(**lab).observe(m.finished_time - m.arrival_time)
+                    self.metrics.e2e.labels(**lab).observe(m.finished_time - m.arrival_time)
                     self._observe_estimate(engine.estimate_of(rid), m.finished_time)
                 for c in delta.completions:
-                    self.finished.labels(**lab, finished_reason=c.finish_reason or "abort").inc()
-                if self.slo is not None:
+                    self.metrics.finished.labels(**lab, finished_reason=c.finish_reason or "abort").inc()
+                if self.metrics.slo is not None:
                     self._observe_slo(m.time_to_first_token, progress, len(delta.completions))
         self.observe_state(engine.stats())
 
     def _observe_slo(self, ttft_s: float | None, progress: _Progress, num_completions: int) -> None:
-        assert self.slo is not None
+        assert self.metrics.slo is not None
         per_completion = progress.num_tokens / max(1, num_completions)
         tpot = (progress.last_token_time - progress.first_token_time) / max(1.0, per_completion - 1)
-        outcome = "attained" if self.slo.attained(ttft_s, tpot) else "missed"
-        self.slo_requests.labels(**self._labels, outcome=outcome).inc()
+        outcome = "attained" if self.metrics.slo.attained(ttft_s, tpot) else "missed"
+        self.metrics.slo_requests.labels(**self._labels, outcome=outcome).inc()
 
     def _observe_estimate(self, estimate: tuple[float, float] | None, finished_time: float) -> None:
         if estimate is None:
@@ -201,38 +245,32 @@ class ServerMetrics:
         estimated, made_at = estimate
         actual = finished_time - made_at
         error = abs(actual - estimated)
-        self.estimate_error.labels(**self._labels).observe(error)
+        self.metrics.estimate_error.labels(**self._labels).observe(error)
         if actual > 0:
-            self.estimate_relative_error.labels(**self._labels).observe(error / actual)
+            self.metrics.estimate_relative_error.labels(**self._labels).observe(error / actual)
 
     def on_abort(self, engine: EngineClient, request_id: str) -> None:
-        self._progress.pop(request_id, None)
-        self.finished.labels(**self._labels, finished_reason="abort").inc()
+        self.metrics._progress.pop(request_id, None)
+        self.metrics.finished.labels(**self._labels, finished_reason="abort").inc()
 
-    def _drop_client(self, client: str) -> None:
-        for family in (self.client_tokens, self.client_prompt_tokens, self.client_queue_time):
-            try:
-                family.remove(self._labels["model_name"], client)
-            except KeyError:  # this family never saw the client
-                pass
-
-    def enable_cluster(self) -> ClusterMetrics:
-        if self.cluster is None:
-            self.cluster = ClusterMetrics(self.registry, self._labels["model_name"])
-        return self.cluster
+    def engine_gone(self) -> None:
+        """The model's engine was evicted: nothing runs or waits, and it holds no KV cache. (A new
+        engine counts preemptions from 0 again.)"""
+        self._seen_preemptions = 0
+        for gauge in (self.metrics.running, self.metrics.waiting, self.metrics.kv_usage):
+            gauge.labels(**self._labels).set(0)
+        for gauge in (self.metrics.kv_free_blocks, self.metrics.kv_total_blocks):
+            gauge.labels(**self._labels).set(0)
 
     def observe_state(self, stats: EngineStats) -> None:
-        self.clients.expire()
+        self.metrics.clients.expire()
         lab = self._labels
-        self.preemptions.labels(**lab).inc(max(0, stats.num_preemptions - self._seen_preemptions))
+        self.metrics.preemptions.labels(**lab).inc(max(0, stats.num_preemptions - self._seen_preemptions))
         self._seen_preemptions = stats.num_preemptions
-        self.running.labels(**lab).set(stats.num_running)
-        self.waiting.labels(**lab).set(stats.num_waiting)
-        self.kv_usage.labels(**lab).set(stats.kv_usage)
-        self.kv_free_blocks.labels(**lab).set(stats.kv_free_blocks)
-        self.kv_total_blocks.labels(**lab).set(stats.kv_total_blocks)
+        self.metrics.running.labels(**lab).set(stats.num_running)
+        self.metrics.waiting.labels(**lab).set(stats.num_waiting)
+        self.metrics.kv_usage.labels(**lab).set(stats.kv_usage)
+        self.metrics.kv_free_blocks.labels(**lab).set(stats.kv_free_blocks)
+        self.metrics.kv_total_blocks.labels(**lab).set(stats.kv_total_blocks)
         if stats.prefix_hit_rate is not None:
-            self.prefix_hit_rate.labels(**lab).set(stats.prefix_hit_rate)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+            self.metrics.prefix_hit_rate.labels(**lab).set(stats.prefix_hit_rate)

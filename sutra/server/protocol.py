@@ -8,23 +8,20 @@ must not get an answer that silently ignored it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from sutra.errors import InvalidRequestError
-from sutra.sampling_params import SamplingParams
+from sutra.sampling_params import SamplingParams, StructuredOutputsParams
+from sutra.server.structured import structured_spec
 
 MAX_LOGPROBS = 20  # top-N alternatives per token, as OpenAI and vLLM allow
 _REFUSED_WHEN_SET = (
     "prompt_logprobs",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
     "guided_decoding_backend",
     "guided_whitespace_pattern",
-    "structured_outputs",
     "bad_words",
     "allowed_token_ids",
     "logits_processors",
@@ -94,16 +91,20 @@ class SamplingFields(CheckedText):
     priority: int = 0
     # Requests share prefix-cache blocks only with requests of the same salt (vLLM's field).
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
+    # Structured outputs (sutra.server.structured): OpenAI's response_format, vLLM's structured_outputs
+    # and its older guided_* aliases; at most one of them.
     response_format: dict[str, Any] | None = None
-    # vLLM's extensions we do not implement (refused when set).
-    prompt_logprobs: Any = None
+    structured_outputs: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    # The spec they ask for, read by check_supported().
+    _structured: StructuredOutputsParams | None = PrivateAttr(default=None)
+    # vLLM's extensions we do not implement (refused when set).
+    prompt_logprobs: Any = None
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
-    structured_outputs: Any = None
     bad_words: Any = None
     allowed_token_ids: Any = None
     logits_processors: Any = None
@@ -119,12 +120,18 @@ class SamplingFields(CheckedText):
         for name in _REFUSED_WHEN_SET:
             if getattr(self, name) is not None:
                 raise InvalidRequestError(f"{name} is not supported", param=name)
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError(
-                "response_format other than text is not supported", param="response_format"
-            )
+        self._structured = structured_spec(self)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    @property
+    def structured_spec(self) -> StructuredOutputsParams | None:
+        """The structured output the request asks for (set by check_supported), or None."""
+        return self._structured
+
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, defaults: Mapping[str, float | int] | None = None
+    ) -> SamplingParams:
+        """The request's sampling; a field it leaves unset takes `defaults` (the model's generation
+        config) if that has it, else SamplingParams' own default."""
         given = {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -146,7 +153,8 @@ class SamplingFields(CheckedText):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.logit_bias,
-            **{k: v for k, v in given.items() if v is not None},
+            structured_outputs=self._structured,
+            **{**(defaults or {}), **{k: v for k, v in given.items() if v is not None}},
         )
 
 
@@ -185,12 +193,25 @@ class CompletionRequest(SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it: text parts joined into one string."""
@@ -209,6 +230,10 @@ class ChatMessage(BaseModel):
         out: dict[str, Any] = {"role": role, "content": content}
         if self.name:
             out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
 
 
@@ -226,15 +251,14 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateOptions):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise InvalidRequestError("tools are not supported", param="tools")
+        # The deprecated functions API: its successor, tools, is supported.
         if self.functions:
-            raise InvalidRequestError("functions are not supported", param="functions")
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                raise InvalidRequestError(
-                    f'{name} is not supported (tools are not): send null or "none"', param=name
-                )
+            raise InvalidRequestError("functions are not supported: send tools", param="functions")
+        if self.function_call not in (None, "none"):
+            raise InvalidRequestError(
+                'function_call is not supported: send tool_choice (null or "none" only)',
+                param="function_call",
+            )
         self.check_template_options()
         if self.echo:
             raise InvalidRequestError("echo is not supported", param="echo")

@@ -2,6 +2,8 @@
 
 Both run the model's own tokenizer (and chat template) in a worker thread, so a long text never holds
 the event loop, and neither touches the engine: they answer while it is busy, draining or saturated.
+With many models, the tokenizer is the named model's; only the first call for a model that was never
+loaded waits for it to load (the tokenizer stays known after the model is evicted).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from importlib import metadata
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
 import sutra
@@ -17,6 +20,7 @@ from sutra.model.tokenizer import Tokenizer
 from sutra.server.chat import template_messages
 from sutra.server.common import ServerState
 from sutra.server.protocol import ChatMessage, ChatTemplateOptions, CheckedText
+from sutra.server.tools import prompt_messages, template_knows_tools, tool_request
 
 
 class TokenizeRequest(CheckedText, ChatTemplateOptions):
@@ -32,7 +36,7 @@ class TokenizeRequest(CheckedText, ChatTemplateOptions):
     add_special_tokens: bool | None = None
     # vLLM returns the vocabulary's raw pieces here; refused rather than answered differently.
     return_token_strs: bool | None = None
-    tools: list | None = None
+    tools: list[dict] | None = None  # rendered as chat completions renders them (tool_choice auto)
 
     def check_supported(self) -> None:
         if self.prompt is None and self.messages is None:
@@ -41,8 +45,8 @@ class TokenizeRequest(CheckedText, ChatTemplateOptions):
             raise InvalidRequestError("send either prompt or messages, not both", param="messages")
         if self.return_token_strs:
             raise InvalidRequestError("return_token_strs is not supported", param="return_token_strs")
-        if self.tools:
-            raise InvalidRequestError("tools are not supported", param="tools")
+        if self.tools and self.messages is None:
+            raise InvalidRequestError("tools are rendered into a chat: send messages", param="tools")
         self.check_template_options()
 
 
@@ -53,26 +57,35 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-async def tokenize(state: ServerState, body: TokenizeRequest) -> dict:
+async def tokenize(state: ServerState, body: TokenizeRequest, http_request: Request) -> dict:
     state.check_model(body.model)
     body.check_supported()
     body.check_text()
-    tok = state.engine.tokenizer
     if body.messages is not None:
         state.limits.check_messages(body.messages)
-        messages = template_messages(state, body.messages)
+    tools = tool_request(body.tools, None, state.limits.max_tools)
+    # The model's own tokenizer: known once the model has been loaded, so only a first call loads it.
+    served = await state.tokenizer_for(body.model, http_request)
+    tok = served.tokenizer
+    assert tok is not None and served.max_model_len is not None
+    if body.messages is not None:
+        native = template_knows_tools(tok.chat_template)
+        messages, rendered_tools = prompt_messages(template_messages(served, body.messages), tools, native)
         special = bool(body.add_special_tokens)
-        ids = await asyncio.to_thread(_encode_chat, tok, messages, body.add_generation_prompt, special)
+        ids = await asyncio.to_thread(
+            _encode_chat, tok, messages, body.add_generation_prompt, special, rendered_tools
+        )
     else:
         special = body.add_special_tokens is None or body.add_special_tokens
         ids = await asyncio.to_thread(tok.encode, body.prompt or "", special)
     # No length check: the answer says how the prompt compares with the context (as vLLM's does).
-    return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
+    return {"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids}
 
 
-async def detokenize(state: ServerState, body: DetokenizeRequest) -> dict:
-    state.check_model(body.model)
-    tok = state.engine.tokenizer
+async def detokenize(state: ServerState, body: DetokenizeRequest, http_request: Request) -> dict:
+    served = await state.tokenizer_for(body.model, http_request)
+    tok = served.tokenizer
+    assert tok is not None
     bad = [t for t in body.tokens if not 0 <= t < tok.vocab_size]
     if bad:
         # The tokenizer would skip an unknown id silently, or fail on a negative one.
@@ -84,10 +97,15 @@ async def detokenize(state: ServerState, body: DetokenizeRequest) -> dict:
 
 
 def _encode_chat(
-    tok: Tokenizer, messages: list[dict], add_generation_prompt: bool, add_special_tokens: bool
+    tok: Tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    add_special_tokens: bool,
+    tools: list[dict] | None,
 ) -> list[int]:
     # Without special tokens this is exactly the prompt the chat completions route submits.
-    return tok.encode(tok.chat_text(messages, add_generation_prompt), add_special_tokens=add_special_tokens)
+    text = tok.chat_text(messages, add_generation_prompt, tools)
+    return tok.encode(text, add_special_tokens=add_special_tokens)
 
 
 def server_version() -> str:

@@ -114,7 +114,11 @@ class SimEngine:
         self.scheduler = scheduler
         self.kv = scheduler.kv
         self.executor = SimExecutor(cost_model=cost_model, keep_steps=False)
+        # An unchanged request's diff entry would only let the executor check its progress: most of a
+        # step's diff, left out here.
+        scheduler.report_unchanged_requests = False
         self.traces: dict[str, SimTrace] = {}
+        self._params: dict[int, SamplingParams] = {}  # by output length: one validated object each
         self.now = 0.0
         self.num_steps = 0
 
@@ -155,7 +159,10 @@ class SimEngine:
         if tokens is None:  # unique per request: no accidental prefix-cache hits
             seed = len(self.traces) * 7919 + sum(map(ord, self.name))
             tokens = [(seed + k * 31) % 50_000 + 17 for k in range(spec.prompt_len)]
-        params = SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0)
+        params = self._params.get(spec.output_len)
+        if params is None:  # the scheduler never changes a request's params, so requests share them
+            params = SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0)
+            self._params[spec.output_len] = params
         request = Request(
             spec.request_id,
             tokens,
@@ -182,13 +189,14 @@ class SimEngine:
             if trace is not None and trace.first_scheduled_time is None:
                 trace.first_scheduled_time = self.now
         runner_out = self.executor.execute(out)
-        self.now += self.executor.last_step_seconds
+        now = self.now = self.now + self.executor.last_step_seconds
         self.num_steps += 1
         stepped = self.scheduler.update_from_output(out, runner_out)
+        traces = self.traces
         for request in stepped:
-            trace = self.traces.get(request.request_id)
+            trace = traces.get(request.request_id)
             if trace is not None:
-                trace.token_times.append(self.now)
+                trace.token_times.append(now)
                 trace.num_preemptions = request.num_preemptions
         return stepped
 

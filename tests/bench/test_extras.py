@@ -15,7 +15,9 @@ def test_server_and_simulator_modules_do_not_import_the_bench_extra():
         "import sys, sutra.cli, sutra.server.app, sutra.bench.serve, sutra.bench.report, sutra.sim.simulate; "
         "print(sorted(m for m in ('aiohttp', 'matplotlib') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 

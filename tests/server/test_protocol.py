@@ -117,16 +117,27 @@ def test_lone_surrogates_are_found_with_their_path():
 
 
 def test_unsupported_fields_are_refused_by_name():
-    for field in ("prompt_logprobs", "guided_json", "guided_choice", "structured_outputs"):
+    for field in ("prompt_logprobs", "guided_decoding_backend", "guided_whitespace_pattern"):
         with pytest.raises(InvalidRequestError, match=f"{field} is not supported") as e:
             CompletionRequest(prompt="hi", **{field: 1}).check_supported()
         assert e.value.param == field
     with pytest.raises(InvalidRequestError) as e:
-        CompletionRequest(prompt="hi", response_format={"type": "json_object"}).check_supported()
+        CompletionRequest(prompt="hi", response_format={"type": "structural_tag"}).check_supported()
     assert e.value.param == "response_format"
     CompletionRequest(prompt="hi", response_format={"type": "text"}).check_supported()
     chat = [{"role": "user", "content": "x"}]
-    ChatCompletionRequest(messages=chat, tool_choice="none").check_supported()
+    # Tools are checked against the server's limits when served (sutra.server.tools); the deprecated
+    # functions API is refused.
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    ChatCompletionRequest(messages=chat, tools=tools, tool_choice="required").check_supported()
     with pytest.raises(InvalidRequestError) as e:
-        ChatCompletionRequest(messages=chat, tool_choice="required").check_supported()
-    assert e.value.param == "tool_choice"
+        ChatCompletionRequest(messages=chat, functions=[{"name": "f"}]).check_supported()
+    assert e.value.param == "functions"
+
+
+def test_the_models_generation_defaults_fill_only_the_fields_a_request_leaves_unset():
+    defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    body = CompletionRequest(prompt="hi", temperature=0.0, top_k=5)
+    params = body.sampling_params(8, None, defaults)
+    assert (params.temperature, params.top_p, params.top_k) == (0.0, 0.9, 5)
+    assert CompletionRequest(prompt="hi").sampling_params(8, None).temperature == 1.0  # no defaults given

@@ -55,6 +55,18 @@ def test_tokenize_messages_as_chat_completions_do(sutra_server, client, smollm2_
     assert bare["tokens"] == expected[: bare["count"]] and bare["count"] < out["count"]
 
 
+TOOL = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+
+
+def test_tokenize_messages_with_tools_as_chat_completions_render_them(sutra_server, client):
+    out = _tokenize(sutra_server, messages=QUESTION, tools=[TOOL])
+    assert out["count"] > _tokenize(sutra_server, messages=QUESTION)["count"]
+    chat = client.chat.completions.create(
+        model=sutra_server.model, messages=QUESTION, tools=[TOOL], max_tokens=1
+    )
+    assert chat.usage.prompt_tokens == out["count"]
+
+
 def test_detokenize_round_trips_and_keeps_special_tokens(sutra_server):
     ids = _tokenize(sutra_server, prompt=PROMPT)["tokens"]
     response = post(sutra_server, "/detokenize", {"model": sutra_server.model, "tokens": ids})
@@ -95,7 +107,14 @@ def test_detokenize_round_trips_and_keeps_special_tokens(sutra_server):
             "",
         ),
         ("/tokenize", {"messages": QUESTION, "chat_template": "{{ x }}"}, 400, "chat_template", ""),
-        ("/tokenize", {"messages": QUESTION, "tools": [{"type": "function"}]}, 400, "tools", ""),
+        (
+            "/tokenize",
+            {"messages": QUESTION, "tools": [{"type": "function"}]},
+            400,
+            "tools.0",
+            "a tool must be",
+        ),
+        ("/tokenize", {"prompt": "hi", "tools": [TOOL]}, 400, "tools", "send messages"),
         ("/tokenize", "{not json", 400, None, "not valid JSON"),
     ],
 )

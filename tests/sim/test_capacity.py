@@ -94,7 +94,7 @@ def test_sarathi_outserves_prefill_first_under_a_strict_tbt_slo():
     model = RooflineCostModel(device_spec("h100-sxm"), model_shape("llama-3-8b"))
     blocks = kv_cache_blocks(model.device, model.shape)
     lengths = lognormal_lengths(60, (3000, 6000), (60, 120), 8192, seed=0)
-    slo = Slo(p99_tbt_s=0.05, p50_ttft_s=2.0)
+    slo = Slo(p99_tbt_s=0.05, p50_scheduling_delay_s=2.0)
 
     def capacity(mode: str, budget: int) -> float:
         config = SchedulerConfig(max_num_batched_tokens=budget, mode=mode)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections import deque
+from operator import attrgetter
 
 from sutra.core.policies.base import Policy
 from sutra.core.request import Request
+
+_ARRIVAL = attrgetter("arrival_time")  # a sort key in C: running_order sorts every step
 
 
 class FCFSPolicy(Policy):
@@ -35,4 +38,4 @@ class FCFSPolicy(Policy):
         return list(self._queue)
 
     def running_order(self, running: list[Request]) -> list[Request]:
-        return sorted(running, key=lambda r: r.arrival_time)
+        return sorted(running, key=_ARRIVAL)

@@ -1,0 +1,424 @@
+"""ModelPool: the models one server serves, each loaded when a request needs it, under a memory budget.
+
+ServerlessLLM's memory tier. Every configured model is in one state:
+
+- ready: an engine serves it; its weights and KV cache count against the budget (`--model-memory-gb`);
+- loading: a worker thread builds its engine (it counts already), then it is ready;
+- evicting: its engine stops and its memory is freed (it counts until then);
+- cached: its weights wait in host memory (HostCache, `--model-cache-gb`), so a load skips the disk;
+- cold: only its source on disk.
+
+A request acquires its model and holds it (a Lease) until its response has ended. A ready model that
+no one must make room for is granted at once. Otherwise the request takes a ticket. A model that
+becomes ready serves every ticket waiting for it at once; loads go in ticket order: a ticket's model
+is loaded when it fits, evicting idle ready models (least recently used first) to make room. When the
+oldest ticket that needs room can only get it from models still in use, those models take no new
+requests until they drain, then go: a stream of requests for a ready model cannot starve another
+model's waiting requests. A model with requests in
+flight is never evicted, concurrent requests for a cold model share its one load, and loads and
+evictions run in threads, never on the event loop. A ticket that waits for room longer than
+`wait_timeout_s` fails (the server answers 503); once its model's load has begun it only waits (a
+load never fails a request by taking long).
+
+A pool of one model that is always ready and never evicted (a server started with one model) costs
+a counter per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sutra.engine.client import EngineClient, EngineDrainingError, EngineListener, EngineOverloadedError
+from sutra.server.host_cache import HostCache
+from sutra.server.served_model import (
+    RESIDENT,
+    Loaded,
+    ModelLoader,
+    ModelLoadFailedError,
+    ModelState,
+    ModelUnavailableError,
+    NoObserver,
+    PoolObserver,
+    ServedModel,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WAIT_TIMEOUT_S = 60.0
+
+
+@dataclass(eq=False)
+class _Ticket:
+    model: ServedModel
+    granted: asyncio.Future[None]
+
+
+@dataclass(eq=False)
+class Lease:
+    """A request's hold on its model; release() once its response has ended (twice is harmless)."""
+
+    pool: ModelPool
+    model: ServedModel
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool._release(self.model)
+
+
+@dataclass
+class ModelPool:
+    models: dict[str, ServedModel]  # in configuration order
+    loader: ModelLoader | None
+    default: str = ""
+    memory_budget: int | None = None  # bytes for resident models; None: no limit
+    cache: HostCache | None = None
+    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
+    max_waiting: int | None = None  # tickets per model; more is a 503
+    observer: PoolObserver = field(default_factory=NoObserver)
+    # Listeners to attach to a model's engine when it starts (metrics, the request log).
+    listeners_for: Callable[[ServedModel], list[EngineListener]] = lambda _: []
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("a model pool needs at least one model")
+        self.default = self.default or next(iter(self.models))
+        if self.default not in self.models:
+            raise ValueError(f"the default model {self.default!r} is not one of {list(self.models)}")
+        self._queue: deque[_Ticket] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def single(cls, name: str, engine: EngineClient) -> ModelPool:
+        """One model, always ready, never evicted: the pool of a server started with one engine."""
+        model = ServedModel(
+            name,
+            name,
+            pinned=True,
+            state=ModelState.READY,
+            engine=engine,
+            tokenizer=engine.tokenizer,
+            max_model_len=engine.max_model_len,
+        )
+        return cls({name: model}, None, default=name)
+
+    # ---- lookup ----------------------------------------------------------------------------
+    def get(self, name: str | None) -> ServedModel:
+        """The model a request names (None: the default); KeyError for a name not served."""
+        return self.models[self.default if name is None else name]
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(m.footprint for m in self.models.values() if m.state in RESIDENT)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def preload(self, name: str) -> None:
+        """Load a model now, on this thread (at start-up, before the event loop runs)."""
+        model = self.models[name]
+        if model.state is ModelState.READY:
+            return
+        start = self.clock()
+        self._install(model, self._loader().load(model, None))
+        self.observer.on_load(name, "disk", self.clock() - start)
+
+    def start(self) -> None:
+        """On the event loop: start the engines loaded before it ran."""
+        self._loop = asyncio.get_running_loop()
+        self._started = True
+        for model in self.models.values():
+            self.observer.on_state(model.name, model.state)
+            if model.engine is not None:
+                self._start_engine(model)
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for model in self.models.values():
+            if model.engine is not None:
+                await model.engine.shutdown()
+
+    # ---- requests --------------------------------------------------------------------------
+    async def acquire(self, name: str | None) -> Lease:
+        """Hold the model for a request, loading it (and making room) first if needed. Raises
+        KeyError (no such model), EngineDrainingError, EngineOverloadedError (too many waiting),
+        ModelUnavailableError (no room within the timeout) or ModelLoadFailedError."""
+        model = self.get(name)
+        if self._draining:
+            raise EngineDrainingError("the server is shutting down and takes no new requests; retry later")
+        if model.state is ModelState.READY and not model.reclaiming:
+            self._grant(model)
+            return Lease(self, model)
+        if self.max_waiting is not None and model.waiting >= self.max_waiting:
+            raise EngineOverloadedError(
+                f"{model.waiting} requests are waiting for the model `{model.name}` (limit "
+                f"{self.max_waiting}); retry later"
+            )
+        ticket = _Ticket(model, asyncio.get_running_loop().create_future())
+        model.waiting += 1
+        self._queue.append(ticket)
+        started = self.clock()
+        try:
+            self._pump()
+            await self._wait(ticket, started + self.wait_timeout_s)
+        except BaseException:
+            self._withdraw(ticket)
+            raise
+        finally:
+            model.waiting -= 1
+        self.observer.on_wait(model.name, self.clock() - started)
+        return Lease(self, model)
+
+    async def _wait(self, ticket: _Ticket, deadline: float) -> None:
+        while True:
+            loading = ticket.model.state is ModelState.LOADING
+            timeout = None if loading else max(0.0, deadline - self.clock())
+            done, _ = await asyncio.wait([ticket.granted], timeout=timeout)
+            if done:
+                ticket.granted.result()  # raises what failed the load
+                return
+            if ticket.model.state is ModelState.LOADING:
+                continue  # its load began meanwhile: from now on it only waits
+            raise ModelUnavailableError(
+                f"the model `{ticket.model.name}` could not be loaded within {self.wait_timeout_s:g} s: "
+                f"the memory for models ({_gb(self.memory_budget)}) is held by models with requests in "
+                "flight; retry later"
+            )
+
+    def _withdraw(self, ticket: _Ticket) -> None:
+        """The waiter is gone (timed out, cancelled, or its load failed)."""
+        if ticket in self._queue:
+            self._queue.remove(ticket)
+        elif ticket.granted.done() and not ticket.granted.cancelled() and ticket.granted.exception() is None:
+            self._release(ticket.model)  # granted just as its waiter left
+        self._pump()
+
+    def _grant(self, model: ServedModel) -> None:
+        model.in_flight += 1
+        model.last_used = self.clock()
+
+    def _release(self, model: ServedModel) -> None:
+        model.in_flight -= 1
+        model.last_used = self.clock()
+        if self._queue or model.reclaiming:
+            self._pump()
+
+    # ---- scheduling ------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Serve tickets: grant every ticket whose model is ready (a loaded model serves all that
+        wait for it at once), then, oldest first, start the loads that fit and make room for the
+        oldest ticket that needs it. Runs on the event loop after every change."""
+        for ticket in list(self._queue):
+            model = ticket.model
+            if model.state is ModelState.READY and not model.reclaiming and not ticket.granted.done():
+                self._queue.remove(ticket)
+                self._grant(model)
+                ticket.granted.set_result(None)
+        room_claimed = False
+        for ticket in self._queue:
+            model = ticket.model
+            if (
+                room_claimed
+                or ticket.granted.done()
+                or model.state not in (ModelState.COLD, ModelState.CACHED)
+            ):
+                continue
+            if self._fits(model):
+                self._start_load(model)
+            else:
+                room_claimed = True  # later tickets wait behind this one for memory
+                self._reclaim_for(model)
+        if not room_claimed:  # no one needs memory (any more): marked models serve again
+            for model in self.models.values():
+                model.reclaiming = False
+        for model in self.models.values():
+            if model.reclaiming and model.in_flight == 0 and model.state is ModelState.READY:
+                self._start_evict(model)
+
+    def _fits(self, model: ServedModel) -> bool:
+        if self.memory_budget is None:
+            return True
+        # A model measured above the whole budget still loads, alone (the start-up check compares
+        # estimates; a measurement can come out larger).
+        need = min(model.footprint, self.memory_budget)
+        return self.resident_bytes + need <= self.memory_budget
+
+    def _reclaim_for(self, model: ServedModel) -> None:
+        """Mark ready models to make room for `model`, idle ones and the least recently used first:
+        they take no new requests and are evicted once idle. Marks stay until the room is no longer
+        needed, so requests that keep coming for a marked model cannot keep it. Nothing more is
+        marked if even every ready model would not make room (loads under way hold the rest)."""
+        assert self.memory_budget is not None
+        need = min(model.footprint, self.memory_budget)
+        # Evicting and marked models are leaving: count them as gone when planning (not when loading).
+        staying = [m for m in self.models.values() if m.state in (ModelState.LOADING, ModelState.READY)]
+        committed = sum(m.footprint for m in staying if not m.reclaiming)
+        candidates = [m for m in staying if m.state is ModelState.READY and not m.reclaiming and not m.pinned]
+        candidates.sort(key=lambda m: (m.in_flight > 0, m.last_used))
+        chosen: list[ServedModel] = []
+        for candidate in candidates:
+            if committed + need <= self.memory_budget:
+                break
+            chosen.append(candidate)
+            committed -= candidate.footprint
+        if committed + need > self.memory_budget:
+            return
+        for candidate in chosen:
+            candidate.reclaiming = True
+
+    # ---- loading and evicting -------------------------------------------------------------------
+    def _start_load(self, model: ServedModel) -> None:
+        cached = self.cache.take(model.name) if self.cache is not None else None
+        self._set_state(model, ModelState.LOADING)
+        self._spawn(self._load(model, cached))
+
+    async def _load(self, model: ServedModel, cached: Any | None) -> None:
+        source = "disk" if cached is None else "cache"
+        start = self.clock()
+        try:
+            loaded = await asyncio.to_thread(self._loader().load, model, cached)
+        except Exception as e:
+            logger.exception("loading the model %s (%s) failed", model.name, model.source)
+            self._set_state(model, ModelState.COLD)
+            error = ModelLoadFailedError(f"the model `{model.name}` could not be loaded: {e}")
+            for ticket in [t for t in self._queue if t.model is model]:
+                self._queue.remove(ticket)
+                if not ticket.granted.done():
+                    ticket.granted.set_exception(error)
+            self._pump()
+            return
+        self._install(model, loaded)
+        seconds = self.clock() - start
+        logger.info("model %s ready (from %s) in %.2f s", model.name, source, seconds)
+        self.observer.on_load(model.name, source, seconds)
+        self._pump()
+
+    def _install(self, model: ServedModel, loaded: Loaded) -> None:
+        model.engine = loaded.engine
+        model.tokenizer = loaded.engine.tokenizer
+        model.max_model_len = loaded.engine.max_model_len
+        if loaded.footprint > (self.memory_budget or loaded.footprint):
+            logger.warning(
+                "the model %s holds %s, more than --model-memory-gb (%s): it is served alone",
+                model.name,
+                _gb(loaded.footprint),
+                _gb(self.memory_budget),
+            )
+        model.footprint = loaded.footprint
+        model.keep = loaded.keep
+        model.loads += 1
+        model.last_used = self.clock()
+        if self._started:
+            self._start_engine(model)
+        self._set_state(model, ModelState.READY)
+
+    def _start_engine(self, model: ServedModel) -> None:
+        assert model.engine is not None
+        model.engine.listeners.extend(self.listeners_for(model))
+        model.engine.start()
+        if self._draining:
+            model.engine.begin_drain()
+
+    def _start_evict(self, model: ServedModel) -> None:
+        model.reclaiming = False
+        self._set_state(model, ModelState.EVICTING)
+        self._spawn(self._evict(model))
+
+    async def _evict(self, model: ServedModel) -> None:
+        kept: tuple[Any, int] | None = None
+        try:
+            kept = await self._loader().unload(model, self.cache is not None)
+        except Exception:
+            logger.exception("evicting the model %s failed; its weights are not kept", model.name)
+        model.engine = None
+        model.keep = None
+        state = ModelState.COLD
+        if kept is not None and self.cache is not None:
+            payload, nbytes = kept
+            wanted = {t.model.name for t in self._queue}  # a model requests wait for stays
+            for dropped in self.cache.put(model.name, payload, nbytes, keep=wanted):
+                if dropped != model.name:
+                    self._set_state(self.models[dropped], ModelState.COLD)
+            if model.name in self.cache:
+                state = ModelState.CACHED
+        self._set_state(model, state)
+        logger.info("model %s evicted (now %s)", model.name, state.value)
+        self.observer.on_evict(model.name)
+        self._pump()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _set_state(self, model: ServedModel, state: ModelState) -> None:
+        model.state = state
+        self.observer.on_state(model.name, state)
+
+    def _loader(self) -> ModelLoader:
+        if self.loader is None:
+            raise RuntimeError("this model pool has no loader: its models cannot be loaded")
+        return self.loader
+
+    # ---- what the server asks of it as a whole ----------------------------------------------
+    @property
+    def dead_reason(self) -> str | None:
+        """Why no model can serve; None while one can (a cold model can: it loads)."""
+        reasons = []
+        for model in self.models.values():
+            reason = model.engine.dead_reason if model.engine is not None else None
+            if reason is None and (model.engine is not None or not model.pinned):
+                return None
+            reasons.append(reason or "no engine")
+        return reasons[0]
+
+    @property
+    def is_draining(self) -> bool:
+        return self._draining or any(
+            m.engine is not None and m.engine.is_draining for m in self.models.values()
+        )
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests holding or waiting for a model."""
+        return sum(m.in_flight + m.waiting for m in self.models.values())
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; waiting ones fail with EngineDrainingError. Only sets flags
+        (and wakes the event loop), so a signal handler may call it."""
+        self._draining = True
+        for model in self.models.values():
+            if model.engine is not None:
+                model.engine.begin_drain()
+        if self._loop is not None and not self._loop.is_closed():
+            error = EngineDrainingError("the server is shutting down and takes no new requests; retry later")
+            self._loop.call_soon_threadsafe(self._fail_waiting, error)
+
+    def abort_all(self, error: Exception) -> int:
+        """End every request in flight and every waiting one with `error`; returns how many."""
+        ended = self._fail_waiting(error)
+        for model in self.models.values():
+            if model.engine is not None:
+                ended += model.engine.abort_all(error)
+        return ended
+
+    def _fail_waiting(self, error: Exception) -> int:
+        tickets, self._queue = list(self._queue), deque()
+        for ticket in tickets:
+            if not ticket.granted.done():
+                ticket.granted.set_exception(error)
+        return len(tickets)
+
+
+def _gb(nbytes: int | None) -> str:
+    return "no limit" if nbytes is None else f"{nbytes / 2**30:.2f} GB"

@@ -1,0 +1,102 @@
+"""What a model pool holds for each model (ServedModel), its states, and the parts a pool is built
+from: the loader that builds and stops engines, the observer told of every change (metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+from sutra.engine.client import EngineClient
+from sutra.errors import SutraError
+from sutra.model.tokenizer import Tokenizer
+
+
+class ModelState(str, Enum):
+    COLD = "cold"
+    CACHED = "cached"
+    LOADING = "loading"
+    READY = "ready"
+    EVICTING = "evicting"
+
+
+# States whose memory counts against the budget.
+RESIDENT = (ModelState.LOADING, ModelState.READY, ModelState.EVICTING)
+
+
+class ModelUnavailableError(SutraError):
+    """The model could not be made ready in time: the models using the memory did not drain."""
+
+
+class ModelLoadFailedError(SutraError):
+    """Loading the model raised; the requests waiting for it fail, the next request tries again."""
+
+
+@dataclass
+class Loaded:
+    """A loader's result: an engine (not started yet) and the memory it holds."""
+
+    engine: EngineClient
+    footprint: int  # bytes: weights + KV cache, measured
+    keep: Any = None  # what the loader needs at eviction to keep the weights in the host cache
+
+
+class ModelLoader(Protocol):
+    def load(self, model: ServedModel, cached: Any | None) -> Loaded:
+        """Build the model's engine, from `cached` (a host-cache payload) if given, else from its
+        source. Runs in a worker thread."""
+        ...
+
+    async def unload(self, model: ServedModel, keep_weights: bool) -> tuple[Any, int] | None:
+        """Stop model.engine and free its memory; with keep_weights, return (payload, bytes) for the
+        host cache, or None if the weights cannot be kept."""
+        ...
+
+
+class PoolObserver(Protocol):
+    """Told about every change (metrics); must be cheap."""
+
+    def on_state(self, name: str, state: ModelState) -> None: ...
+
+    def on_load(self, name: str, source: str, seconds: float) -> None: ...
+
+    def on_evict(self, name: str) -> None: ...
+
+    def on_wait(self, name: str, seconds: float) -> None: ...
+
+
+class NoObserver:
+    def on_state(self, name: str, state: ModelState) -> None:
+        pass
+
+    def on_load(self, name: str, source: str, seconds: float) -> None:
+        pass
+
+    def on_evict(self, name: str) -> None:
+        pass
+
+    def on_wait(self, name: str, seconds: float) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class ServedModel:
+    name: str
+    source: str  # for people: the --model source
+    config: Any = None  # what the loader builds the engine from (an EngineConfig)
+    footprint: int = 0  # bytes when resident: estimated until the first load, then measured
+    max_model_len: int | None = None
+    pinned: bool = False  # never evicted (a server of one model)
+    state: ModelState = ModelState.COLD
+    engine: EngineClient | None = None  # set while ready (and while evicting)
+    tokenizer: Tokenizer | None = None  # kept once known, so /tokenize needs no load
+    keep: Any = None  # the loader's, from load to unload
+    last_used: float = 0.0
+    in_flight: int = 0  # leases held: requests from their grant until their response ended
+    waiting: int = 0  # tickets: requests waiting for this model
+    reclaiming: bool = False  # ready, but to be evicted once idle: takes no new requests
+    loads: int = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.name
