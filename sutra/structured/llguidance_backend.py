@@ -17,9 +17,9 @@ from sutra.structured.params import JSON_OBJECT_SCHEMA, StructuredOutputsParams
 # Whitespace a JSON grammar allows between two tokens: spaces or tabs, or one line break and an
 # indent (pretty-printing to a depth of 5 at 4 spaces). Unbounded whitespace lets a small model fill
 # max_tokens with blank lines inside an object, which stays valid JSON but never ends.
+JSON_WHITESPACE = r"[\x20\x09]{1,20}|\r?\n[\x20\x09]{0,20}"
 # Batches at least this large fill their masks on the executor's threads.
 PARALLEL_MIN_ROWS = 4
-JSON_WHITESPACE = r"[\x20\x09]{1,20}|\r?\n[\x20\x09]{0,20}"
 
 
 class _Tokens:

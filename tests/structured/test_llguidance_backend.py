@@ -137,7 +137,7 @@ def test_json_whitespace_is_bounded(backend, tokenizer):
         (StructuredOutputsParams(regex="a(b"), "unclosed group"),
         (StructuredOutputsParams(grammar="root ::= ("), "Expected"),
         (StructuredOutputsParams(grammar="root ::= undefined_rule"), "undefined_rule"),
-        (StructuredOutputsParams(grammar="start: /[a-/"), ""),
+        (StructuredOutputsParams(grammar="start: /[a-/"), "unclosed character class"),
     ],
 )
 def test_invalid_specs_raise_spec_error(backend, spec, message):
