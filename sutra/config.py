@@ -26,12 +26,17 @@ class ModelConfig:
     # auto: requests that leave temperature, top_p, top_k, min_p or repetition_penalty unset get the
     # model's generation_config.json values (vLLM's default); vllm: the engine's own defaults.
     generation_config: Literal["auto", "vllm"] = "auto"
+    # int8: per-output-channel int8 weights for the linear layers and the LM head, quantized at load
+    # (weight-only: activations, KV cache and embedding stay in dtype). None: weights in dtype.
+    quantization: Literal[None, "int8"] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
         if self.generation_config not in ("auto", "vllm"):
             raise ValueError(f"generation_config must be auto or vllm, got {self.generation_config!r}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
 
 
 @dataclass

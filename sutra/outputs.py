@@ -52,3 +52,6 @@ class RequestOutput:
     # Why the request failed while running (finished is then True). InvalidRequestError: its own
     # values left nothing to compute; RequestFailedError: an internal fault. Other requests go on.
     error: SutraError | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing
+    # predicts it); complete once the first output token is out.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -17,6 +17,7 @@ MAX_N = 128  # samples per request (OpenAI's limit): each one is a sequence in t
 # Hotter than this samples little but noise; the bound also keeps logits / temperature well inside
 # float32 (a temperature that rounds to inf there turns banned tokens' -inf into NaN).
 MAX_TEMPERATURE = 100.0
+MAX_LOGPROBS = 20  # top-N alternatives per token, as OpenAI and vLLM allow
 # Dividing or multiplying logits by a tiny or huge factor overflows float32 into inf, then NaN.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # OpenAI's range for a logit_bias value: -100 bans a token in practice, +100 forces it.
@@ -56,6 +57,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs of each sampled token (0: only the sampled one)
+    # Logprob of each prompt token after the first, with the top-N alternatives (0: only the prompt's
+    # own token), as RequestOutput.prompt_logprobs. Such a request computes its whole prompt: it
+    # takes no prefix-cache hits (a cached block has no logits).
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # token id -> added to its logit before sampling. Keys may be given as strings (JSON object keys,
@@ -109,9 +114,11 @@ class SamplingParams:
             f"must be in [0, max_tokens={self.max_tokens}]",
             self.min_tokens,
         )
-        self._check(
-            self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]", self.logprobs
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            self._check(
+                value is None or 0 <= value <= MAX_LOGPROBS, name, f"must be in [0, {MAX_LOGPROBS}]", value
+            )
         self._check(
             all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop
         )
@@ -125,7 +132,7 @@ class SamplingParams:
         for name in _INT_FIELDS:
             value = getattr(self, name)
             self._check(isinstance(value, Integral), name, "must be an integer", value)
-        for name in ("seed", "logprobs"):
+        for name in ("seed", "logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             self._check(
                 value is None or isinstance(value, Integral), name, "must be an integer or null", value

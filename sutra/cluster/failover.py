@@ -96,8 +96,11 @@ class ResumedText:
         end = len(text) if finished else max(self.sent, len(text) - self.holdback)
         new_text, self.sent = text[self.sent : end], end
         completion = CompletionDelta(0, new_text, tokens, logprobs, finish_reason, stop_reason)
+        # A resumed request's prompt holds the tokens generated before: its first entries are the
+        # original prompt's.
+        scored = None if delta.prompt_logprobs is None else delta.prompt_logprobs[: self.num_prompt_tokens]
         return RequestDelta(
-            delta.request_id, [completion], self.num_prompt_tokens, finished, self.metrics(delta)
+            delta.request_id, [completion], self.num_prompt_tokens, finished, self.metrics(delta), scored
         )
 
     def metrics(self, delta: RequestDelta) -> RequestMetrics:
@@ -275,7 +278,14 @@ class Failover:
             return None
         logprobs = None if moved.logprobs is None else moved.logprobs[have : moved.sent_tokens]
         completion = CompletionDelta(0, text, tokens, logprobs, None, None)
-        return RequestDelta(moved.request_id, [completion], len(moved.prompt_token_ids), False, moved.metrics)
+        return RequestDelta(
+            moved.request_id,
+            [completion],
+            len(moved.prompt_token_ids),
+            False,
+            moved.metrics,
+            moved.prompt_logprobs,
+        )
 
     def _fail(self, request_id: str, stream: _Stream, error: EngineDeadError) -> None:
         if self.client._streams.get(request_id) is stream:

@@ -166,7 +166,9 @@ class KVCacheManager:
     def _full_block_hashes(self, request: Request, num_tokens: int) -> tuple[list[bytes], int]:
         """The request's memoised chained block hashes, extended to cover its full blocks within the
         first num_tokens tokens, and how many blocks that is (the memo may hold more)."""
-        hashes = self._hashes.setdefault(request.request_id, [])
+        hashes = self._hashes.get(request.request_id)
+        if hashes is None:
+            hashes = self._hashes[request.request_id] = []
         bs = self.block_size
         num_full = num_tokens // bs
         if len(hashes) < num_full:
@@ -179,8 +181,9 @@ class KVCacheManager:
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """The longest run of cached blocks matching the request's tokens. At least one token is
-        always left to compute, so the last block of a fully cached prompt is not reused."""
-        if not self.enable_prefix_caching:
+        always left to compute, so the last block of a fully cached prompt is not reused. A request
+        that wants its prompt's logprobs takes no hits: a cached block has no logits to score."""
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
@@ -213,7 +216,7 @@ class KVCacheManager:
         table = self._tables.get(rid)
         new_blocks = -(-total // bs) - (len(table) if table is not None else 0) - len(cached)
         if new_blocks > 0 or cached:  # else there is only a full block to publish: nothing to fall short of
-            reusable_free = sum(1 for b in cached if b.ref_count == 0)
+            reusable_free = sum(1 for b in cached if b.ref_count == 0) if cached else 0
             if new_blocks > self.pool.num_free_blocks - reusable_free:
                 return False
             for block in cached:
@@ -250,7 +253,8 @@ class KVCacheManager:
         """Record the most tokens the request can reach with no block to take and none to publish."""
         room = num_blocks * self.block_size
         if self.enable_prefix_caching:
-            room = min(room, (num_registered + 1) * self.block_size - 1)
+            published = (num_registered + 1) * self.block_size - 1  # up to a full block to publish
+            room = published if published < room else room  # min() without the builtin's call cost
         self._room[request_id] = room
 
     # ---- KV that is read or written outside a step (migration) ----------------------------------

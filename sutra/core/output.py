@@ -56,9 +56,13 @@ class RunnerOutput:
     logprobs: dict[str, object] = field(default_factory=dict)  # request id -> TokenLogprobs
     # Requests this step could not compute, and why; they got no token and must be ended.
     failed: dict[str, SutraError] = field(default_factory=dict)
+    # Requests that asked for prompt logprobs: (the prompt position of the first entry, TokenLogprobs
+    # of the prompt tokens this step's slice predicts).
+    prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
 
     def merge(self, other: RunnerOutput) -> None:
         """Add the results of another run of the same step (disjoint requests)."""
         self.sampled_token_ids.update(other.sampled_token_ids)
         self.logprobs.update(other.logprobs)
         self.failed.update(other.failed)
+        self.prompt_logprobs.update(other.prompt_logprobs)

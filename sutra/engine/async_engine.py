@@ -51,6 +51,7 @@ class _Stream(Stream):
     sent_text: list[int]  # per completion: characters already handed out
     sent_tokens: list[int]
     holdback: int  # characters kept back while a stop string may still be forming
+    sent_prompt_logprobs: bool = False  # handed out already (with the first tokens)
 
 
 @dataclass
@@ -224,6 +225,7 @@ class AsyncEngine(StreamHub):
             sent_text=[sent_text],
             sent_tokens=[sent_tokens],
             holdback=max((len(s) for s in params.stop), default=1) - 1,
+            sent_prompt_logprobs=sent_tokens > 0,
             admitted=asyncio.get_running_loop().create_future(),
             prompt_token_ids=prompt_token_ids,
             arrival_time=time.monotonic(),
@@ -382,7 +384,13 @@ class AsyncEngine(StreamHub):
             logprobs = None if c.logprobs is None else c.logprobs[stream.sent_tokens[i] :]
             stream.sent_tokens[i] = len(c.token_ids)
             completions.append(CompletionDelta(i, text, tokens, logprobs, c.finish_reason, c.stop_reason))
-        return RequestDelta(out.request_id, completions, len(out.prompt_token_ids), out.finished, out.metrics)
+        prompt_logprobs = None
+        if out.prompt_logprobs is not None and not stream.sent_prompt_logprobs:
+            if out.finished or any(c.token_ids for c in completions):  # the prompt is scored by then
+                prompt_logprobs, stream.sent_prompt_logprobs = out.prompt_logprobs, True
+        return RequestDelta(
+            out.request_id, completions, len(out.prompt_token_ids), out.finished, out.metrics, prompt_logprobs
+        )
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._streams):

@@ -52,6 +52,8 @@ class RequestDelta:
     num_prompt_tokens: int
     finished: bool
     metrics: RequestMetrics
+    # RequestOutput.prompt_logprobs, once: with the request's first tokens.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,7 @@ class LLMEngine:
                 for i in range(params.n)
             ],
             metrics=RequestMetrics(arrival_time=arrival),
+            prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(prompt_ids),
         )
         self._tracked[request_id] = _Tracked(
             output,
@@ -251,6 +252,7 @@ class LLMEngine:
             logprobs=None if completion.logprobs is None else list(completion.logprobs),
             metrics=dataclasses.replace(out.metrics),
             detokenizer_state=tracked.detokenizers[0].state(),
+            prompt_logprobs=out.prompt_logprobs,
         )
 
     def forget_moved(self, request_id: str) -> None:
@@ -275,6 +277,7 @@ class LLMEngine:
                 CompletionOutput(0, moved.text, list(moved.output_token_ids), moved.logprobs),
             ],
             metrics=moved.metrics,
+            prompt_logprobs=moved.prompt_logprobs,
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, moved.prompt_token_ids, moved.sampling_params)
         detokenizer.restore(moved.detokenizer_state)
@@ -303,6 +306,7 @@ class LLMEngine:
         if runner_out.failed:
             for out in self._end_failed(sched_out.num_scheduled_tokens, runner_out):
                 touched[out.request_id] = out
+        self._record_prompt_logprobs(runner_out)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         now = time.monotonic()
         if sched_out.num_scheduled_tokens and not runner_out.failed:  # reruns would skew the latency model
@@ -315,6 +319,17 @@ class LLMEngine:
             self._record_token(tracked, index, request, runner_out, now)
             touched[parent_id] = tracked.output
         return list(touched.values())
+
+    def _record_prompt_logprobs(self, runner_out: RunnerOutput) -> None:
+        """Put the step's prompt logprobs in place (a recompute after preemption writes the same
+        positions again; of n samples, each writes the same prompt's)."""
+        for child_id, (first, entries) in runner_out.prompt_logprobs.items():
+            parent = self._child_to_parent.get(child_id)
+            if parent is None or child_id in runner_out.failed:
+                continue
+            scored = self._tracked[parent[0]].output.prompt_logprobs
+            if scored is not None:
+                scored[first : first + len(entries)] = entries
 
     def _record_token(
         self, tracked: _Tracked, index: int, request: Request, runner_out: RunnerOutput, now: float

@@ -50,6 +50,7 @@ class MovedRequest:
     # stream continues from there: nothing lost, nothing repeated.
     sent_text: int = 0
     sent_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # RequestOutput.prompt_logprobs
 
     def to_request(self, eos_token_ids: frozenset[int]) -> Request:
         request = Request(

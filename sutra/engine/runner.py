@@ -17,7 +17,7 @@ from sutra.model import hugepages
 from sutra.model.attention import SeqSlice, build_metadata, kv_cache_shapes
 from sutra.model.llama import LlamaModel
 from sutra.model.loader import LoadedModel
-from sutra.model.sampling import Sampler, SamplingRequest
+from sutra.model.sampling import Sampler, SamplingRequest, TokenLogprobs, prompt_logprobs
 from sutra.sampling_params import SamplingParams
 from sutra.structured.compiler import compiler_for
 from sutra.structured.matchers import ConstrainedRow, RequestGrammars
@@ -71,11 +71,17 @@ class ModelRunner:
         positions = max(self.max_model_len, loaded.arch.max_position_embeddings)
         if loaded.weights is None:
             self.model = LlamaModel.random(
-                loaded.arch, self.dtype, self.device, positions, mc.seed, mc.batch_invariant
+                loaded.arch, self.dtype, self.device, positions, mc.seed, mc.batch_invariant, mc.quantization
             )
         else:
             self.model = LlamaModel(
-                loaded.arch, loaded.weights, self.dtype, self.device, positions, mc.batch_invariant
+                loaded.arch,
+                loaded.weights,
+                self.dtype,
+                self.device,
+                positions,
+                mc.batch_invariant,
+                mc.quantization,
             )
         self.sampler = Sampler()
         self.eos_token_ids = tuple(loaded.tokenizer.eos_token_ids)
@@ -173,6 +179,7 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model.forward(ids, pos, meta, self.kv_caches)
+        scored = self._prompt_logprobs(order, hidden)
         sampled = None
         if sample_ids:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
@@ -181,7 +188,7 @@ class ModelRunner:
             )
         for rid, n in order:
             self.requests[rid].num_computed += n
-        result = RunnerOutput()
+        result = RunnerOutput(prompt_logprobs=scored)
         if sampled is None:
             return result
         for row, (rid, token, lp) in enumerate(
@@ -198,6 +205,24 @@ class ModelRunner:
             if lp is not None:
                 result.logprobs[rid] = lp
         return result
+
+    def _prompt_logprobs(
+        self, order: list[tuple[str, int]], hidden: torch.Tensor
+    ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+        """For each slice of a request that asked for prompt logprobs: the logprob of every prompt
+        token its rows predict (row p predicts token p + 1), keyed by the first predicted position."""
+        scored: dict[str, tuple[int, list[TokenLogprobs]]] = {}
+        row = 0
+        for rid, n in order:
+            st = self.requests[rid]
+            start, top_n = st.num_computed, st.params.prompt_logprobs
+            end = min(start + n, st.num_prompt_tokens - 1)  # the last prompt token predicts an output
+            if top_n is not None and start < end:
+                targets = st.token_ids[start + 1 : end + 1]
+                rows = hidden[row : row + end - start]
+                scored[rid] = (start + 1, prompt_logprobs(self.model.compute_logits, rows, targets, top_n))
+            row += n
+        return scored
 
     def _token_masks(self, sample_ids: list[str]) -> dict[str, torch.Tensor]:
         """The token bitmask row of each constrained request sampled in this step; none otherwise."""

@@ -1,5 +1,8 @@
 """C++ CPU kernels, compiled on first use with torch's extension builder (g++ and the Python headers
-are all it needs) and cached. Anything that goes wrong leaves the pure-torch paths in charge."""
+are all it needs) and cached. Anything that goes wrong leaves the pure-torch paths in charge.
+
+The int8 linear kernel is its own extension: only engines with int8 weights build it, and it cannot
+take the main kernels down with it."""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
+CSRC = Path(__file__).parent / "csrc"
 SOURCES = [
-    Path(__file__).parent / "csrc" / name
+    CSRC / name
     for name in (
         "decode_attention.cpp",
         "fused_ops.cpp",
@@ -20,20 +24,22 @@ SOURCES = [
         "small_batch_linear.cpp",
     )
 ]
+INT8_SOURCES = [CSRC / "int8_linear.cpp"]
 
 
-@functools.cache
-def cpu_kernels() -> ModuleType | None:
+def _build(name: str, sources: list[Path], subdir: str | None, what: str) -> ModuleType | None:
     if os.environ.get("SUTRA_DISABLE_CPU_KERNELS") == "1":
         return None
     try:
         from torch.utils.cpp_extension import load
 
         cache = Path(os.environ.get("SUTRA_CACHE_DIR", Path.home() / ".cache" / "sutra")) / "kernels"
+        if subdir:  # each extension needs its own build directory (its own build.ninja)
+            cache = cache / subdir
         cache.mkdir(parents=True, exist_ok=True)
         return load(
-            name="sutra_cpu_kernels",
-            sources=[str(s) for s in SOURCES],
+            name=name,
+            sources=[str(s) for s in sources],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
             # at::parallel_for is a header template: without OpenMP here it runs serially.
             extra_ldflags=["-fopenmp"],
@@ -42,5 +48,16 @@ def cpu_kernels() -> ModuleType | None:
         )
     except Exception as e:  # no compiler, no headers, no ninja: the torch path still works
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        logger.warning("CPU kernels unavailable, using the torch attention path: %s", first_line[:300])
+        logger.warning("CPU kernels unavailable, using the torch %s path: %s", what, first_line[:300])
         return None
+
+
+@functools.cache
+def cpu_kernels() -> ModuleType | None:
+    return _build("sutra_cpu_kernels", SOURCES, None, "attention")
+
+
+@functools.cache
+def int8_kernels() -> ModuleType | None:
+    """The int8-weight linear kernel (int8_linear.cpp), or None: int8 layers then dequantize in torch."""
+    return _build("sutra_int8_kernels", INT8_SOURCES, "int8", "int8 linear")

@@ -37,6 +37,7 @@ class FamilyModel(LlamaModel):
         device: torch.device,
         max_positions: int,
         batch_invariant: bool = False,
+        quantization: str | None = None,
     ) -> None:
         # Per layer: the sliding window (None: full attention) and whether it runs window_attention.
         self.windows = [arch.sliding_window if arch.is_sliding(i) else None for i in range(arch.num_layers)]
@@ -47,7 +48,7 @@ class FamilyModel(LlamaModel):
                 f"batch_invariant is not supported for {arch.name}: its {feature} attention runs in torch, "
                 "not on the C++ kernels the mode needs"
             )
-        super().__init__(arch, weights, dtype, device, max_positions, batch_invariant)
+        super().__init__(arch, weights, dtype, device, max_positions, batch_invariant, quantization)
         self.partial_rotary = arch.rotary_dim != arch.head_dim
         self.embed_scale = (
             torch.tensor(arch.embed_scale).to(dtype=dtype, device=device) if arch.embed_scale != 1.0 else None

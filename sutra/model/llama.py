@@ -9,6 +9,11 @@ batch_invariant: every row's result is bit-identical whatever its batch mates, c
 prefix-cache hits. Linear layers (the LM head too) run InvariantLinear, every query token runs the
 decode attention kernel at its own context length, and the fused norm, RoPE and SwiGLU kernels
 already compute each row alone with an arithmetic that depends only on the model's widths.
+
+quantization="int8": the layers' linears and the LM head hold per-channel int8 weights (Int8Linear). A
+tied LM head gets its own int8 copy (the embedding lookup keeps the full-precision table): the head is
+a fifth of a small model's weights, and decode streams all of them every token. The int8 kernel sums
+each output in one fixed order whatever the rows, so it also serves the batch-invariant mode.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch.nn.functional as F
 
 from sutra.model.arch import ModelArch
 from sutra.model.attention import AttentionMetadata, paged_attention, per_token_metadata
-from sutra.model.cpu_kernels import cpu_kernels
+from sutra.model.cpu_kernels import cpu_kernels, int8_kernels
 from sutra.model.hf_dir import expected_shapes, layer_shapes
+from sutra.model.int8_linear import Int8Linear, int8_weight_bytes
 from sutra.model.linear import SMALL_BATCH_MAX_BYTES, InvariantLinear, Linear
 from sutra.model.ops import select_ops
 from sutra.model.rope import RotaryEmbedding
@@ -39,7 +45,13 @@ _NORMS = ("input_layernorm", "post_attention_layernorm", "q_norm", "k_norm", "at
 
 
 class LlamaLayer:
-    def __init__(self, weights: dict[str, torch.Tensor], small_batch: bool, invariant: bool) -> None:
+    def __init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        small_batch: bool,
+        invariant: bool,
+        quantization: str | None = None,
+    ) -> None:
         self.input_norm = weights["input_layernorm"]
         self.post_norm = weights["post_attention_layernorm"]  # the MLP input's norm
         # Other families' extras (None in Llama): per-head q/k norms, and the norms of the attention
@@ -48,6 +60,12 @@ class LlamaLayer:
         self.k_norm = weights.get("k_norm")
         self.attn_out_norm = weights.get("attn_out_norm")
         self.mlp_out_norm = weights.get("mlp_out_norm")
+        if quantization == "int8":
+            self.qkv = Int8Linear(weights["qkv"], weights.get("qkv_bias"))
+            self.o = Int8Linear(weights["o"])
+            self.gate_up = Int8Linear(weights["gate_up"])
+            self.down = Int8Linear(weights["down"])
+            return
         if invariant:
             self.qkv = InvariantLinear(weights["qkv"], weights.get("qkv_bias"))
             self.o = InvariantLinear(weights["o"])
@@ -80,7 +98,9 @@ class LlamaModel:
         device: torch.device,
         max_positions: int,
         batch_invariant: bool = False,
+        quantization: str | None = None,
     ) -> None:
+        check_quantization(quantization, batch_invariant, device)
         if batch_invariant and (device.type != "cpu" or cpu_kernels() is None):
             raise ValueError(
                 "batch_invariant needs Sutra's C++ CPU kernels on a CPU device (a C++ compiler, and "
@@ -91,9 +111,14 @@ class LlamaModel:
         self.dtype = dtype
         self.device = device
         self.batch_invariant = batch_invariant
+        self.quantization = quantization
         self.scale = (arch.query_pre_attn_scalar or arch.head_dim) ** -0.5
         # The invariant mode keeps one packed copy per weight and never runs the small-batch kernel.
-        small_batch = not batch_invariant and _weight_bytes(arch, dtype) <= SMALL_BATCH_MAX_BYTES
+        small_batch = (
+            not batch_invariant
+            and quantization is None
+            and weight_bytes(arch, dtype) <= SMALL_BATCH_MAX_BYTES
+        )
         # Each layer is built as soon as its weights are in. A stored checkpoint hands its tensors
         # over in layer order as its reading threads finish them, so building a layer (repacking its
         # weights, where the backend does) overlaps reading the next ones.
@@ -107,9 +132,12 @@ class LlamaModel:
                 layers[i] = self._fuse_layer(w, i, small_batch)
         self.embed = w["model.embed_tokens.weight"]
         lm_head = self.embed if arch.tie_word_embeddings else w["lm_head.weight"]
-        self.lm_head = (
-            InvariantLinear(lm_head) if batch_invariant else Linear(lm_head, small_batch=small_batch)
-        )
+        if quantization == "int8":
+            self.lm_head: Linear | InvariantLinear | Int8Linear = Int8Linear(lm_head)
+        elif batch_invariant:
+            self.lm_head = InvariantLinear(lm_head)
+        else:
+            self.lm_head = Linear(lm_head, small_batch=small_batch)
         self.norm = self._norm_weight(w["model.norm.weight"])
         self.layers = [
             layer if layer is not None else self._fuse_layer(w, i, small_batch)
@@ -129,11 +157,12 @@ class LlamaModel:
         max_positions: int,
         seed: int = 0,
         batch_invariant: bool = False,
+        quantization: str | None = None,
     ) -> LlamaModel:
         """Random weights of the right shapes, for speed benchmarks of large models."""
         gen = torch.Generator(device=device).manual_seed(seed)
         weights = random_weights(arch, gen, dtype, device)
-        return cls(arch, weights, dtype, device, max_positions, batch_invariant)
+        return cls(arch, weights, dtype, device, max_positions, batch_invariant, quantization)
 
     def _fuse_layer(self, w: dict[str, torch.Tensor], i: int, small_batch: bool) -> LlamaLayer:
         p = f"{_LAYER_PREFIX}{i}."
@@ -160,7 +189,7 @@ class LlamaModel:
         for name in _NORMS:
             if name in fused:
                 fused[name] = self._norm_weight(fused[name])
-        return LlamaLayer(fused, small_batch, self.batch_invariant)
+        return LlamaLayer(fused, small_batch, self.batch_invariant, self.quantization)
 
     def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight RMSNorm multiplies by: Gemma stores it less one (its norm scales by 1 + weight)."""
@@ -234,9 +263,35 @@ def _layer_weight_names(arch: ModelArch, i: int) -> set[str]:
     return set(layer_shapes(arch, i))
 
 
-def _weight_bytes(arch: ModelArch, dtype: torch.dtype) -> int:
-    """The bytes of the model's weights in dtype (a tied LM head counted once)."""
-    return sum(math.prod(shape) for shape in expected_shapes(arch).values()) * dtype.itemsize
+QUANTIZATIONS = (None, "int8")
+
+
+def check_quantization(quantization: str | None, batch_invariant: bool, device: torch.device) -> None:
+    """Raise ValueError for a quantization the engine does not have, or cannot combine."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+    if quantization == "int8" and batch_invariant and (device.type != "cpu" or int8_kernels() is None):
+        raise ValueError(
+            "batch_invariant with quantization='int8' needs Sutra's int8 C++ kernel on a CPU device (its "
+            "torch fallback sums in a batch-dependent order); this engine's device is "
+            f"{device.type}" + ("" if device.type != "cpu" else " and the kernel did not build (see the log)")
+        )
+
+
+def weight_bytes(arch: ModelArch, dtype: torch.dtype, quantization: str | None = None) -> int:
+    """The bytes of the model's weights (a tied LM head counted once in dtype). With int8, the
+    projections and the LM head are int8 plus per-channel fp32 scales; the embedding, norms and biases
+    stay in dtype, and a tied head adds its int8 copy."""
+    shapes = expected_shapes(arch)
+    total = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
+    if quantization != "int8":
+        return total
+    for name, shape in shapes.items():
+        if name.endswith("_proj.weight") or name == "lm_head.weight":
+            total += int8_weight_bytes(*shape) - math.prod(shape) * dtype.itemsize
+    if arch.tie_word_embeddings:
+        total += int8_weight_bytes(arch.vocab_size, arch.hidden_size)
+    return total
 
 
 def random_weights(

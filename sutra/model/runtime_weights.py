@@ -6,9 +6,9 @@ again from them skips the disk and the source's conversion. They are views of th
 building from them fuses the slices back into the same memory (`cat_rows` sees them back to back).
 
 Only weights that are still plain tensors can be given back: oneDNN-packed bf16 matrices and the
-batch-invariant mode's tiles have no public inverse, and other families' models transform some
-weights at load. For those `export_weights` answers None, and a caller keeps the loaded weights
-instead.
+batch-invariant mode's tiles have no public inverse, int8-quantized weights are not the loaded ones,
+and other families' models transform some weights at load. For those `export_weights` answers None,
+and a caller keeps the loaded weights instead.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sutra.model.llama import FUSED_PROJECTIONS, LlamaModel
 
 def export_weights(model: object) -> dict[str, torch.Tensor] | None:
     """HF-named views of a plain LlamaModel's weights, or None if they cannot be given back exactly."""
-    if type(model) is not LlamaModel or model.batch_invariant:
+    if type(model) is not LlamaModel or model.batch_invariant or getattr(model, "quantization", None):
         return None
     arch = model.arch
     if getattr(arch, "norm_weight_offset", 0.0) or not getattr(arch, "is_plain_llama", lambda: True)():

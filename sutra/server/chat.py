@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import Request
@@ -19,6 +20,7 @@ from sutra.server.common import (
     collect_choices,
     estimate_headers,
     new_id,
+    prompt_logprobs_json,
     resolve_max_tokens,
     sse_stream,
     submit_all,
@@ -155,24 +157,25 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         return message_and_finish(tools.reply(acc.text, parser), acc.finish_reason)
 
     replies = [message(acc) for acc in choices]
-    return JSONResponse(
-        {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": served.name,
-            "choices": [
-                {
-                    "index": i,
-                    "message": reply,
-                    "logprobs": chat_logprobs(tok, acc.logprobs) if body.logprobs else None,
-                    "finish_reason": finish_reason,
-                    "stop_reason": acc.stop_reason,
-                }
-                for i, (acc, (reply, finish_reason)) in enumerate(zip(choices, replies, strict=True))
-            ],
-            # The prompt is counted once, whatever n is (as OpenAI and vLLM count it).
-            "usage": usage(len(prompt), sum(len(a.token_ids) for a in choices), cached),
-        },
-        headers=headers,
-    )
+    response: dict = {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": served.name,
+        "choices": [
+            {
+                "index": i,
+                "message": reply,
+                "logprobs": chat_logprobs(tok, acc.logprobs) if body.logprobs else None,
+                "finish_reason": finish_reason,
+                "stop_reason": acc.stop_reason,
+            }
+            for i, (acc, (reply, finish_reason)) in enumerate(zip(choices, replies, strict=True))
+        ],
+        # The prompt is counted once, whatever n is (as OpenAI and vLLM count it).
+        "usage": usage(len(prompt), sum(len(a.token_ids) for a in choices), cached),
+    }
+    if body.prompt_logprobs is not None:  # vLLM's: one list for the request, beside its choices
+        scored = submitted[0].prompt_logprobs or []
+        response["prompt_logprobs"] = await asyncio.to_thread(prompt_logprobs_json, tok, scored)
+    return JSONResponse(response, headers=headers)

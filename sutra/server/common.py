@@ -16,6 +16,8 @@ from fastapi import Request
 from sutra.core.request import RequestSpec
 from sutra.engine.client import CompletionDelta, EngineClient, EngineListener, RequestDelta
 from sutra.errors import InvalidRequestError, prompt_too_long
+from sutra.model.sampling import TokenLogprobs
+from sutra.model.tokenizer import Tokenizer
 from sutra.sampling_params import SamplingParams
 from sutra.server.errors import APIError, to_api_error
 from sutra.server.limits import RequestLimits
@@ -149,6 +151,12 @@ class Submitted:
     prompt_len: int
     first_choice: int
     num_choices: int
+    # The prompt's logprobs (RequestOutput.prompt_logprobs), once the engine has sent them.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+    def take_prompt_logprobs(self, delta: RequestDelta) -> None:
+        if self.prompt_logprobs is None and delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
 
 
 async def submit_all(
@@ -168,6 +176,25 @@ async def submit_all(
         Submitted(rid, len(ids), i * params.n, params.n)
         for i, (rid, ids, params) in enumerate(zip(rids, prompts, params_list, strict=True))
     ]
+
+
+def prompt_logprobs_json(tok: Tokenizer, entries: list[TokenLogprobs | None]) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token, None for the first, else {token id: {logprob, rank,
+    decoded_token}} for the prompt's own token and its top alternatives."""
+    out: list[dict | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        scored = {str(e.token_id): _logprob_json(tok, e.token_id, e.logprob, e.rank)}
+        for rank, (token_id, logprob) in enumerate(e.top, 1):
+            scored.setdefault(str(token_id), _logprob_json(tok, token_id, logprob, rank))
+        out.append(scored)
+    return out
+
+
+def _logprob_json(tok: Tokenizer, token_id: int, logprob: float, rank: int) -> dict:
+    return {"logprob": logprob, "rank": rank, "decoded_token": tok.id_to_token_text(token_id)}
 
 
 ESTIMATE_HEADER = "x-sutra-estimated-completion-seconds"
@@ -279,6 +306,7 @@ async def collect_choices(
     cached = 0
     async with abort_on_disconnect(http_request, served.engine, [s.request_id for s in submitted]):
         async for sub, delta in merged_deltas(served.engine, submitted):
+            sub.take_prompt_logprobs(delta)
             for c in delta.completions:
                 choices.setdefault(sub.first_choice + c.index, ChoiceAccumulator()).add(c)
             if delta.finished:
@@ -319,6 +347,7 @@ async def sse_stream(
             yield chunk(preamble)
         async with abort_on_disconnect(http_request, served.engine, [s.request_id for s in submitted]):
             async for sub, delta in merged_deltas(served.engine, submitted):
+                sub.take_prompt_logprobs(delta)
                 choices = []
                 for c in delta.completions:
                     # A request's delta lists all its n choices: one that finished earlier has nothing

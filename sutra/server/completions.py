@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import time
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,6 +20,7 @@ from sutra.server.common import (
     collect_choices,
     estimate_headers,
     new_id,
+    prompt_logprobs_json,
     resolve_max_tokens,
     sse_stream,
     submit_all,
@@ -46,14 +48,50 @@ class TextOffsets:
         return at
 
 
-def completion_logprobs(tok: Tokenizer, entries: list[TokenLogprobs], offsets: TextOffsets) -> dict:
-    """The legacy completions logprobs object: parallel lists of tokens, logprobs and alternatives."""
+def completion_logprobs(
+    tok: Tokenizer, entries: list[TokenLogprobs], offsets: TextOffsets, echo: EchoedPrompt | None = None
+) -> dict:
+    """The legacy completions logprobs object: parallel lists of tokens, logprobs and alternatives;
+    with echo, the prompt's tokens first (the first with no logprob: nothing predicts it)."""
+    prompt = echo.logprobs(tok, offsets) if echo is not None else _legacy_logprobs([], [], [], [])
     return {
-        "tokens": [tok.id_to_token_text(e.token_id) for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{tok.id_to_token_text(i): lp for i, lp in e.top} for e in entries],
-        "text_offset": [offsets.next(e.token_id) for e in entries],
+        "tokens": prompt["tokens"] + [tok.id_to_token_text(e.token_id) for e in entries],
+        "token_logprobs": prompt["token_logprobs"] + [e.logprob for e in entries],
+        "top_logprobs": prompt["top_logprobs"]
+        + [{tok.id_to_token_text(i): lp for i, lp in e.top} for e in entries],
+        "text_offset": prompt["text_offset"] + [offsets.next(e.token_id) for e in entries],
     }
+
+
+def _legacy_logprobs(tokens: list, token_logprobs: list, top_logprobs: list, text_offset: list) -> dict:
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
+
+
+@dataclass
+class EchoedPrompt:
+    """A prompt echoed with logprobs: its token ids, their scores (RequestOutput.prompt_logprobs) and
+    how many alternatives the request asked for."""
+
+    token_ids: list[int]
+    scored: list[TokenLogprobs | None] | None
+    top_n: int
+
+    def logprobs(self, tok: Tokenizer, offsets: TextOffsets) -> dict:
+        scored = self.scored or [None] * len(self.token_ids)
+        return _legacy_logprobs(
+            [tok.id_to_token_text(t) for t in self.token_ids],
+            [None if e is None else e.logprob for e in scored],
+            [
+                None if e is None else {tok.id_to_token_text(i): lp for i, lp in e.top[: self.top_n]}
+                for e in scored
+            ],
+            [offsets.next(t) for t in self.token_ids],
+        )
 
 
 async def echo_texts(tok: Tokenizer, prompts: list[str | list[int]]) -> list[str]:
@@ -75,14 +113,21 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
         max_tokens = resolve_max_tokens(
             body.max_tokens, prompt_len, engine.max_model_len, "max_tokens", engine.max_request_tokens
         )
-        return body.sampling_params(max_tokens, body.logprobs, engine.tokenizer.generation_defaults)
+        return body.sampling_params(
+            max_tokens, body.logprobs, engine.tokenizer.generation_defaults, body.num_prompt_logprobs
+        )
 
     request_id = new_id("cmpl")
     submitted = await submit_all(served, request_id, prompts, make_params, state.spec_of(http_request, body))
     tok = engine.tokenizer
-    # Per prompt, in the order of `submitted`; empty strings without echo. (Logprobs with echo are
-    # refused, so text_offset never has to count the prompt.)
+    # Per prompt, in the order of `submitted`; empty strings without echo.
     echoes = await echo_texts(tok, given) if body.echo else [""] * len(submitted)
+    echo_logprobs = body.echo and body.logprobs is not None
+
+    def echoed_prompt(i: int) -> EchoedPrompt | None:  # the i-th prompt's, with echo and logprobs
+        sub = submitted[i]
+        return EchoedPrompt(prompts[i], sub.prompt_logprobs, body.logprobs or 0) if echo_logprobs else None
+
     headers = await estimate_headers(served, submitted)
     if body.stream:
         offsets: dict[int, TextOffsets] = {}  # per choice, across its chunks
@@ -91,14 +136,15 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
 
         def to_choice(sub: Submitted, c: CompletionDelta) -> dict:
             index = sub.first_choice + c.index
-            text = c.text
+            text, echo = c.text, None
             if index not in echoed:
                 echoed.add(index)
                 text = echo_of[sub.request_id] + text
+                echo = echoed_prompt(submitted.index(sub))
             logprobs = None
             if body.logprobs is not None:
                 at = offsets.setdefault(index, TextOffsets(tok, body.skip_special_tokens))
-                logprobs = completion_logprobs(tok, c.logprobs or [], at)
+                logprobs = completion_logprobs(tok, c.logprobs or [], at, echo)
             return _choice(index, text, logprobs, c.finish_reason, c.stop_reason)
 
         events = sse_stream(
@@ -113,6 +159,11 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     choices, cached = await collect_choices(served, http_request, submitted)
+    scored = None
+    if body.prompt_logprobs is not None:  # per prompt, rendered off the event loop: one may be long
+        scored = await asyncio.to_thread(
+            lambda: [prompt_logprobs_json(tok, s.prompt_logprobs or []) for s in submitted]
+        )
     return JSONResponse(
         {
             "id": request_id,
@@ -125,9 +176,15 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
                     echoes[i // body.n] + acc.text,  # every prompt has n choices
                     None
                     if body.logprobs is None
-                    else completion_logprobs(tok, acc.logprobs, TextOffsets(tok, body.skip_special_tokens)),
+                    else completion_logprobs(
+                        tok,
+                        acc.logprobs,
+                        TextOffsets(tok, body.skip_special_tokens),
+                        echoed_prompt(i // body.n),
+                    ),
                     acc.finish_reason,
                     acc.stop_reason,
+                    None if scored is None else scored[i // body.n],
                 )
                 for i, acc in enumerate(choices)
             ],
@@ -141,11 +198,21 @@ async def create_completion(state: ServerState, body: CompletionRequest, http_re
     )
 
 
-def _choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None, stop_reason) -> dict:
-    return {
+def _choice(
+    index: int,
+    text: str,
+    logprobs: dict | None,
+    finish_reason: str | None,
+    stop_reason,
+    prompt_logprobs: list[dict | None] | None = None,
+) -> dict:
+    choice = {
         "index": index,
         "text": text,
         "logprobs": logprobs,
         "finish_reason": finish_reason,
         "stop_reason": stop_reason,
     }
+    if prompt_logprobs is not None:
+        choice["prompt_logprobs"] = prompt_logprobs
+    return choice

@@ -14,12 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from sutra.errors import InvalidRequestError
-from sutra.sampling_params import SamplingParams, StructuredOutputsParams
+from sutra.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from sutra.server.structured import structured_spec
 
-MAX_LOGPROBS = 20  # top-N alternatives per token, as OpenAI and vLLM allow
 _REFUSED_WHEN_SET = (
-    "prompt_logprobs",
     "guided_decoding_backend",
     "guided_whitespace_pattern",
     "bad_words",
@@ -101,8 +99,9 @@ class SamplingFields(CheckedText):
     guided_grammar: Any = None
     # The spec they ask for, read by check_supported().
     _structured: StructuredOutputsParams | None = PrivateAttr(default=None)
+    # vLLM's: the logprob of each prompt token with this many alternatives (non-streaming only).
+    prompt_logprobs: int | None = None
     # vLLM's extensions we do not implement (refused when set).
-    prompt_logprobs: Any = None
     guided_decoding_backend: Any = None
     guided_whitespace_pattern: Any = None
     bad_words: Any = None
@@ -120,6 +119,10 @@ class SamplingFields(CheckedText):
         for name in _REFUSED_WHEN_SET:
             if getattr(self, name) is not None:
                 raise InvalidRequestError(f"{name} is not supported", param=name)
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError(  # as vLLM: they would all arrive before the first token anyway
+                "prompt_logprobs is not available when stream is true", param="prompt_logprobs"
+            )
         self._structured = structured_spec(self)
 
     @property
@@ -128,7 +131,11 @@ class SamplingFields(CheckedText):
         return self._structured
 
     def sampling_params(
-        self, max_tokens: int, logprobs: int | None, defaults: Mapping[str, float | int] | None = None
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        defaults: Mapping[str, float | int] | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The request's sampling; a field it leaves unset takes `defaults` (the model's generation
         config) if that has it, else SamplingParams' own default."""
@@ -150,6 +157,7 @@ class SamplingFields(CheckedText):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=self.logit_bias,
@@ -168,18 +176,17 @@ class CompletionRequest(SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo and self.logprobs is not None:
-            # With echo, logprobs cover the prompt's tokens too, and the runner computes logits only
-            # where it samples.
-            raise InvalidRequestError(
-                "echo with logprobs is not supported (it needs the prompt's logprobs, which this server "
-                "does not compute): send echo without logprobs, or logprobs without echo",
-                param="echo",
-            )
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of other than n is not supported", param="best_of")
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """The engine's prompt_logprobs: with echo, logprobs cover the prompt's tokens too."""
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string, a list of strings, one token list, or a list of them."""

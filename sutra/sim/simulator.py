@@ -158,7 +158,7 @@ class SimEngine:
         tokens = spec.prompt_token_ids
         if tokens is None:  # unique per request: no accidental prefix-cache hits
             seed = len(self.traces) * 7919 + sum(map(ord, self.name))
-            tokens = [(seed + k * 31) % 50_000 + 17 for k in range(spec.prompt_len)]
+            tokens = [x % 50_000 + 17 for x in range(seed, seed + 31 * spec.prompt_len, 31)]
         params = self._params.get(spec.output_len)
         if params is None:  # the scheduler never changes a request's params, so requests share them
             params = SamplingParams(max_tokens=spec.output_len, ignore_eos=True, temperature=0.0)

@@ -1,5 +1,5 @@
 """`echo` on /v1/completions through the `openai` client: each choice's text starts with its prompt,
-streamed or not; with logprobs it is refused (the prompt's logprobs are not computed)."""
+streamed or not (with logprobs: tests/server/test_prompt_logprobs.py); chat refuses it."""
 
 from __future__ import annotations
 
@@ -60,10 +60,7 @@ def test_streamed_echo_equals_the_whole_text(client, sutra_server):
     assert [texts[i] for i in range(4)] == [c.text for c in whole.choices]
 
 
-def test_echo_with_logprobs_is_refused_naming_both(sutra_server):
-    body = {"prompt": PROMPT, "max_tokens": 2, "echo": True, "logprobs": 1}
-    error = assert_error(post(sutra_server, "/v1/completions", body), 400, "echo", "echo with logprobs")
-    assert "logprobs without echo" in error["message"]
+def test_chat_refuses_echo(sutra_server):
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "echo": True}
     assert_error(post(sutra_server, "/v1/chat/completions", chat), 400, "echo", "not supported")
     assert_serving(sutra_server)
