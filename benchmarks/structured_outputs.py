@@ -46,7 +46,7 @@ import torch
 
 from sutra.model.loader import bundled_tokenizer
 from sutra.structured import bitmask
-from sutra.structured.backend import GrammarBackend, GrammarMatcher, SpecError, Vocabulary
+from sutra.structured.backend import GrammarBackend, GrammarMatcher, MatcherFault, SpecError, Vocabulary
 from sutra.structured.params import JSON_OBJECT_SCHEMA, StructuredOutputsParams
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -156,6 +156,9 @@ class XGrammarMatcher:
 
     def error(self) -> str | None:
         return None
+
+    def fault(self) -> MatcherFault:  # never read: error() is always None
+        return "internal"
 
 
 class XGrammarBackend:

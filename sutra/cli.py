@@ -61,6 +61,13 @@ def add_engine_args(parser: argparse.ArgumentParser, many_models: bool = False) 
         "(weight-only; about 3x less weight memory than fp32, and faster decode on CPU)",
     )
     g.add_argument(
+        "--pooling",
+        default=default_of(ModelConfig, "pooling"),
+        choices=["last", "mean"],
+        help="how /v1/embeddings pools the prompt's final hidden states: the last token's or the mean "
+        "over its tokens (then L2-normalized)",
+    )
+    g.add_argument(
         "--chat-template",
         default=None,
         metavar="FILE",
@@ -125,6 +132,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             num_threads=args.num_threads,
             batch_invariant=args.batch_invariant,
             quantization=args.quantization,
+            pooling=args.pooling,
             chat_template=args.chat_template,
             generation_config=args.generation_config,
         ),

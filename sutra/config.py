@@ -29,6 +29,10 @@ class ModelConfig:
     # int8: per-output-channel int8 weights for the linear layers and the LM head, quantized at load
     # (weight-only: activations, KV cache and embedding stay in dtype). None: weights in dtype.
     quantization: Literal[None, "int8"] = None
+    # How an embedding request (SamplingParams.pooling="default", as /v1/embeddings sends) pools the
+    # prompt's final hidden states: the last token's (decoder models see the whole prompt only there)
+    # or the mean over every prompt token.
+    pooling: Literal["last", "mean"] = "last"
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_invariant, bool):
@@ -37,6 +41,8 @@ class ModelConfig:
             raise ValueError(f"generation_config must be auto or vllm, got {self.generation_config!r}")
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}")
 
 
 @dataclass

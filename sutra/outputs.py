@@ -55,3 +55,6 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing
     # predicts it); complete once the first output token is out.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # With SamplingParams.pooling: the prompt's L2-normalized embedding (its final hidden states,
+    # pooled), set when the request finishes; it generates no tokens.
+    embedding: list[float] | None = None

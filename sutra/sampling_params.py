@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
+from typing import Literal
 
 from sutra.errors import InvalidRequestError
 from sutra.structured.params import StructuredOutputsParams
@@ -18,6 +19,7 @@ MAX_N = 128  # samples per request (OpenAI's limit): each one is a sequence in t
 # float32 (a temperature that rounds to inf there turns banned tokens' -inf into NaN).
 MAX_TEMPERATURE = 100.0
 MAX_LOGPROBS = 20  # top-N alternatives per token, as OpenAI and vLLM allow
+POOLING_MODES = ("last", "mean", "default")
 # Dividing or multiplying logits by a tiny or huge factor overflows float32 into inf, then NaN.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # OpenAI's range for a logit_bias value: -100 bans a token in practice, +100 forces it.
@@ -69,6 +71,15 @@ class SamplingParams:
     # Output constrained to a JSON schema, regex, choice or grammar (vLLM's field); None: free text.
     # A mapping with StructuredOutputsParams' keys is accepted and converted.
     structured_outputs: StructuredOutputsParams | None = None
+    # An embedding instead of text: the final hidden states (after the final norm) of the prompt,
+    # pooled ("last": the last token's, "mean": the average over every prompt token; "default": the
+    # engine's ModelConfig.pooling) and L2-normalized, in RequestOutput.embedding. Such a request
+    # only computes its prompt (max_tokens is not used), generates nothing, and takes no prefix-cache
+    # hits (a cached block has no hidden states). None: generate.
+    pooling: Literal["last", "mean", "default"] | None = None
+    # With pooling: the embedding's length, which must be the model's hidden size (the engine checks;
+    # nothing is truncated). None: the hidden size.
+    dimensions: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -122,6 +133,32 @@ class SamplingParams:
         self._check(
             all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings", self.stop
         )
+        self._check_pooling()
+
+    def _check_pooling(self) -> None:
+        self._check(
+            self.pooling is None or self.pooling in POOLING_MODES,
+            "pooling",
+            "must be null, 'last', 'mean' or 'default'",
+            self.pooling,
+        )
+        self._check(
+            self.dimensions is None
+            or (isinstance(self.dimensions, Integral) and not isinstance(self.dimensions, bool)),
+            "dimensions",
+            "must be an integer or null",
+            self.dimensions,
+        )
+        if self.pooling is None:
+            self._check(
+                self.dimensions is None, "dimensions", "needs pooling (an embedding)", self.dimensions
+            )
+            return
+        # One prompt has one embedding: n copies of it would only cost n prefills.
+        self._check(self.n == 1, "n", "must be 1 for an embedding (pooling)", self.n)
+        self._check(
+            self.dimensions is None or self.dimensions >= 1, "dimensions", "must be >= 1", self.dimensions
+        )
 
     def _check_types(self) -> None:
         """Every number a real one: NaN slips through range checks (every comparison is False), and
@@ -152,6 +189,15 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
                 param="logit_bias",
+            )
+
+    def check_dimensions(self, hidden_size: int) -> None:
+        """Raise, naming the field, unless an embedding's dimensions are the model's hidden size."""
+        if self.dimensions not in (None, hidden_size):
+            raise InvalidRequestError(
+                f"dimensions must be this model's hidden size, {hidden_size}, got {self.dimensions} "
+                "(embeddings are not truncated)",
+                param="dimensions",
             )
 
     @staticmethod

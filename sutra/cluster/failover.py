@@ -100,7 +100,13 @@ class ResumedText:
         # original prompt's.
         scored = None if delta.prompt_logprobs is None else delta.prompt_logprobs[: self.num_prompt_tokens]
         return RequestDelta(
-            delta.request_id, [completion], self.num_prompt_tokens, finished, self.metrics(delta), scored
+            delta.request_id,
+            [completion],
+            self.num_prompt_tokens,
+            finished,
+            self.metrics(delta),
+            scored,
+            delta.embedding,
         )
 
     def metrics(self, delta: RequestDelta) -> RequestMetrics:

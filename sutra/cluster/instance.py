@@ -47,6 +47,7 @@ from sutra.engine.engine import LLMEngine
 from sutra.engine.migration_endpoint import MigrationEndpoint
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer
+from sutra.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 MIGRATION_OPS = frozenset(
@@ -144,12 +145,33 @@ class InstanceActor:
         """Queue the requests, all or none; returns the error that refused them, if one did."""
         engine = self._engine()
         try:
+            await self._compile_specs([params for _, _, params in requests])
             await engine.submit_many(requests, spec)
         except SutraError as e:
             return e
         for request_id, _, _ in requests:
             self._start_forwarding(request_id, admission=True)
         return None
+
+    async def _compile_specs(self, params: list[SamplingParams]) -> None:
+        """Compile the requests' structured-output specs (or find them cached) in the compiler's
+        threads. The front end compiled them too, but a compiled grammar stays in its process: here
+        each spec compiles once more, and is cached for this instance's later requests. Without this
+        the engine would compile it on this actor's event loop, stalling every request's progress.
+        InvalidRequestError, naming the field, for a spec over the limits or too slow to compile."""
+        compiler = self.engine.runner.structured
+        specs = [p.structured_outputs for p in params if p.structured_outputs is not None]
+        for spec in {spec.cache_key(): spec for spec in specs}.values():  # n prompts may share one
+            await compiler.prepare(spec)
+
+    async def _warm_spec(self, params: SamplingParams) -> None:
+        """Compile an arriving request's spec before it is adopted, so the step thread does not wait
+        on the compile when it builds the request's matcher. Best effort: a failure is the runner's
+        to report, when it compiles the spec itself."""
+        try:
+            await self._compile_specs([params])
+        except SutraError as e:
+            logger.warning("the spec of an arriving request did not compile on %s: %s", self.instance_id, e)
 
     def _start_forwarding(self, request_id: str, admission: bool) -> None:
         self._reading.add(request_id)
@@ -227,6 +249,8 @@ class InstanceActor:
         if op not in MIGRATION_OPS:
             raise ValueError(f"unknown migration step {op!r}")
         self._engine()
+        if op == "in_commit":  # args: migration id, the MovedRequest, its last blocks
+            await self._warm_spec(args[1].sampling_params)
         try:
             value = await getattr(self._migration, op)(*args)
         except SutraError as e:  # MigrationAborted, a KV layout mismatch, a bad request id
@@ -245,6 +269,7 @@ class InstanceActor:
             migration_id,
             self.instance_id,
             on_adopted=lambda: self._start_forwarding(request_id, admission=False),
+            before_adopt=lambda moved: self._warm_spec(moved.sampling_params),
         )
 
     async def unpark(self, request_ids: list[str]) -> int:

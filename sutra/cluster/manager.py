@@ -26,6 +26,7 @@ from sutra.cluster.rpc import summarize_error
 from sutra.config import EngineConfig
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer
+from sutra.structured.compiler import compiler_for
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,9 @@ class Cluster:
                 for i, info in infos.items()
             ),
         )
+        # The server compiles each spec here before it dispatches the request (sutra/server/
+        # structured.py), to refuse a bad one at once: with the configured limits, as the instances do.
+        compiler_for(tokenizer, None, engine_config.structured)
         return cls(actors, infos, tokenizer, owns_ray, make_actor)
 
     def add_instance(

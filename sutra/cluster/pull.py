@@ -22,12 +22,13 @@ prefills never floods it; the prefill instance holds the KV until then.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sutra.cluster.messages import PullReply
 from sutra.cluster.rpc import call
 from sutra.core.migration import MigrationAborted
+from sutra.engine.migration import MovedRequest
 from sutra.engine.migration_endpoint import MigrationEndpoint, MigrationResult
 
 PULL_WATERMARK = 0.05  # of the decode instance's pool, kept free for its own requests' growth
@@ -62,9 +63,11 @@ async def pull(
     migration_id: str,
     destination: str,
     on_adopted: Callable[[], None],
+    before_adopt: Callable[[MovedRequest], Awaitable[None]] | None = None,
 ) -> PullReply:
     """Take `request_id` from the prefill instance `source` into this instance (`endpoint`);
-    `on_adopted` runs once it is held here. Never raises: how it went is in the reply."""
+    `before_adopt` runs once its state has arrived, `on_adopted` once it is held here. Never raises:
+    how it went is in the reply."""
     result = MigrationResult(migrated=False)
     moved = None
     committed = False
@@ -72,6 +75,8 @@ async def pull(
         layout, moved, blocks = await source.call("out_hand_off", request_id, migration_id)
         started = time.perf_counter()
         try:
+            if before_adopt is not None:
+                await before_adopt(moved)
             await endpoint.in_adopt(migration_id, moved, blocks, layout)
         except BaseException:
             await source.call("out_hand_off_abort", migration_id)  # it stays parked there

@@ -182,8 +182,10 @@ class KVCacheManager:
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """The longest run of cached blocks matching the request's tokens. At least one token is
         always left to compute, so the last block of a fully cached prompt is not reused. A request
-        that wants its prompt's logprobs takes no hits: a cached block has no logits to score."""
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+        that wants its prompt's logprobs or an embedding takes no hits: a cached block has no
+        logits to score and no hidden states to pool."""
+        params = request.sampling_params
+        if not self.enable_prefix_caching or params.prompt_logprobs is not None or params.pooling is not None:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []

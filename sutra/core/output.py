@@ -59,6 +59,9 @@ class RunnerOutput:
     # Requests that asked for prompt logprobs: (the prompt position of the first entry, TokenLogprobs
     # of the prompt tokens this step's slice predicts).
     prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
+    # Pooling requests whose prompt this step completed: their L2-normalized embedding. They sample
+    # nothing; the engine ends them.
+    embeddings: dict[str, list[float]] = field(default_factory=dict)
 
     def merge(self, other: RunnerOutput) -> None:
         """Add the results of another run of the same step (disjoint requests)."""
@@ -66,3 +69,4 @@ class RunnerOutput:
         self.logprobs.update(other.logprobs)
         self.failed.update(other.failed)
         self.prompt_logprobs.update(other.prompt_logprobs)
+        self.embeddings.update(other.embeddings)

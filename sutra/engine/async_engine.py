@@ -389,7 +389,13 @@ class AsyncEngine(StreamHub):
             if out.finished or any(c.token_ids for c in completions):  # the prompt is scored by then
                 prompt_logprobs, stream.sent_prompt_logprobs = out.prompt_logprobs, True
         return RequestDelta(
-            out.request_id, completions, len(out.prompt_token_ids), out.finished, out.metrics, prompt_logprobs
+            out.request_id,
+            completions,
+            len(out.prompt_token_ids),
+            out.finished,
+            out.metrics,
+            prompt_logprobs,
+            out.embedding if out.finished else None,
         )
 
     def _fail_all(self, error: Exception) -> None:

@@ -54,6 +54,8 @@ class RequestDelta:
     metrics: RequestMetrics
     # RequestOutput.prompt_logprobs, once: with the request's first tokens.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # RequestOutput.embedding (pooling requests), once: on the final delta.
+    embedding: list[float] | None = None
 
 
 @dataclass(frozen=True)

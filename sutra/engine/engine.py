@@ -87,7 +87,13 @@ class LLMEngine:
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        if n >= self.max_model_len:
+        if params is not None and params.pooling is not None:  # generates nothing: may fill the context
+            if n > self.max_model_len:
+                raise InvalidRequestError(
+                    f"the prompt has {n} tokens but the model's context length is {self.max_model_len}",
+                    param="prompt",
+                )
+        elif n >= self.max_model_len:
             raise prompt_too_long(n, self.max_model_len)
         bad = [t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size]
         if bad:
@@ -127,6 +133,9 @@ class LLMEngine:
             # The server compiles specs in a worker thread before it submits (sutra.server.structured),
             # so here, on its event loop, this is a cache hit.
             self.runner.structured.compile(params.structured_outputs)
+        if params.pooling is not None:
+            params.check_dimensions(self.arch.hidden_size)
+            return  # only the prompt is computed: max_tokens takes no room
         # Capped like generation itself: a request stops at the context length whatever max_tokens says.
         total = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
         if total > self.max_request_tokens:
@@ -318,7 +327,29 @@ class LLMEngine:
             tracked = self._tracked[parent_id]
             self._record_token(tracked, index, request, runner_out, now)
             touched[parent_id] = tracked.output
+        for child_id, embedding in runner_out.embeddings.items():
+            if (out := self._record_embedding(child_id, embedding, now)) is not None:
+                touched[out.request_id] = out
         return list(touched.values())
+
+    def _record_embedding(self, child_id: str, embedding: list[float], now: float) -> RequestOutput | None:
+        """A pooling request computed its whole prompt: it ends here with its embedding, having
+        generated nothing (pooling requests have n == 1, so the child is the request)."""
+        request = self.scheduler.requests.get(child_id)
+        parent = self._child_to_parent.get(child_id)
+        if request is None or parent is None or request.status is not RequestStatus.RUNNING:
+            return None
+        self.scheduler.finish_request(child_id, RequestStatus.FINISHED_STOPPED)
+        del self._child_to_parent[child_id]
+        tracked = self._tracked.pop(parent[0])
+        out = tracked.output
+        out.embedding = embedding
+        out.outputs[parent[1]].finish_reason = "stop"
+        out.finished = True
+        out.metrics.num_cached_tokens = request.num_cached_tokens
+        out.metrics.num_preemptions = request.num_preemptions
+        out.metrics.finished_time = now
+        return out
 
     def _record_prompt_logprobs(self, runner_out: RunnerOutput) -> None:
         """Put the step's prompt logprobs in place (a recompute after preemption writes the same
@@ -370,6 +401,7 @@ class LLMEngine:
             self.scheduler.preempt_request(request_id)
             runner_out.sampled_token_ids.pop(request_id, None)
             runner_out.logprobs.pop(request_id, None)
+            runner_out.embeddings.pop(request_id, None)
         ended = []
         for child_id, error in failed.items():
             parent = self._child_to_parent.get(child_id)

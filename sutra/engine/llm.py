@@ -1,4 +1,4 @@
-"""The offline API: `LLM().generate(prompts, params)` and `LLM().chat(messages)`."""
+"""The offline API: `LLM().generate(prompts, params)`, `LLM().chat(messages)` and `LLM().embed(prompts)`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 from tqdm import tqdm
 
@@ -146,6 +146,19 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling: Literal["last", "mean"] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """The embedding of each prompt (in any form generate() takes), in prompt order: the model's
+        final hidden states (after the final norm) pooled over the prompt's tokens, "last" or "mean"
+        (None: the engine's `pooling` option), L2-normalized, as RequestOutput.embedding. Computed
+        by the same scheduler as generation, so it batches with it; nothing is generated."""
+        params = SamplingParams(pooling="default" if pooling is None else pooling, max_tokens=1)
+        return self.generate(prompts, params, use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from sutra.config import EngineConfig
 from sutra.core.output import RunnerOutput, SchedulerOutput
 from sutra.engine.kv_transfer import KVBlocks, KVLayout, gather_blocks, scatter_blocks
+from sutra.errors import RequestFailedError, SutraError
 from sutra.model import hugepages
 from sutra.model.attention import SeqSlice, build_metadata, kv_cache_shapes
 from sutra.model.llama import LlamaModel
@@ -33,6 +35,9 @@ class RunnerRequest:
     num_computed: int
     params: SamplingParams
     generator: torch.Generator | None
+    pooling: str | None = None  # an embedding request's "last" or "mean" ("default" resolved)
+    pooled_from: int = 0  # the first position whose hidden state this state saw
+    pooled_sum: torch.Tensor | None = None  # mean pooling: fp32 sum of the rows computed so far
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,6 +89,7 @@ class ModelRunner:
                 mc.quantization,
             )
         self.sampler = Sampler()
+        self.default_pooling = mc.pooling
         self.eos_token_ids = tuple(loaded.tokenizer.eos_token_ids)
         # Structured outputs: the process's compiler for this tokenizer (the server compiles into its
         # cache before queueing), and a matcher per constrained request held here.
@@ -135,6 +141,7 @@ class ModelRunner:
             self.grammars.forget(rid)  # a resumed request replays its tokens into a new matcher
         for new in out.new_requests:
             seeded = new.sampling_params.seed is not None
+            pooling = new.sampling_params.pooling
             self.requests[new.request_id] = RunnerRequest(
                 token_ids=list(new.token_ids),
                 num_prompt_tokens=new.num_prompt_tokens,
@@ -142,6 +149,8 @@ class ModelRunner:
                 num_computed=new.num_computed_tokens,
                 params=new.sampling_params,
                 generator=torch.Generator(device=self.device) if seeded else None,
+                pooling=self.default_pooling if pooling == "default" else pooling,
+                pooled_from=new.num_computed_tokens,
             )
         for cached in out.cached_requests:
             st = self.requests[cached.request_id]
@@ -152,9 +161,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, scheduled: dict[str, int]) -> RunnerOutput:
         """Compute these slices (request id -> tokens) of the current step and sample where a slice
-        ends a request's known tokens. The requests' state changes only once nothing can raise any
-        more, so a run that raised can be repeated with any subset of the slices (its KV writes
-        are rewritten with the same values)."""
+        ends a request's known tokens (for a pooling request: return its embedding there). The
+        requests' state changes only once nothing can raise any more, so a run that raised can be
+        repeated with any subset of the slices (its KV writes are rewritten with the same values)."""
         if not scheduled:
             return RunnerOutput()
         # 1-token slices (decodes) go first: the attention backend batches them.
@@ -170,16 +179,18 @@ class ModelRunner:
             input_ids.extend(st.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slices.append(SeqSlice(st.block_ids, start, n))
-            if start + n == len(st.token_ids):
+            if start + n == len(st.token_ids) and st.pooling is None:  # pooling samples nothing
                 sample_ids.append(rid)
                 sample_rows.append(len(input_ids) - 1)
-        # Before the forward pass: a request whose grammar cannot go on fails without costing one.
+        # Before the forward pass: an internal grammar fault fails its request without costing one
+        # (a spec that dead-ends is the client's: its row is left unmasked and accept() refuses it).
         masks = self._token_masks(sample_ids)
         meta = build_metadata(slices, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model.forward(ids, pos, meta, self.kv_caches)
         scored = self._prompt_logprobs(order, hidden)
+        sums, embeddings, pool_failed = self._pool(order, hidden)
         sampled = None
         if sample_ids:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
@@ -188,7 +199,9 @@ class ModelRunner:
             )
         for rid, n in order:
             self.requests[rid].num_computed += n
-        result = RunnerOutput(prompt_logprobs=scored)
+        for rid, total in sums.items():
+            self.requests[rid].pooled_sum = total
+        result = RunnerOutput(prompt_logprobs=scored, embeddings=embeddings, failed=pool_failed)
         if sampled is None:
             return result
         for row, (rid, token, lp) in enumerate(
@@ -223,6 +236,43 @@ class ModelRunner:
                 scored[rid] = (start + 1, prompt_logprobs(self.model.compute_logits, rows, targets, top_n))
             row += n
         return scored
+
+    def _pool(
+        self, order: list[tuple[str, int]], hidden: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], dict[str, SutraError]]:
+        """For the pooling requests of this step: mean pooling's running sums after it, and the
+        L2-normalized embedding of each request whose prompt it completes. Nothing is stored here, so
+        a run that raises leaves every sum as it was; run() keeps the sums once nothing can raise."""
+        sums: dict[str, torch.Tensor] = {}
+        vectors: dict[str, torch.Tensor] = {}
+        failed: dict[str, SutraError] = {}
+        row = 0
+        for rid, n in order:
+            st = self.requests[rid]
+            if st.pooling is not None:
+                rows = hidden[row : row + n]
+                done = st.num_computed + n == len(st.token_ids)
+                if st.pooling == "mean":
+                    total = rows.float().sum(0)
+                    if st.pooled_sum is not None:
+                        total += st.pooled_sum
+                    if not done:
+                        sums[rid] = total
+                    elif st.pooled_from != 0:  # its first rows were computed elsewhere (it moved)
+                        failed[rid] = RequestFailedError(
+                            "mean pooling needs every prompt token's hidden state, and this request's "
+                            "first tokens were computed on another instance"
+                        )
+                    else:
+                        vectors[rid] = total / len(st.token_ids)
+                elif done:
+                    vectors[rid] = rows[-1].float()
+            row += n
+        if not vectors:
+            return sums, {}, failed
+        # vLLM normalizes decoder models' embeddings by default: cosine similarity is then a dot product.
+        normalized = F.normalize(torch.stack(list(vectors.values())), dim=-1).cpu().tolist()
+        return sums, dict(zip(vectors, normalized, strict=True)), failed
 
     def _token_masks(self, sample_ids: list[str]) -> dict[str, torch.Tensor]:
         """The token bitmask row of each constrained request sampled in this step; none otherwise."""

@@ -1,7 +1,8 @@
 """Read a llama.cpp GGUF file into a ModelArch and dequantized fp32 weights under Hugging Face Llama names.
 
-Architectures: llama, qwen2 (q/k/v biases) and qwen3 (per-head q/k norms). llama.cpp permutes Llama's
-q/k rows for its interleaved RoPE and writes Qwen's as they are (NeoX RoPE), so only Llama's are undone.
+Architectures: llama, qwen2 (q/k/v biases), qwen3 (per-head q/k norms), and gemma2, gemma3 and phi3,
+whose additions live in gguf_families.py. llama.cpp permutes Llama's q/k rows for its interleaved RoPE and
+writes the others as they are (NeoX RoPE), so only Llama's are undone.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import numpy as np
 import torch
 
 from sutra.errors import ModelLoadError
+from sutra.model import gguf_families
 from sutra.model.arch import ModelArch
+from sutra.model.gguf_families import float32_value
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", *gguf_families.ARCHITECTURES)
 _PERMUTED_ROPE = ("llama",)  # the architectures whose q/k rows llama.cpp's converter permutes
 
 _GLOBAL_NAMES = {
@@ -38,6 +41,8 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Tensors that hold rope scaling, read into the ModelArch rather than the weights.
+_ROPE_TENSORS = ("rope_freqs.weight", *gguf_families.ROPE_FACTORS)
 
 
 def open_gguf(path: str | Path) -> Any:
@@ -56,8 +61,13 @@ def field(reader: Any, key: str, default: Any = None) -> Any:
         return default
     from gguf import GGUFValueType
 
-    is_str = f.types[-1] == GGUFValueType.STRING  # types = [element type] or [ARRAY, element type]
-    values = [bytes(f.parts[i]).decode("utf-8") if is_str else f.parts[i].item() for i in f.data]
+    kind = f.types[-1]  # types = [element type] or [ARRAY, element type]
+    if kind == GGUFValueType.STRING:
+        values = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+    elif kind == GGUFValueType.FLOAT32:
+        values = [float32_value(f.parts[i].item()) for i in f.data]
+    else:
+        values = [f.parts[i].item() for i in f.data]
     return values if f.types[0] == GGUFValueType.ARRAY else values[0]
 
 
@@ -77,14 +87,18 @@ def read_arch(reader: Any, path: str | Path) -> ModelArch:
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ModelLoadError(f"{path} has no token_embd.weight tensor")
+
+    def meta(key: str, default: Any = None) -> Any:
+        return field(reader, f"{a}.{key}", default)
+
     num_heads = field(reader, f"{a}.attention.head_count")
     hidden = field(reader, f"{a}.embedding_length")
     head_dim = field(reader, f"{a}.attention.key_length", hidden // num_heads)
-    if field(reader, f"{a}.rope.dimension_count", head_dim) != head_dim:
-        raise ModelLoadError(f"{path} uses partial rotary embeddings, which are not supported")
+    rotary_dim = meta("rope.dimension_count", head_dim)
+    if rotary_dim != head_dim and a not in gguf_families.PARTIAL_ROTARY:
+        raise ModelLoadError(f"{path} uses partial rotary embeddings, which {a} models do not")
     theta = float(field(reader, f"{a}.rope.freq_base", 10000.0))
-    rope_freqs = tensors.get("rope_freqs.weight")
-    return ModelArch(
+    arch = ModelArch(
         vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # ggml lists dims innermost first
         hidden_size=hidden,
         intermediate_size=field(reader, f"{a}.feed_forward_length"),
@@ -94,27 +108,38 @@ def read_arch(reader: Any, path: str | Path) -> ModelArch:
         head_dim=head_dim,
         rms_norm_eps=float(field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=theta,
-        rope_scaling=_rope_scaling(reader, a, path, rope_freqs, theta, head_dim),
+        rope_scaling=_rope_scaling(reader, a, path, tensors, meta, theta, head_dim),
         tie_word_embeddings="output.weight" not in tensors,
         max_position_embeddings=field(reader, f"{a}.context_length", 4096),
         attention_bias="blk.0.attn_q.bias" in tensors,
         name=Path(path).stem,
         qk_norm=a == "qwen3",
     )
+    gguf_families.adapt_arch(arch, a, meta, rotary_dim, path)
+    return arch
 
 
 def _rope_scaling(
-    reader: Any, a: str, path: str | Path, rope_freqs: Any, theta: float, head_dim: int
+    reader: Any,
+    a: str,
+    path: str | Path,
+    tensors: dict[str, Any],
+    meta: gguf_families.Meta,
+    theta: float,
+    head_dim: int,
 ) -> dict[str, Any] | None:
-    if rope_freqs is not None:
+    if "rope_freqs.weight" in tensors:
         # llama.cpp stores Llama 3.x rope scaling as precomputed per-frequency factors, not parameters.
-        return infer_llama3_scaling(_dequantize(rope_freqs), theta, head_dim, path)
+        return infer_llama3_scaling(_dequantize(tensors["rope_freqs.weight"]), theta, head_dim, path)
+    factors = {n: _dequantize(tensors[n]) for n in gguf_families.ROPE_FACTORS if n in tensors}
+    if factors:  # Phi-3's LongRoPE
+        return gguf_families.longrope_scaling(factors, meta, path)
     kind = field(reader, f"{a}.rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(field(reader, f"{a}.rope.scaling.factor"))}
-    raise ModelLoadError(f"{path} uses rope scaling {kind!r}; supported: linear, llama3")
+    raise ModelLoadError(f"{path} uses rope scaling {kind!r}; supported: linear, llama3, longrope")
 
 
 def llama3_freq_factors(
@@ -146,13 +171,16 @@ def infer_llama3_scaling(
 
 
 def read_weights(reader: Any, arch: ModelArch, path: str | Path) -> dict[str, torch.Tensor]:
-    """All weights, dequantized to fp32, with llama.cpp's rope row permutation of q/k undone."""
-    permuted = architecture(reader, path) in _PERMUTED_ROPE
+    """All weights, dequantized to fp32, with what llama.cpp's converter changed undone: the rope row
+    permutation of Llama's q/k, and the families' changes (gguf_families.finish_weights)."""
+    a = architecture(reader, path)
+    permuted = a in _PERMUTED_ROPE
+    names = gguf_families.layer_names(a, _LAYER_NAMES, [t.name for t in reader.tensors])
     weights: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":
+        if tensor.name in _ROPE_TENSORS:
             continue
-        name = hf_name(tensor.name, path)
+        name = hf_name(tensor.name, path, names, a)
         w = _dequantize(tensor)
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rope_rows(w, arch.num_heads)
@@ -162,16 +190,18 @@ def read_weights(reader: Any, arch: ModelArch, path: str | Path) -> dict[str, to
         weights[name] = torch.from_numpy(
             w if w.flags.writeable else w.copy()
         )  # unquantized data view the mmap
-    return weights
+    return gguf_families.finish_weights(weights, arch, a)
 
 
-def hf_name(gguf_name: str, path: str | Path) -> str:
+def hf_name(
+    gguf_name: str, path: str | Path, layer_names: dict[str, str] = _LAYER_NAMES, a: str = "llama"
+) -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_TENSOR.fullmatch(gguf_name)
-    if m is None or m.group(2) not in _LAYER_NAMES:
-        raise ModelLoadError(f"{path} has a tensor {gguf_name!r} that a Llama model does not have")
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m is None or m.group(2) not in layer_names:
+        raise ModelLoadError(f"{path} has a tensor {gguf_name!r} that a {a} model does not have")
+    return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
 
 
 def _dequantize(tensor: Any) -> np.ndarray:

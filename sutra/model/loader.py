@@ -45,7 +45,8 @@ BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM_PREFIX = "random:"
 STORE_PREFIX = "store:"
 # Bump when the cache layout or the conversion changes, so stale caches are not read.
-CACHE_VERSION = 1
+# 2: float32 metadata read as the decimals it was written from (rms_norm_eps 1e-05, not 9.9999997e-06).
+CACHE_VERSION = 2
 
 
 @dataclass

@@ -13,9 +13,10 @@ from sutra.server.body_limit import BodySizeLimit
 from sutra.server.chat import create_chat_completion
 from sutra.server.common import ServerState
 from sutra.server.completions import create_completion
+from sutra.server.embeddings import create_embedding
 from sutra.server.errors import APIError, install_error_handlers
 from sutra.server.model_leases import ModelLeases
-from sutra.server.protocol import ChatCompletionRequest, CompletionRequest
+from sutra.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from sutra.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, server_version, tokenize
 
 
@@ -113,6 +114,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await create_chat_completion(state, body, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        return await create_embedding(state, body, request)
 
     # vLLM's paths, without /v1; behind the API key like every route but /health and /metrics.
     @app.post("/tokenize")

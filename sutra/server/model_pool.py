@@ -16,7 +16,7 @@ oldest ticket that needs room can only get it from models still in use, those mo
 requests until they drain, then go: a stream of requests for a ready model cannot starve another
 model's waiting requests. A model with requests in
 flight is never evicted, concurrent requests for a cold model share its one load, and loads and
-evictions run in threads, never on the event loop. A ticket that waits for room longer than
+evictions run in threads, never on the event loop (sutra/server/model_loading.py). A ticket that waits for room longer than
 `wait_timeout_s` fails (the server answers 503); once its model's load has begun it only waits (a
 load never fails a request by taking long).
 
@@ -27,28 +27,23 @@ a counter per request.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sutra.engine.client import EngineClient, EngineDrainingError, EngineListener, EngineOverloadedError
 from sutra.server.host_cache import HostCache
+from sutra.server.model_loading import ModelLoading, gb
 from sutra.server.served_model import (
     RESIDENT,
-    Loaded,
     ModelLoader,
-    ModelLoadFailedError,
     ModelState,
     ModelUnavailableError,
     NoObserver,
     PoolObserver,
     ServedModel,
 )
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_WAIT_TIMEOUT_S = 60.0
 
@@ -74,7 +69,7 @@ class Lease:
 
 
 @dataclass
-class ModelPool:
+class ModelPool(ModelLoading):
     models: dict[str, ServedModel]  # in configuration order
     loader: ModelLoader | None
     default: str = ""
@@ -191,7 +186,7 @@ class ModelPool:
                 continue  # its load began meanwhile: from now on it only waits
             raise ModelUnavailableError(
                 f"the model `{ticket.model.name}` could not be loaded within {self.wait_timeout_s:g} s: "
-                f"the memory for models ({_gb(self.memory_budget)}) is held by models with requests in "
+                f"the memory for models ({gb(self.memory_budget)}) is held by models with requests in "
                 "flight; retry later"
             )
 
@@ -276,100 +271,6 @@ class ModelPool:
         for candidate in chosen:
             candidate.reclaiming = True
 
-    # ---- loading and evicting -------------------------------------------------------------------
-    def _start_load(self, model: ServedModel) -> None:
-        cached = self.cache.take(model.name) if self.cache is not None else None
-        self._set_state(model, ModelState.LOADING)
-        self._spawn(self._load(model, cached))
-
-    async def _load(self, model: ServedModel, cached: Any | None) -> None:
-        source = "disk" if cached is None else "cache"
-        start = self.clock()
-        try:
-            loaded = await asyncio.to_thread(self._loader().load, model, cached)
-        except Exception as e:
-            logger.exception("loading the model %s (%s) failed", model.name, model.source)
-            self._set_state(model, ModelState.COLD)
-            error = ModelLoadFailedError(f"the model `{model.name}` could not be loaded: {e}")
-            for ticket in [t for t in self._queue if t.model is model]:
-                self._queue.remove(ticket)
-                if not ticket.granted.done():
-                    ticket.granted.set_exception(error)
-            self._pump()
-            return
-        self._install(model, loaded)
-        seconds = self.clock() - start
-        logger.info("model %s ready (from %s) in %.2f s", model.name, source, seconds)
-        self.observer.on_load(model.name, source, seconds)
-        self._pump()
-
-    def _install(self, model: ServedModel, loaded: Loaded) -> None:
-        model.engine = loaded.engine
-        model.tokenizer = loaded.engine.tokenizer
-        model.max_model_len = loaded.engine.max_model_len
-        if loaded.footprint > (self.memory_budget or loaded.footprint):
-            logger.warning(
-                "the model %s holds %s, more than --model-memory-gb (%s): it is served alone",
-                model.name,
-                _gb(loaded.footprint),
-                _gb(self.memory_budget),
-            )
-        model.footprint = loaded.footprint
-        model.keep = loaded.keep
-        model.loads += 1
-        model.last_used = self.clock()
-        if self._started:
-            self._start_engine(model)
-        self._set_state(model, ModelState.READY)
-
-    def _start_engine(self, model: ServedModel) -> None:
-        assert model.engine is not None
-        model.engine.listeners.extend(self.listeners_for(model))
-        model.engine.start()
-        if self._draining:
-            model.engine.begin_drain()
-
-    def _start_evict(self, model: ServedModel) -> None:
-        model.reclaiming = False
-        self._set_state(model, ModelState.EVICTING)
-        self._spawn(self._evict(model))
-
-    async def _evict(self, model: ServedModel) -> None:
-        kept: tuple[Any, int] | None = None
-        try:
-            kept = await self._loader().unload(model, self.cache is not None)
-        except Exception:
-            logger.exception("evicting the model %s failed; its weights are not kept", model.name)
-        model.engine = None
-        model.keep = None
-        state = ModelState.COLD
-        if kept is not None and self.cache is not None:
-            payload, nbytes = kept
-            wanted = {t.model.name for t in self._queue}  # a model requests wait for stays
-            for dropped in self.cache.put(model.name, payload, nbytes, keep=wanted):
-                if dropped != model.name:
-                    self._set_state(self.models[dropped], ModelState.COLD)
-            if model.name in self.cache:
-                state = ModelState.CACHED
-        self._set_state(model, state)
-        logger.info("model %s evicted (now %s)", model.name, state.value)
-        self.observer.on_evict(model.name)
-        self._pump()
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _set_state(self, model: ServedModel, state: ModelState) -> None:
-        model.state = state
-        self.observer.on_state(model.name, state)
-
-    def _loader(self) -> ModelLoader:
-        if self.loader is None:
-            raise RuntimeError("this model pool has no loader: its models cannot be loaded")
-        return self.loader
-
     # ---- what the server asks of it as a whole ----------------------------------------------
     @property
     def dead_reason(self) -> str | None:
@@ -418,7 +319,3 @@ class ModelPool:
             if not ticket.granted.done():
                 ticket.granted.set_exception(error)
         return len(tickets)
-
-
-def _gb(nbytes: int | None) -> str:
-    return "no limit" if nbytes is None else f"{nbytes / 2**30:.2f} GB"

@@ -316,3 +316,59 @@ def _lone_surrogate_at(value: Any, path: str) -> str | None:
 
 
 _MAY_HOLD_TEXT = (str, list, dict, BaseModel)
+
+
+class EmbeddingRequest(CheckedText):
+    """OpenAI's embeddings body (POST /v1/embeddings). `input` is checked by inputs(), so that every
+    wrong shape is refused naming `input` (a pydantic union would name one of its members)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # only the model's hidden size: embeddings are not truncated
+    user: str | None = None
+    priority: int = 0
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
+    # vLLM's extensions we do not implement (refused when set).
+    truncate_prompt_tokens: Any = None
+    normalize: bool | None = None
+
+    def check_supported(self) -> None:
+        if self.truncate_prompt_tokens is not None:
+            raise InvalidRequestError(
+                "truncate_prompt_tokens is not supported", param="truncate_prompt_tokens"
+            )
+        if self.normalize is False:
+            raise InvalidRequestError(
+                "normalize=false is not supported: embeddings are L2-normalized", param="normalize"
+            )
+
+    def inputs(self) -> list[str | list[int]]:
+        """The batch: one string, a list of strings, one token-id list, or a list of them. Each must
+        be non-empty."""
+        given = self.input
+        if isinstance(given, str):
+            given = [given]
+        elif _is_token_ids(given) and given:
+            given = [given]
+        if not isinstance(given, list) or not given:
+            raise InvalidRequestError(
+                "input must be a non-empty string, a list of strings, a list of token ids or a list of "
+                "token-id lists",
+                param="input",
+            )
+        for i, item in enumerate(given):
+            if not (isinstance(item, str) or _is_token_ids(item)):
+                raise InvalidRequestError(
+                    f"input[{i}] must be a string or a list of token ids, got {type(item).__name__}",
+                    param="input",
+                )
+            if not item:
+                raise InvalidRequestError(f"input[{i}] is empty", param="input")
+        return [item if isinstance(item, str) else list(item) for item in given]
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)

@@ -16,7 +16,7 @@ import re
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from sutra.structured.params import StructuredOutputsParams
 
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     import torch
 
     from sutra.model.tokenizer import Tokenizer
+
+
+MatcherFault = Literal["dead_end", "too_complex", "internal"]
 
 
 class SpecError(ValueError):
@@ -45,6 +48,13 @@ class GrammarMatcher(Protocol):
 
     def error(self) -> str | None:
         """Why the matcher cannot go on (e.g. a step over the engine's work limits), or None."""
+        ...
+
+    def fault(self) -> MatcherFault:
+        """Whose doing error() is (read only when there is one): "dead_end", the grammar allows no
+        token after the output so far (it cannot be completed from here); "too_complex", a step went
+        past the grammar engine's work limits (an ambiguous or very large grammar); both are the
+        spec's, so the client's. "internal": anything else, the engine's own fault."""
         ...
 
 

@@ -16,21 +16,13 @@ from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import TYPE_CHECKING
 
 from sutra.config import StructuredOutputsConfig
-from sutra.errors import InvalidRequestError
+from sutra.errors import InvalidRequestError, RequestFailedError
 from sutra.structured.backend import BackendFactory, GrammarBackend, GrammarMatcher, SpecError, Vocabulary
 from sutra.structured.cache import CompileCache
 from sutra.structured.params import StructuredOutputsParams
 
 if TYPE_CHECKING:
     from sutra.model.tokenizer import Tokenizer
-
-_WHAT = {
-    "json": "JSON schema",
-    "json_object": "JSON schema",
-    "regex": "regex",
-    "choice": "choice",
-    "grammar": "grammar",
-}
 
 
 def default_backend(vocab: Vocabulary, threads: int | None = None) -> GrammarBackend:
@@ -90,7 +82,7 @@ class StructuredCompiler:
         limit = self.config.max_spec_bytes
         if size > limit:
             raise InvalidRequestError(
-                f"{spec.source}: the {_WHAT[spec.kind]} is {size} bytes, over the limit of {limit} bytes",
+                f"{spec.source}: the {spec.kind_name} is {size} bytes, over the limit of {limit} bytes",
                 param=spec.source,
             )
 
@@ -131,24 +123,26 @@ class StructuredCompiler:
 
     @staticmethod
     def _invalid(spec: StructuredOutputsParams, error: SpecError) -> InvalidRequestError:
-        return InvalidRequestError(f"{spec.source}: invalid {_WHAT[spec.kind]}: {error}", param=spec.source)
+        return InvalidRequestError(f"{spec.source}: invalid {spec.kind_name}: {error}", param=spec.source)
 
     def _timed_out(self, spec: StructuredOutputsParams) -> InvalidRequestError:
         return InvalidRequestError(
-            f"{spec.source}: the {_WHAT[spec.kind]} did not compile within "
+            f"{spec.source}: the {spec.kind_name} did not compile within "
             f"{self.config.compile_timeout_s:g} s; send a simpler one",
             param=spec.source,
         )
 
     def matcher(self, spec: StructuredOutputsParams, replay: Sequence[int] = ()) -> GrammarMatcher:
         """A new matcher for a request, advanced over the tokens it has generated already (a request
-        resumed after preemption, or adopted from another instance)."""
+        resumed after preemption, or adopted from another instance). InvalidRequestError naming the
+        spec's field if it does not compile (or not in time); RequestFailedError if the tokens do not
+        replay, which is the engine's fault: a matcher of the same grammar accepted them."""
         matcher = self.backend.matcher(self.compile(spec))
         for i, token in enumerate(replay):
             if not matcher.accept_token(token):
-                raise InvalidRequestError(
-                    f"{spec.source}: output token {i} (id {token}) does not match the {_WHAT[spec.kind]}",
-                    param=spec.source,
+                raise RequestFailedError(
+                    f"the structured output constraint could not be rebuilt: output token {i} (id "
+                    f"{token}) does not match the {spec.kind_name} on replay"
                 )
         return matcher
 

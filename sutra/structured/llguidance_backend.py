@@ -11,7 +11,7 @@ import llguidance as llg
 import llguidance.torch as llg_torch
 import torch
 
-from sutra.structured.backend import GrammarMatcher, SpecError, Vocabulary
+from sutra.structured.backend import GrammarMatcher, MatcherFault, SpecError, Vocabulary
 from sutra.structured.params import JSON_OBJECT_SCHEMA, StructuredOutputsParams
 
 # Whitespace a JSON grammar allows between two tokens: spaces or tabs, or one line break and an
@@ -20,6 +20,11 @@ from sutra.structured.params import JSON_OBJECT_SCHEMA, StructuredOutputsParams
 JSON_WHITESPACE = r"[\x20\x09]{1,20}|\r?\n[\x20\x09]{0,20}"
 # Batches at least this large fill their masks on the executor's threads.
 PARALLEL_MIN_ROWS = 4
+# How llguidance (1.9) words the errors a spec causes mid-generation: no token allowed after the
+# output so far, and a step past its parser or lexer limits (Earley items per step or per row, lexer
+# states, regex derivatives built).
+DEAD_END_ERROR = "NoExtensionBias"
+WORK_LIMIT_ERRORS = ("Too many items", "items; max is", "too many states", "too many expressions")
 
 
 class _Tokens:
@@ -53,6 +58,16 @@ class LLGuidanceMatcher:
         if not self._matcher.is_error():
             return None
         return self._matcher.get_error() or "the grammar engine stopped on an error"
+
+    def fault(self) -> MatcherFault:
+        # llguidance stops a mask computation that fails with stop reason InternalError whatever the
+        # cause; only the message's first line tells a dead end or a work limit apart.
+        first = (self.error() or "").split("\n", 1)[0]
+        if first.strip() == DEAD_END_ERROR:
+            return "dead_end"
+        if any(sign in first for sign in WORK_LIMIT_ERRORS):
+            return "too_complex"
+        return "internal"
 
 
 class LLGuidanceBackend:

@@ -20,6 +20,13 @@ Kind = Literal["json", "regex", "choice", "grammar", "json_object"]
 KINDS: tuple[Kind, ...] = ("json", "regex", "choice", "grammar", "json_object")
 # json_object: any JSON object, as OpenAI's response_format {"type": "json_object"} asks.
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+_KIND_NAMES: dict[Kind, str] = {
+    "json": "JSON schema",
+    "json_object": "JSON schema",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+}
 
 
 @dataclass
@@ -82,6 +89,11 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> Kind:
         return self._given()[0]
+
+    @property
+    def kind_name(self) -> str:
+        """What the spec is, for messages: "JSON schema", "regex", "choice" or "grammar"."""
+        return _KIND_NAMES[self.kind]
 
     def _given(self) -> list[Kind]:
         # json may be the schema `false`; json_object=False means not asked for

@@ -17,6 +17,7 @@ from sutra.engine.engine import LLMEngine
 from sutra.errors import InvalidRequestError
 from sutra.outputs import RequestOutput
 from sutra.sampling_params import SamplingParams
+from sutra.structured.compiler import compiler_for
 from tests.cluster.conftest import TINY_CONFIG
 
 pytestmark = pytest.mark.ray
@@ -186,3 +187,10 @@ def test_user_errors_are_raised_as_the_instance_raised_them(two_instances):
         assert client.max_model_len == 2048 and client.max_request_tokens == 64 * 16
 
     asyncio.run(_with_client(two_instances, "least-load", body))
+
+
+def test_the_front_end_compiles_specs_with_the_clusters_limits(two_instances):
+    """The server compiles each spec in this process before dispatch (sutra/server/structured.py):
+    its compiler for the instances' tokenizer has the config the instances were started with (that
+    very object, not an equal default)."""
+    assert compiler_for(two_instances.tokenizer).config is TINY_CONFIG.structured

@@ -5,6 +5,7 @@ does."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 
 import pytest
@@ -12,11 +13,12 @@ import torch
 
 from sutra.cluster.instance import InstanceActor
 from sutra.cluster.messages import Update
-from sutra.config import EngineConfig, ModelConfig
+from sutra.config import EngineConfig, ModelConfig, StructuredOutputsConfig
 from sutra.engine.async_engine import AsyncEngine
 from sutra.engine.client import EngineClient, EngineDrainingError
 from sutra.errors import InvalidRequestError, ModelLoadError
 from sutra.sampling_params import SamplingParams
+from sutra.structured.params import StructuredOutputsParams
 from tests.cluster.conftest import TINY_CONFIG
 
 
@@ -85,6 +87,41 @@ def test_user_errors_are_returned_not_raised(keep_torch_threads):
         error = await actor.submit_many([("e", [], SamplingParams())])
         assert isinstance(error, InvalidRequestError) and error.param == "prompt"
         assert await actor.num_in_flight() == 0
+        await actor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_an_instance_compiles_specs_off_its_loop_with_the_configured_limits(keep_torch_threads):
+    """The instance's compiler has the server's structured-output limits; it compiles each spec once
+    (n prompts sharing one included), before the engine sees it, and refuses one over the limits."""
+    config = dataclasses.replace(
+        TINY_CONFIG, structured=StructuredOutputsConfig(max_spec_bytes=200, cache_size=3)
+    )
+
+    async def main():
+        actor = InstanceActor("i0", config, num_threads=1)
+        compiler = actor.engine.runner.structured
+        assert compiler.config == config.structured
+        spec = StructuredOutputsParams(choice=["yes", "no"])
+        params = SamplingParams(max_tokens=4, temperature=0, structured_outputs=spec)
+        assert await actor.submit_many([("a", [1, 2, 3], params), ("b", [4, 5], params)]) is None
+        assert spec.cache_key() in compiler.cache and compiler.cache.misses == 1
+
+        def finished(updates):
+            done = {u.request_id for u in updates if u.kind == "delta" and u.delta.finished}
+            return done == {"a", "b"}
+
+        updates, _ = await _poll_until(actor, 0, finished)
+        texts = {u.request_id: "" for u in updates}
+        for u in updates:
+            if u.kind == "delta":
+                texts[u.request_id] += u.delta.completions[0].text
+        assert set(texts.values()) <= {"yes", "no"}, texts
+        big = StructuredOutputsParams(choice=["x" * 300])
+        error = await actor.submit_many([("c", [1, 2], SamplingParams(max_tokens=2, structured_outputs=big))])
+        assert isinstance(error, InvalidRequestError) and "over the limit of 200 bytes" in str(error)
+        assert error.param == "structured_outputs"
         await actor.shutdown()
 
     asyncio.run(main())

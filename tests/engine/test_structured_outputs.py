@@ -213,3 +213,23 @@ def test_a_request_whose_grammar_fails_mid_run_ends_alone(llm_fp32):
     assert outs[0].outputs[0].finish_reason == "error"
     assert outs[1].error is None and outs[1].outputs[0].token_ids == alone
     assert free(llm_fp32)
+
+
+def test_a_spec_that_dead_ends_mid_run_fails_its_request_as_the_clients_fault(llm_fp32):
+    """A grammar that compiles but cannot be completed ("ab", then a part matching nothing) ends its
+    request with InvalidRequestError naming the spec's field once the output reaches the dead end; the
+    request batched with it gets its solo tokens, and no block is held."""
+    prompt = chat_prompt(llm_fp32, [{"role": "user", "content": "What is the capital of France?"}])
+    plain = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    alone = llm_fp32.generate([prompt], plain, use_tqdm=False)[0].outputs[0].token_ids
+    dead_end = StructuredOutputsParams(
+        grammar='start: "ab" dead\ndead: /[^\\x00-\\x{10FFFF}]/\n', source="guided_grammar"
+    )
+    failing = SamplingParams(max_tokens=8, structured_outputs=dead_end)
+    outs = llm_fp32.generate([prompt, prompt], [failing, plain], use_tqdm=False)
+    error = outs[0].error
+    assert isinstance(error, InvalidRequestError) and error.param == "guided_grammar", error
+    assert "allows no token after the" in str(error)
+    assert outs[0].outputs[0].finish_reason == "error" and outs[0].outputs[0].text == "ab"
+    assert outs[1].error is None and outs[1].outputs[0].token_ids == alone
+    assert free(llm_fp32)

@@ -117,7 +117,7 @@ def test_lone_surrogates_are_found_with_their_path():
 
 
 def test_unsupported_fields_are_refused_by_name():
-    for field in ("prompt_logprobs", "guided_decoding_backend", "guided_whitespace_pattern"):
+    for field in ("bad_words", "guided_decoding_backend", "guided_whitespace_pattern"):
         with pytest.raises(InvalidRequestError, match=f"{field} is not supported") as e:
             CompletionRequest(prompt="hi", **{field: 1}).check_supported()
         assert e.value.param == field

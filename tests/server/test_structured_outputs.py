@@ -202,3 +202,68 @@ def test_the_server_keeps_serving_after_bad_specs(client, sutra_server):
     )
     assert_person(out.choices[0].message.content)
     assert_serving(sutra_server)  # answers, and once idle holds no KV block
+
+
+@pytest.fixture(scope="module")
+def grammar_engine_loaded(client, sutra_server) -> None:
+    """The server builds its grammar engine on the first spec, inside that spec's compile timeout: on a
+    busy machine the tests below would time out rather than show what they check, when run alone."""
+    for _ in range(3):
+        try:
+            client.completions.create(
+                model=sutra_server.model,
+                prompt="Yes or no?",
+                max_tokens=2,
+                extra_body={"guided_choice": ["yes"]},
+            )
+            return
+        except openai.BadRequestError as e:  # "did not compile within": the engine is built meanwhile
+            assert "did not compile within" in e.message
+
+
+# The grammar's only way on after "ab" matches nothing ([^\x00-\x{10FFFF}] holds no character): it
+# compiles, and the dead end shows once the output reaches it, mid-generation.
+DEAD_END_GRAMMAR = 'start: "ab" dead\ndead: /[^\\x00-\\x{10FFFF}]/\n'
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"structured_outputs": {"grammar": DEAD_END_GRAMMAR}}, "structured_outputs"),
+        ({"guided_grammar": DEAD_END_GRAMMAR}, "guided_grammar"),
+        ({"guided_regex": "hello[^\\x00-\\x{10FFFF}]"}, "guided_regex"),  # no first token at all
+    ],
+)
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_a_spec_that_dead_ends_mid_generation_is_a_400_naming_its_field(
+    client, sutra_server, grammar_engine_loaded, route, extra, param
+):
+    """The spec's own fault, found only while generating: a 400 (not a 500) through the official
+    client, naming the field it came in; the server goes on serving and holds no KV block."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        if route == "chat":
+            client.chat.completions.create(
+                model=sutra_server.model, messages=ASK, max_tokens=16, temperature=0, extra_body=extra
+            )
+        else:
+            client.completions.create(
+                model=sutra_server.model, prompt=PROMPT, max_tokens=16, temperature=0, extra_body=extra
+            )
+    assert caught.value.status_code == 400
+    assert caught.value.param == param
+    assert "allows no token after the" in caught.value.message
+    assert_serving(sutra_server)
+
+
+def test_a_streamed_request_whose_spec_dead_ends_ends_with_an_error_naming_its_field(
+    sutra_server, grammar_engine_loaded
+):
+    """Once a stream has begun its status is sent: the error comes as its last event, with its param."""
+    body = {"prompt": PROMPT, "max_tokens": 16, "stream": True, "guided_grammar": DEAD_END_GRAMMAR}
+    response = post(sutra_server, "/v1/completions", body)
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    errors = [e["error"] for e in events if "error" in e]
+    assert errors and errors[-1]["param"] == "guided_grammar", response.text
+    assert "allows no token after the" in errors[-1]["message"]
+    text = "".join(c["text"] for e in events if "choices" in e for c in e["choices"])
+    assert text == "ab"  # what the grammar allowed before its dead end
