@@ -62,7 +62,7 @@ def _assert_healthy(server) -> None:
         ({"prompt": ""}, "prompt", "the prompt is empty"),
         ({"prompt": [99999999]}, "prompt", "outside the vocabulary"),
         ({"prompt": "hi", "logit_bias": {"x": 5}}, "logit_bias", "keys must be token ids"),
-        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo", "echo with logprobs is not supported"),
+        ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "when stream is true"),
     ],
 )
 def test_invalid_completion_fields_are_400_and_named(sutra_server, body, param, contains):
@@ -119,12 +119,12 @@ def test_lone_surrogates_are_400_naming_the_field(sutra_server, path, body, para
 @pytest.mark.parametrize(
     ("path", "field", "value"),
     [
-        ("/v1/completions", "prompt_logprobs", 1),
+        ("/v1/completions", "bad_words", ["x"]),
         ("/v1/completions", "guided_decoding_backend", "xgrammar"),
         ("/v1/completions", "guided_whitespace_pattern", " "),
         ("/v1/completions", "response_format", {"type": "structural_tag"}),
         ("/v1/chat/completions", "guided_decoding_backend", "xgrammar"),
-        ("/v1/chat/completions", "prompt_logprobs", 0),
+        ("/v1/chat/completions", "prompt_logprobs", 21),
         ("/v1/chat/completions", "tool_choice", "auto"),
         ("/v1/chat/completions", "tool_choice", {"type": "function", "function": {"name": "f"}}),
         ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}]),
