@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from sutra.config import EngineConfig
 from sutra.core.kv_cache import KVCacheManager, prefix_cache_root
@@ -15,7 +13,8 @@ from sutra.core.request import Request, RequestSpec, RequestStatus
 from sutra.core.scheduler import Scheduler
 from sutra.core.stats import EngineStats
 from sutra.engine.detokenizer import IncrementalDetokenizer
-from sutra.engine.migration import MigrationSource, MigrationTarget, MovedRequest
+from sutra.engine.migration import MigrationSource, MigrationTarget
+from sutra.engine.moved_requests import MovedRequests, Tracked
 from sutra.engine.runner import ModelRunner
 from sutra.engine.step_isolation import run_isolating, tainted_requests
 from sutra.errors import InvalidRequestError, prompt_too_long
@@ -28,17 +27,7 @@ from sutra.sim.estimator import CompletionEstimator
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _Tracked:
-    """A user request; with n > 1 it fans out into n scheduler requests sharing the prompt."""
-
-    output: RequestOutput
-    child_ids: list[str]
-    detokenizers: list[IncrementalDetokenizer]
-    num_unfinished: int
-
-
-class LLMEngine:
+class LLMEngine(MovedRequests):
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         loaded = load_model(config.model)
@@ -62,7 +51,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.estimator = CompletionEstimator()
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, Tracked] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
         # Tokens the last step() computed; 0 when nothing could be scheduled (e.g. every waiting
         # request is throttled), so a serving loop knows to wait rather than spin.
@@ -177,7 +166,7 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time=arrival),
             prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(prompt_ids),
         )
-        self._tracked[request_id] = _Tracked(
+        self._tracked[request_id] = Tracked(
             output,
             child_ids,
             [IncrementalDetokenizer(self.tokenizer, prompt_ids, params) for _ in child_ids],
@@ -235,64 +224,6 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return self.scheduler.stats()
-
-    # ---- requests that move between instances (sutra/engine/migration.py) ----------------------
-    def num_samples(self, request_id: str) -> int:
-        """How many scheduler requests a user request fans out to here; 0 if it is not here."""
-        tracked = self._tracked.get(request_id)
-        return 0 if tracked is None else len(tracked.child_ids)
-
-    def moved_request(self, request: Request) -> MovedRequest:
-        """A paused single-sample request's state, for its destination."""
-        tracked = self._tracked[request.request_id]
-        out, completion = tracked.output, tracked.output.outputs[0]
-        return MovedRequest(
-            request_id=request.request_id,
-            prompt=out.prompt,
-            prompt_token_ids=list(request.prompt_token_ids),
-            output_token_ids=list(request.output_token_ids),
-            sampling_params=request.sampling_params,
-            spec=request.spec,
-            arrival_time=request.arrival_time,
-            num_computed_tokens=request.num_computed_tokens,
-            num_cached_tokens=request.num_cached_tokens,
-            num_preemptions=request.num_preemptions,
-            text=completion.text,
-            logprobs=None if completion.logprobs is None else list(completion.logprobs),
-            metrics=dataclasses.replace(out.metrics),
-            detokenizer_state=tracked.detokenizers[0].state(),
-            prompt_logprobs=out.prompt_logprobs,
-        )
-
-    def forget_moved(self, request_id: str) -> None:
-        """The request went to another instance: drop its output state, emitting nothing."""
-        tracked = self._tracked.pop(request_id)
-        for child_id in tracked.child_ids:
-            self._child_to_parent.pop(child_id, None)
-
-    def adopt_moved(self, moved: MovedRequest, admit: Callable[[Request], None]) -> None:
-        """Track a request arriving from another instance; `admit` puts it in the scheduler (on its
-        KV) and may raise, in which case nothing is tracked."""
-        if moved.request_id in self._tracked:
-            raise InvalidRequestError(
-                f"request id {moved.request_id!r} is already in use", param="request_id"
-            )
-        request = moved.to_request(self.eos_token_ids)
-        output = RequestOutput(
-            request_id=moved.request_id,
-            prompt=moved.prompt,
-            prompt_token_ids=list(moved.prompt_token_ids),
-            outputs=[
-                CompletionOutput(0, moved.text, list(moved.output_token_ids), moved.logprobs),
-            ],
-            metrics=moved.metrics,
-            prompt_logprobs=moved.prompt_logprobs,
-        )
-        detokenizer = IncrementalDetokenizer(self.tokenizer, moved.prompt_token_ids, moved.sampling_params)
-        detokenizer.restore(moved.detokenizer_state)
-        admit(request)
-        self._tracked[moved.request_id] = _Tracked(output, [moved.request_id], [detokenizer], 1)
-        self._child_to_parent[moved.request_id] = (moved.request_id, 0)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -363,7 +294,7 @@ class LLMEngine:
                 scored[first : first + len(entries)] = entries
 
     def _record_token(
-        self, tracked: _Tracked, index: int, request: Request, runner_out: RunnerOutput, now: float
+        self, tracked: Tracked, index: int, request: Request, runner_out: RunnerOutput, now: float
     ) -> None:
         out = tracked.output
         completion = out.outputs[index]

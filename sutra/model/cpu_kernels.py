@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -37,7 +38,10 @@ def _build(name: str, sources: list[Path], subdir: str | None, what: str) -> Mod
         if subdir:  # each extension needs its own build directory (its own build.ninja)
             cache = cache / subdir
         cache.mkdir(parents=True, exist_ok=True)
-        return load(
+        if not (cache / f"{name}.so").exists():  # a build takes a minute or more on a small machine
+            logger.info("building %s (first use; cached in %s)", name, cache)
+        start = time.perf_counter()
+        module = load(
             name=name,
             sources=[str(s) for s in sources],
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
@@ -46,6 +50,9 @@ def _build(name: str, sources: list[Path], subdir: str | None, what: str) -> Mod
             build_directory=str(cache),
             verbose=False,
         )
+        if (seconds := time.perf_counter() - start) > 5.0:
+            logger.info("%s ready after %.0f s", name, seconds)
+        return module
     except Exception as e:  # no compiler, no headers, no ninja: the torch path still works
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         logger.warning("CPU kernels unavailable, using the torch %s path: %s", what, first_line[:300])

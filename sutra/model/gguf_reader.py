@@ -18,6 +18,7 @@ from sutra.errors import ModelLoadError
 from sutra.model import gguf_families
 from sutra.model.arch import ModelArch
 from sutra.model.gguf_families import float32_value
+from sutra.model.progress_log import ProgressLog
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", *gguf_families.ARCHITECTURES)
 _PERMUTED_ROPE = ("llama",)  # the architectures whose q/k rows llama.cpp's converter permutes
@@ -177,7 +178,9 @@ def read_weights(reader: Any, arch: ModelArch, path: str | Path) -> dict[str, to
     permuted = a in _PERMUTED_ROPE
     names = gguf_families.layer_names(a, _LAYER_NAMES, [t.name for t in reader.tensors])
     weights: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
+    progress = ProgressLog(f"dequantizing {Path(path).name}", len(reader.tensors), "tensors")
+    for i, tensor in enumerate(reader.tensors):
+        progress.update(i)
         if tensor.name in _ROPE_TENSORS:
             continue
         name = hf_name(tensor.name, path, names, a)

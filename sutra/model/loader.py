@@ -218,6 +218,9 @@ def _cached(folder: Path, read: Callable[[Path], T], build: Callable[[Path], Non
             return read(Path(scratch))
     try:
         start = time.perf_counter()
+        logger.info(
+            "first start of this model: converting it into the cache %s (later starts read it)", folder
+        )
         build(tmp)
         logger.info("converted %s in %.2f s", folder, time.perf_counter() - start)
         try:
