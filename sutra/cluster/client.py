@@ -336,12 +336,4 @@ class ClusterClient(RequestEndings, UpdateRouting, InstanceLoads, StreamHub):
         )
 
     def abort(self, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        self._notify_abort(request_id)  # while listeners can still look the request up
-        del self._streams[request_id]
-        self.handoffs.discard(request_id)
-        self._close(request_id, stream, None)  # wakes a reader, which then ends
-        if stream.instance_id is not None:
-            self._send_abort(stream.instance_id, request_id)
+        self._end_stream(request_id, None)  # None: aborted; wakes a reader, which then ends

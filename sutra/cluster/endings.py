@@ -44,10 +44,10 @@ class RequestEndings:
                 self.failover.rescue(request_id, stream, error)
 
     def _end_stream(
-        self: ClusterClient, request_id: str, error: BaseException, tell_instance: bool = True
+        self: ClusterClient, request_id: str, error: BaseException | None, tell_instance: bool = True
     ) -> None:
-        """The request ends with `error` (its reader raises it); with tell_instance, its instance
-        lets it go too."""
+        """The request ends with `error` (its reader raises it; None: aborted, its reader just ends);
+        with tell_instance, its instance lets it go too."""
         stream = self._streams.get(request_id)
         if stream is None:
             return

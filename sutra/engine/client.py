@@ -15,7 +15,7 @@ from typing import Protocol
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats
 from sutra.errors import SutraError
-from sutra.model.sampling import TokenLogprobs
+from sutra.model.logprobs import TokenLogprobs
 from sutra.model.tokenizer import Tokenizer
 from sutra.outputs import RequestMetrics
 from sutra.sampling_params import SamplingParams

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from sutra.core.migration import MigrationAborted, MigrationInbox, OutgoingMigration
 from sutra.core.request import Request, RequestSpec
 from sutra.engine.kv_transfer import KVBlocks, KVLayout
-from sutra.model.sampling import TokenLogprobs
+from sutra.model.logprobs import TokenLogprobs
 from sutra.outputs import RequestMetrics
 from sutra.sampling_params import SamplingParams
 

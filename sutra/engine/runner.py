@@ -19,7 +19,8 @@ from sutra.model import hugepages
 from sutra.model.attention import SeqSlice, build_metadata, kv_cache_shapes
 from sutra.model.llama import LlamaModel
 from sutra.model.loader import LoadedModel
-from sutra.model.sampling import Sampler, SamplingRequest, TokenLogprobs, prompt_logprobs
+from sutra.model.logprobs import TokenLogprobs, prompt_logprobs
+from sutra.model.sampling import Sampler, SamplingRequest
 from sutra.sampling_params import SamplingParams
 from sutra.structured.compiler import compiler_for
 from sutra.structured.matchers import ConstrainedRow, RequestGrammars

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from sutra.engine.client import CompletionDelta
 from sutra.errors import InvalidRequestError
-from sutra.model.sampling import TokenLogprobs
+from sutra.model.logprobs import TokenLogprobs
 from sutra.model.tokenizer import Tokenizer
 from sutra.sampling_params import SamplingParams
 from sutra.server.common import (

@@ -16,7 +16,7 @@ from fastapi import Request
 from sutra.core.request import RequestSpec
 from sutra.engine.client import CompletionDelta, EngineClient, EngineListener, RequestDelta
 from sutra.errors import InvalidRequestError, prompt_too_long
-from sutra.model.sampling import TokenLogprobs
+from sutra.model.logprobs import TokenLogprobs
 from sutra.model.tokenizer import Tokenizer
 from sutra.sampling_params import SamplingParams
 from sutra.server.errors import APIError, to_api_error

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sutra.engine.client import CompletionDelta
-from sutra.model.sampling import TokenLogprobs
+from sutra.model.logprobs import TokenLogprobs
 from sutra.model.tokenizer import Tokenizer
 from sutra.sampling_params import SamplingParams
 from sutra.server.common import (
