@@ -1,7 +1,9 @@
 """Simulator validation: simulated vs measured TTFT, TBT and throughput on the serving workload.
 
 1. `sutra profile` measures this machine's step latency for the served model (same dtype, threads
-   and token budget as the server), in a process of its own with the machine to itself.
+   and token budget as the server), in a process of its own with the machine to itself. A served step
+   runs slower than a profiled one (`serving_step_gap.py`: the server's event loop runs beside the
+   torch threads); by default both use one thread fewer than the cores, which matched best.
 2. For each scheduling mode (sarathi, prefill_first) a real server runs the serving benchmark's
    workload (`benchmarks/serving.py`: chat-length prompts with a 2048-token prompt as every 8th
    request, exact output lengths, Poisson arrivals) at several rates through `sutra bench serve`'s
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -126,7 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", default="sarathi,prefill_first")
     p.add_argument("--num-requests", type=int, default=48, help="requests of each run")
     p.add_argument("--budget", type=int, default=256, help="token budget per iteration")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, len(os.sched_getaffinity(0)) - 1),
+        help="torch threads of the server and the profile (default: one core left to the server's event "
+        "loop, which matched best; see serving_step_gap.py)",
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-gb", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
