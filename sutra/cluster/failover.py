@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from sutra.cluster.messages import Update
 from sutra.engine.client import CompletionDelta, EngineDeadError, RequestDelta
 from sutra.engine.detokenizer import IncrementalDetokenizer
+from sutra.engine.engine_stream import stop_holdback
 from sutra.model.tokenizer import Tokenizer
 from sutra.outputs import CompletionOutput, RequestMetrics
 from sutra.sampling_params import SamplingParams
@@ -74,7 +75,7 @@ class ResumedText:
         for token in tokens:
             output.token_ids.append(token)
             detokenizer.add(output, token)
-        holdback = max((len(s) for s in params.stop), default=1) - 1
+        holdback = stop_holdback(params)
         return cls(detokenizer, output, sent, holdback, len(prompt_token_ids), None)
 
     def rewrite(self, delta: RequestDelta) -> RequestDelta:

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.client import (
-    CompletionDelta,
     EngineDeadError,
     EngineListener,
     EngineOverloadedError,
@@ -32,7 +31,8 @@ from sutra.engine.client import (
     RequestMoved,
 )
 from sutra.engine.engine import LLMEngine
-from sutra.engine.streams import Stream, StreamHub
+from sutra.engine.engine_stream import EngineStream
+from sutra.engine.streams import StreamHub
 from sutra.errors import InvalidRequestError, SutraError
 from sutra.outputs import RequestOutput
 from sutra.sampling_params import SamplingParams
@@ -43,15 +43,6 @@ T = TypeVar("T")
 # After a step that could schedule nothing (every waiting client throttled, nothing fits), the loop
 # sleeps until an add or abort arrives, or this long, so that a reopening rate window is noticed.
 IDLE_POLL_S = 0.05
-
-
-@dataclass(kw_only=True)
-class _Stream(Stream):
-    params: SamplingParams
-    sent_text: list[int]  # per completion: characters already handed out
-    sent_tokens: list[int]
-    holdback: int  # characters kept back while a stop string may still be forming
-    sent_prompt_logprobs: bool = False  # handed out already (with the first tokens)
 
 
 @dataclass
@@ -66,7 +57,7 @@ class _Add:
 class AsyncEngine(StreamHub):
     """The local EngineClient (sutra/engine/client.py)."""
 
-    _streams: dict[str, _Stream]
+    _streams: dict[str, EngineStream]
 
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
         super().__init__()
@@ -147,17 +138,7 @@ class AsyncEngine(StreamHub):
             )
         now = time.monotonic()
         for request_id, prompt_token_ids, params in requests:
-            self._streams[request_id] = _Stream(
-                queue=asyncio.Queue(),
-                params=params,
-                spec=spec,
-                sent_text=[0] * params.n,
-                sent_tokens=[0] * params.n,
-                holdback=max((len(s) for s in params.stop), default=1) - 1,
-                admitted=asyncio.get_running_loop().create_future(),
-                prompt_token_ids=prompt_token_ids,
-                arrival_time=now,
-            )
+            self._streams[request_id] = EngineStream.opened(params, spec, prompt_token_ids, now)
             self._pending_adds.append(_Add(request_id, prompt_token_ids, params, spec, now))
         self._wakeup.set()
 
@@ -218,17 +199,8 @@ class AsyncEngine(StreamHub):
         stream stopped. Call just before the engine adopts it; `wake()` after."""
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._streams[request_id] = _Stream(
-            queue=asyncio.Queue(),
-            params=params,
-            spec=spec,
-            sent_text=[sent_text],
-            sent_tokens=[sent_tokens],
-            holdback=max((len(s) for s in params.stop), default=1) - 1,
-            sent_prompt_logprobs=sent_tokens > 0,
-            admitted=asyncio.get_running_loop().create_future(),
-            prompt_token_ids=prompt_token_ids,
-            arrival_time=time.monotonic(),
+        self._streams[request_id] = EngineStream.opened(
+            params, spec, prompt_token_ids, time.monotonic(), sent=(sent_text, sent_tokens)
         )
         self._streams[request_id].admitted.set_result(None)
 
@@ -349,7 +321,7 @@ class AsyncEngine(StreamHub):
                 self._close(out.request_id, stream, out.error)
                 continue
             try:
-                deltas.append(self._delta(out, stream))
+                deltas.append(stream.next_delta(out))
             except Exception as e:  # that request alone fails
                 logger.exception("publishing the output of request %s failed", out.request_id)
                 self._end_stream(out.request_id, EngineDeadError(f"the engine failed on this request: {e}"))
@@ -372,31 +344,6 @@ class AsyncEngine(StreamHub):
                 listener.on_abort(self, request_id)
             except Exception:
                 logger.exception("engine listener %s failed on an abort; skipped", type(listener).__name__)
-
-    @staticmethod
-    def _delta(out: RequestOutput, stream: _Stream) -> RequestDelta:
-        completions = []
-        for i, c in enumerate(out.outputs):
-            # Text that could be the start of a stop string stays back until it cannot be.
-            end = len(c.text) if c.finished else max(stream.sent_text[i], len(c.text) - stream.holdback)
-            text, stream.sent_text[i] = c.text[stream.sent_text[i] : end], end
-            tokens = c.token_ids[stream.sent_tokens[i] :]
-            logprobs = None if c.logprobs is None else c.logprobs[stream.sent_tokens[i] :]
-            stream.sent_tokens[i] = len(c.token_ids)
-            completions.append(CompletionDelta(i, text, tokens, logprobs, c.finish_reason, c.stop_reason))
-        prompt_logprobs = None
-        if out.prompt_logprobs is not None and not stream.sent_prompt_logprobs:
-            if out.finished or any(c.token_ids for c in completions):  # the prompt is scored by then
-                prompt_logprobs, stream.sent_prompt_logprobs = out.prompt_logprobs, True
-        return RequestDelta(
-            out.request_id,
-            completions,
-            len(out.prompt_token_ids),
-            out.finished,
-            out.metrics,
-            prompt_logprobs,
-            out.embedding if out.finished else None,
-        )
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._streams):

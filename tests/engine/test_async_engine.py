@@ -9,9 +9,10 @@ import pytest
 
 from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from sutra.core.request import RequestSpec
-from sutra.engine.async_engine import IDLE_POLL_S, AsyncEngine, _Stream
+from sutra.engine.async_engine import IDLE_POLL_S, AsyncEngine
 from sutra.engine.client import EngineDeadError, EngineDrainingError, EngineOverloadedError
 from sutra.engine.engine import LLMEngine
+from sutra.engine.engine_stream import EngineStream, stop_holdback
 from sutra.errors import InvalidRequestError
 from sutra.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sutra.sampling_params import SamplingParams
@@ -59,7 +60,7 @@ def test_deltas_add_up_to_the_offline_result(engine):
 def test_text_that_may_start_a_stop_string_is_held_back():
     params = SamplingParams(stop=["\n\nUser"])
     admitted = asyncio.new_event_loop().create_future()
-    stream = _Stream(
+    stream = EngineStream(
         queue=asyncio.Queue(),
         spec=RequestSpec(),
         prompt_token_ids=[5],
@@ -68,14 +69,15 @@ def test_text_that_may_start_a_stop_string_is_held_back():
         params=params,
         sent_text=[0],
         sent_tokens=[0],
-        holdback=len("\n\nUser") - 1,
+        holdback=stop_holdback(params),
     )
+    assert stream.holdback == len("\n\nUser") - 1
     completion = CompletionOutput(index=0, text="Hello\n\nUs", token_ids=[1, 2, 3])
     out = RequestOutput("r", None, [5], [completion], RequestMetrics(arrival_time=0.0))
-    first = AsyncEngine._delta(out, stream).completions[0]
+    first = stream.next_delta(out).completions[0]
     assert first.text == "Hell" and first.token_ids == [1, 2, 3]  # "o\n\nUs" might become the stop
     completion.text, completion.finish_reason = "Hello\n\nUsual", "length"
-    assert AsyncEngine._delta(out, stream).completions[0].text == "o\n\nUsual"
+    assert stream.next_delta(out).completions[0].text == "o\n\nUsual"
 
 
 def test_abort_ends_the_stream_and_frees_blocks(engine):
@@ -314,19 +316,19 @@ def test_a_failing_add_fails_that_request_alone(engine, monkeypatch):
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks
 
 
-def test_a_failing_delta_fails_that_request_alone(engine):
+def test_a_failing_delta_fails_that_request_alone(engine, monkeypatch):
     params = SamplingParams(max_tokens=8, ignore_eos=True)
+    real_delta = EngineStream.next_delta
+
+    def delta(stream, out):
+        if out.request_id == "bad" and stream.sent_tokens[0] >= 2:
+            raise RuntimeError("delta bug")
+        return real_delta(stream, out)
+
+    monkeypatch.setattr(EngineStream, "next_delta", delta)
 
     async def main():
         aengine = AsyncEngine(engine)
-        real_delta = aengine._delta
-
-        def delta(out, stream):
-            if out.request_id == "bad" and stream.sent_tokens[0] >= 2:
-                raise RuntimeError("delta bug")
-            return real_delta(out, stream)
-
-        aengine._delta = delta
         aengine.start()
         try:
             await aengine.submit("bad", list(range(10)), params)
