@@ -182,6 +182,12 @@ class SamplingParams:
             self.stop_token_ids,
         )
 
+    @property
+    def needs_every_prompt_state(self) -> bool:
+        """Prompt logprobs score, and pooling pools, every prompt position's hidden state: such a
+        request computes its whole prompt, taking no prefix-cache hits."""
+        return self.prompt_logprobs is not None or self.pooling is not None
+
     def check_vocabulary(self, vocab_size: int) -> None:
         """Raise, naming the field, for token ids only the model can tell are out of range."""
         bad = [t for t in self.logit_bias or () if not 0 <= t < vocab_size]

@@ -182,10 +182,8 @@ class KVCacheManager:
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """The longest run of cached blocks matching the request's tokens. At least one token is
         always left to compute, so the last block of a fully cached prompt is not reused. A request
-        that wants its prompt's logprobs or an embedding takes no hits: a cached block has no
-        logits to score and no hidden states to pool."""
-        params = request.sampling_params
-        if not self.enable_prefix_caching or params.prompt_logprobs is not None or params.pooling is not None:
+        that needs every prompt position's hidden state takes no hits (a cached block has none)."""
+        if not self.enable_prefix_caching or request.sampling_params.needs_every_prompt_state:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []
