@@ -174,9 +174,13 @@ class ModelRunner:
         slices: list[SeqSlice] = []
         sample_ids: list[str] = []
         sample_rows: list[int] = []
+        # (request, first row, rows) of the slices whose every row is needed: prompt logprobs, pooling
+        whole_slices: list[tuple[str, int, int]] = []
         for rid, n in order:
             st = self.requests[rid]
             start = st.num_computed
+            if st.params.needs_every_prompt_state:
+                whole_slices.append((rid, len(input_ids), n))
             input_ids.extend(st.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slices.append(SeqSlice(st.block_ids, start, n))
@@ -190,8 +194,8 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model.forward(ids, pos, meta, self.kv_caches)
-        scored = self._prompt_logprobs(order, hidden)
-        sums, embeddings, pool_failed = self._pool(order, hidden)
+        scored = self._prompt_logprobs(whole_slices, hidden)
+        sums, embeddings, pool_failed = self._pool(whole_slices, hidden)
         sampled = None
         if sample_ids:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
@@ -221,13 +225,12 @@ class ModelRunner:
         return result
 
     def _prompt_logprobs(
-        self, order: list[tuple[str, int]], hidden: torch.Tensor
+        self, whole_slices: list[tuple[str, int, int]], hidden: torch.Tensor
     ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
         """For each slice of a request that asked for prompt logprobs: the logprob of every prompt
         token its rows predict (row p predicts token p + 1), keyed by the first predicted position."""
         scored: dict[str, tuple[int, list[TokenLogprobs]]] = {}
-        row = 0
-        for rid, n in order:
+        for rid, row, n in whole_slices:
             st = self.requests[rid]
             start, top_n = st.num_computed, st.params.prompt_logprobs
             end = min(start + n, st.num_prompt_tokens - 1)  # the last prompt token predicts an output
@@ -235,11 +238,10 @@ class ModelRunner:
                 targets = st.token_ids[start + 1 : end + 1]
                 rows = hidden[row : row + end - start]
                 scored[rid] = (start + 1, prompt_logprobs(self.model.compute_logits, rows, targets, top_n))
-            row += n
         return scored
 
     def _pool(
-        self, order: list[tuple[str, int]], hidden: torch.Tensor
+        self, whole_slices: list[tuple[str, int, int]], hidden: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], dict[str, SutraError]]:
         """For the pooling requests of this step: mean pooling's running sums after it, and the
         L2-normalized embedding of each request whose prompt it completes. Nothing is stored here, so
@@ -247,8 +249,7 @@ class ModelRunner:
         sums: dict[str, torch.Tensor] = {}
         vectors: dict[str, torch.Tensor] = {}
         failed: dict[str, SutraError] = {}
-        row = 0
-        for rid, n in order:
+        for rid, row, n in whole_slices:
             st = self.requests[rid]
             if st.pooling is not None:
                 rows = hidden[row : row + n]
@@ -268,7 +269,6 @@ class ModelRunner:
                         vectors[rid] = total / len(st.token_ids)
                 elif done:
                     vectors[rid] = rows[-1].float()
-            row += n
         if not vectors:
             return sums, {}, failed
         # vLLM normalizes decoder models' embeddings by default: cosine similarity is then a dot product.
