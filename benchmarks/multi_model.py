@@ -17,6 +17,14 @@ requests:
 machine; the per-file drop is what benchmarks/loading.py does too.) With --source gguf the four names
 serve the bundled GGUF instead (its conversion cache is what a disk load reads).
 
+Cluster modes (--modes cluster,cluster-lru,cluster-disk): `sutra serve --instances 2` (one thread each),
+each instance holding one model at a time, so a request for one of the other two switches an instance:
+  cluster       --model-cache-gb 4 (each instance's host memory) and startup-time placement: the model
+                starts where queue + bytes / tier bandwidth is smallest (ServerlessLLM)
+  cluster-lru   the same host memory, placement blind to where the weights are (--model-placement lru:
+                the least recently used instance, idle ones first)
+  cluster-disk  --model-cache-gb 0 and the page-cache drops of `disk`: every switch reads the disk
+
 A request hits a cold model when its model is not ready just before it is sent (GET /v1/models). Its
 TTFT (send to first text, at the client) then includes waiting for room (models draining) and the
 load. Per mode: medians and P90 of TTFT for cold and warm hits, the loads by source and their times
@@ -123,10 +131,22 @@ class Server:
         cmd = [sys.executable, "-m", "sutra.cli", "serve", "--port", str(args.port), "--log-level", "info"]
         for name, source in sources.items():
             cmd += ["--model", f"{name}={source}"]
-        cmd += ["--num-kv-blocks", "64", "--model-memory-gb", str(args.budget_gb)]
-        cmd += ["--model-cache-gb", "4" if mode == "cache" else "0", "--model-wait-timeout", "600"]
-        if args.threads:
-            cmd += ["--num-threads", str(args.threads)]
+        cached = mode in ("cache", "cluster", "cluster-lru")
+        cmd += [
+            "--num-kv-blocks",
+            "64",
+            "--model-cache-gb",
+            "4" if cached else "0",
+            "--model-wait-timeout",
+            "600",
+        ]
+        if mode.startswith("cluster"):
+            cmd += ["--instances", str(args.instances), "--threads-per-instance", str(args.threads or 1)]
+            cmd += ["--model-placement", "lru" if mode == "cluster-lru" else "startup"]
+        else:
+            cmd += ["--model-memory-gb", str(args.budget_gb)]
+            if args.threads:
+                cmd += ["--num-threads", str(args.threads)]
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=common.REPO_DIR)
         deadline = time.monotonic() + 600
@@ -198,7 +218,7 @@ def run_mode(sources: dict[str, str], mode: str, args: Any, plan: list[tuple[flo
     drop_from_page_cache(files)
     stop = threading.Event()
     dropper = None
-    if mode == "disk":
+    if mode in ("disk", "cluster-disk"):
 
         def drop_loop() -> None:
             while not stop.wait(args.drop_every):
@@ -275,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--drop-every", type=float, default=0.25, help="disk mode: seconds between page-cache drops"
     )
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="per instance in the cluster modes (default 1)")
+    p.add_argument("--instances", type=int, default=2, help="cluster modes: engine instances")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8617)
     p.add_argument("--name", default="multi-model-cpu")

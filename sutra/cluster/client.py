@@ -207,6 +207,30 @@ class ClusterClient(RequestEndings, UpdateRouting, InstanceLoads, StreamHub):
             loop = asyncio.get_running_loop()
             self._tasks.append(loop.create_task(self._pump(inst), name=f"sutra-pump-{instance_id}"))
 
+    def detach(self, instance_id: str) -> None:
+        """Stop using an instance that holds no request, leaving its actor alive (it goes on to serve
+        another model: sutra/cluster/models.py). Drain it first (begin_drain_instance)."""
+        inst = self._instances[instance_id]
+        if self.requests_on(instance_id):
+            raise RuntimeError(f"engine instance {instance_id} still holds requests")
+        inst.dead_reason = "detached"  # its pump stops at its next poll's answer and routes nothing more
+        del self._instances[instance_id]
+        self.affinity.forget(instance_id)
+        self.dispatch.forget(instance_id)
+
+    def busy_seconds(self, instance_id: str, unknown_s: float) -> float:
+        """About how long until the requests an instance holds are done, from their completion
+        estimates (`unknown_s` for one without an estimate); 0 for an idle instance."""
+        now = time.monotonic()
+        busy = 0.0
+        for stream in self._streams.values():
+            if stream.instance_id == instance_id:
+                remaining = (
+                    unknown_s if stream.estimate is None else stream.arrival_time + stream.estimate[0] - now
+                )
+                busy = max(busy, remaining)
+        return busy
+
     def actor_of(self, instance_id: str) -> Any:
         return self._instances[instance_id].actor
 

@@ -32,22 +32,26 @@ from sutra.cluster.messages import (
     InstanceReport,
     InstanceRole,
     MigrationReply,
+    ModelHoldings,
+    ModelSwitch,
     PullReply,
     Update,
     UpdateKind,
 )
+from sutra.cluster.model_host import ModelHost
 from sutra.cluster.pull import MAX_OPEN_PULLS, PULL_WATERMARK, RemoteSource, pull
 from sutra.config import EngineConfig
 from sutra.core.migration import watermark_blocks
 from sutra.core.request import RequestSpec
 from sutra.core.stats import EngineStats, InstanceLoad
 from sutra.engine.async_engine import AsyncEngine
-from sutra.engine.client import EngineDeadError, PromptRequest, RequestMoved
+from sutra.engine.client import EngineDeadError, EngineOverloadedError, PromptRequest, RequestMoved
 from sutra.engine.engine import LLMEngine
 from sutra.engine.migration_endpoint import MigrationEndpoint
-from sutra.errors import SutraError
+from sutra.errors import InvalidRequestError, ModelLoadError, SutraError
 from sutra.model.tokenizer import Tokenizer
 from sutra.sampling_params import SamplingParams
+from sutra.server.host_cache import HostCache
 
 logger = logging.getLogger(__name__)
 MIGRATION_OPS = frozenset(
@@ -78,50 +82,64 @@ class InstanceActor:
         num_threads: int,
         max_waiting_requests: int | None = None,
         role: InstanceRole = "mixed",
+        models: dict[str, EngineConfig] | None = None,
+        model_name: str = "",
+        model_cache_bytes: int = 0,
     ) -> None:
+        """With `models` (name -> config, every model of the cluster), the instance starts serving
+        `model_name` and can switch to any other (switch_model); its host cache keeps the weights of
+        those it served before (ModelHost)."""
         # Ray sets OMP_NUM_THREADS=1 in actor processes, which torch would take as its default: the
         # thread count is always explicit here.
         torch.set_num_threads(num_threads)
-        config = dataclasses.replace(
-            engine_config,
-            model=dataclasses.replace(engine_config.model, num_threads=num_threads),
-            scheduler=dataclasses.replace(engine_config.scheduler, hand_off_after_prefill=role == "prefill"),
-        )
         self.instance_id = instance_id
         self.role = role
         self._init_error: SutraError | None = None
-        try:
-            self.engine = LLMEngine(config)
-        except SutraError as e:  # e.g. no such model: info() reports it as it is, rather than the
-            self._init_error = e  # actor dying with it wrapped in Ray's text; the manager then kills it
-            return
-        # Built here (its loop-bound parts bind on first use) but started in the first async call:
-        # the actor's loop runs only inside its async methods.
-        self._async = AsyncEngine(self.engine, max_waiting_requests=max_waiting_requests)
-        self._migration = MigrationEndpoint(self._async)
-        if role == "decode":  # a pull never takes the room its own requests grow into
-            inbox = self.engine.migration_target.inbox
-            inbox.min_free_blocks = watermark_blocks(self.engine.kv.pool.num_blocks, PULL_WATERMARK)
-            inbox.max_open = MAX_OPEN_PULLS
-        self._started = False
-        self._info = InstanceInfo(
-            instance_id=instance_id,
-            max_model_len=self.engine.max_model_len,
-            max_request_tokens=self.engine.max_request_tokens,
-            block_size=config.cache.block_size,
-            num_threads=torch.get_num_threads(),
-            pid=os.getpid(),
-            node=socket.gethostname(),
-            role=role,
-        )
+        self.host: ModelHost | None = None
+        self._switching = False
         self._outbox: list[Update] = []
         self._seq = 0
         self._outbox_ready = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()  # per request: its reader and its admission
         self._reading: set[str] = set()  # requests whose reader runs
         self._aborted: set[str] = set()  # of those, the ones aborted here
+        try:
+            if models:
+                configs = {name: _instance_config(c, num_threads, role) for name, c in models.items()}
+                self.host = ModelHost(configs, HostCache(model_cache_bytes), max_waiting_requests)
+                self._install(self.host.load(model_name).engine, model_name)
+            else:
+                engine = LLMEngine(_instance_config(engine_config, num_threads, role))
+                self._install(AsyncEngine(engine, max_waiting_requests=max_waiting_requests), model_name)
+        except SutraError as e:  # e.g. no such model: info() reports it as it is, rather than the
+            self._init_error = e  # actor dying with it wrapped in Ray's text; the manager then kills it
+
+    def _install(self, engine: AsyncEngine, model_name: str) -> None:
+        """Serve with this engine. Its loop-bound parts bind on first use, and it starts in the
+        first async call: the actor's loop runs only inside its async methods."""
+        self._async = engine
+        self.engine = engine.engine
+        self._migration = MigrationEndpoint(self._async)
+        if self.role == "decode":  # a pull never takes the room its own requests grow into
+            inbox = self.engine.migration_target.inbox
+            inbox.min_free_blocks = watermark_blocks(self.engine.kv.pool.num_blocks, PULL_WATERMARK)
+            inbox.max_open = MAX_OPEN_PULLS
+        self._started = False
+        self._info = InstanceInfo(
+            instance_id=self.instance_id,
+            max_model_len=self.engine.max_model_len,
+            max_request_tokens=self.engine.max_request_tokens,
+            block_size=self.engine.config.cache.block_size,
+            num_threads=torch.get_num_threads(),
+            pid=os.getpid(),
+            node=socket.gethostname(),
+            role=self.role,
+            model=model_name,
+        )
 
     def _engine(self) -> AsyncEngine:
+        if self._switching:
+            raise EngineOverloadedError(f"instance {self.instance_id} is switching models")
         if not self._started:
             self._async.start()
             self._started = True
@@ -132,6 +150,45 @@ class InstanceActor:
         """Answers once the engine is built (the manager waits on it for readiness), or with the
         user error that stopped it being built."""
         return self._init_error or self._info
+
+    async def holdings(self) -> ModelHoldings:
+        """The models this instance holds, by tier (a single-model instance: its one, ready)."""
+        if self.host is None:
+            return ModelHoldings(self.instance_id, self._info.model or None, (), {}, {})
+        return self.host.holdings(self.instance_id)
+
+    async def switch_model(self, name: str) -> ModelSwitch | SutraError:
+        """Serve the model `name` from now on, in place of the current one, which must hold no
+        request (the front end moves them away or lets them finish first); its weights go to the
+        host cache. Returns an error the front end may retry later (requests still here) or report."""
+        if self.host is None or self.role != "mixed":
+            return InvalidRequestError(f"instance {self.instance_id} serves one model")
+        if self._switching:
+            return EngineOverloadedError(f"instance {self.instance_id} is switching models already")
+        busy = self._async.num_in_flight + len(self._reading)
+        if busy:
+            return EngineOverloadedError(f"instance {self.instance_id} still holds {busy} requests")
+        if name == self._info.model:
+            return ModelSwitch(self._info, self.host.holdings(self.instance_id), "ready", 0.0)
+        self._switching = True
+        try:
+            for task in list(self._tasks):
+                task.cancel()
+            self._outbox.clear()  # every request here has ended: nothing is left to tell
+            switched, error = await self.host.switch(name)
+            self._install(switched.engine, name if error is None else self._info.model)
+        except Exception as e:  # neither model could be loaded: this instance can serve nothing
+            logger.exception("instance %s could not switch to the model %s", self.instance_id, name)
+            self._init_error = EngineDeadError(f"instance {self.instance_id} failed to switch models: {e}")
+            return self._init_error
+        finally:
+            self._switching = False
+        failure = (
+            None if error is None else ModelLoadError(f"the model `{name}` could not be loaded: {error}")
+        )
+        return ModelSwitch(
+            self._info, self.host.holdings(self.instance_id), switched.tier, switched.seconds, failure
+        )
 
     async def tokenizer(self) -> Tokenizer:
         """The instance's tokenizer, so the front end tokenizes exactly as the engine does without
@@ -191,7 +248,8 @@ class InstanceActor:
     async def poll(self, ack: int, timeout_s: float) -> list[Update]:
         """Every update after `ack` (the last seq the caller received), waiting up to timeout_s when
         there is none. Updates up to `ack` are dropped: the caller has them."""
-        self._engine()
+        if not self._switching:
+            self._engine()
         if self._outbox and self._outbox[0].seq <= ack:
             self._outbox = [u for u in self._outbox if u.seq > ack]
         if not self._outbox:
@@ -309,6 +367,9 @@ class InstanceActor:
 
     async def report(self) -> InstanceReport:
         """Load, stats and liveness in one call (what the front end refreshes every ~100 ms)."""
+        if self._init_error is not None:  # a failed model switch left it without an engine
+            dead = EngineStats.total([])
+            return InstanceReport(InstanceLoad(0, 0, 0, 0, 0, draining=True), dead, 0, str(self._init_error))
         engine = self._engine()
         # Blocks reserved for a migration whose source went silent (died) past the lease come back.
         await engine.between_steps(self.engine.migration_target.expire)
@@ -328,3 +389,11 @@ class InstanceActor:
         for task in list(self._tasks):
             task.cancel()
         await self._async.shutdown()
+
+
+def _instance_config(config: EngineConfig, num_threads: int, role: InstanceRole) -> EngineConfig:
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, num_threads=num_threads),
+        scheduler=dataclasses.replace(config.scheduler, hand_off_after_prefill=role == "prefill"),
+    )

@@ -21,7 +21,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from sutra.cluster.client import ClusterClient
 from sutra.cluster.dispatch import DEFAULT_DISPATCH, DispatchPolicy
 from sutra.cluster.instance import InstanceActor
-from sutra.cluster.messages import InstanceInfo, InstanceRole
+from sutra.cluster.messages import InstanceInfo, InstanceRole, ModelHoldings
 from sutra.cluster.rpc import summarize_error
 from sutra.config import EngineConfig
 from sutra.errors import SutraError
@@ -112,13 +112,22 @@ class Cluster:
         decode_instances: int = 0,
         prefill_threads: int | None = None,
         decode_threads: int | None = None,
+        models: dict[str, EngineConfig] | None = None,
+        model_cache_bytes: int = 0,
     ) -> Cluster:
         """Start (or join) Ray and `num_instances` instances of `engine_config` (each with its own
         KV cache of the configured size); returns once every instance has built its engine.
 
         Disaggregated (DistServe): num_instances 0 and `prefill_instances` instances that run prompts
         and `decode_instances` that take the requests over after their first token, each role with
-        its own thread count (default: threads_per_instance)."""
+        its own thread count (default: threads_per_instance).
+
+        Several models (`models`: name -> config; then `engine_config` only says how the first is
+        served): the instances start with the models in turn, the first on i0, and can
+        switch between them, each with a host cache of `model_cache_bytes` for the weights of those
+        it served before (sutra/cluster/model_host.py)."""
+        if models and (prefill_instances or decode_instances):
+            raise ValueError("several models are served by colocated instances, not disaggregated ones")
         disaggregated = prefill_instances > 0 or decode_instances > 0
         if disaggregated and (num_instances or prefill_instances < 1 or decode_instances < 1):
             raise ValueError(
@@ -144,9 +153,23 @@ class Cluster:
         owns_ray = connect_ray(ray_address, object_store_memory)
         actor_class = ray.remote(num_cpus=0, max_restarts=0)(InstanceActor)
 
+        names = list(models or {})
+
         def make_actor(instance_id: str, role: InstanceRole) -> Any:
+            if not names:
+                return actor_class.remote(
+                    instance_id, engine_config, role_threads[role], max_waiting_requests, role
+                )
+            name = names[int(instance_id[1:]) % len(names)]  # i0 the first (default) model, i1 the next...
             return actor_class.remote(
-                instance_id, engine_config, role_threads[role], max_waiting_requests, role
+                instance_id,
+                engine_config,
+                role_threads[role],
+                max_waiting_requests,
+                role,
+                models=models,
+                model_name=name,
+                model_cache_bytes=model_cache_bytes,
             )
 
         plan: list[tuple[str, InstanceRole]] = (
@@ -209,6 +232,24 @@ class Cluster:
     async def add_instance_async(self) -> tuple[str, Any, InstanceInfo]:
         """add_instance off the event loop (building an engine takes seconds)."""
         return await asyncio.to_thread(self.add_instance)
+
+    def holdings(self) -> dict[str, tuple[InstanceInfo, ModelHoldings]]:
+        """Each instance with the models it holds, by tier (a cluster of several models)."""
+        refs = {i: (actor.info.remote(), actor.holdings.remote()) for i, actor in self.actors.items()}
+        result = {}
+        for i, (info, holdings) in refs.items():
+            self.infos[i] = ray.get(info, timeout=RPC_TIMEOUT_S)  # the model it serves may have changed
+            result[i] = (self.infos[i], ray.get(holdings, timeout=RPC_TIMEOUT_S))
+        return result
+
+    def tokenizers_by_model(self) -> dict[str, Tokenizer]:
+        """The tokenizer of each model some instance serves (a cluster of several models)."""
+        tokenizers: dict[str, Tokenizer] = {}
+        for instance_id, info in self.infos.items():
+            if info.model not in tokenizers:
+                ref = self.actors[instance_id].tokenizer.remote()
+                tokenizers[info.model] = ray.get(ref, timeout=RPC_TIMEOUT_S)
+        return tokenizers
 
     def client(self, dispatch: DispatchPolicy | str = DEFAULT_DISPATCH, **options: Any) -> ClusterClient:
         """The EngineClient over the instances (options: ClusterClient's timeouts and periods)."""

@@ -30,6 +30,31 @@ class InstanceInfo:
     pid: int
     node: str  # the host it runs on
     role: InstanceRole = "mixed"
+    model: str = ""  # the model it serves, by name, in a cluster of several models
+
+
+@dataclass(frozen=True)
+class ModelHoldings:
+    """Which models an instance holds in which tier (ServerlessLLM): one ready (its engine serves
+    it), others' weights in its host memory; with the bandwidth it measured loading from each tier."""
+
+    instance_id: str
+    ready: str | None
+    cached: tuple[str, ...]  # in its host cache, the next to be dropped first
+    bandwidth: dict[str, float]  # "cache" / "disk" -> bytes/s of its latest load from there
+    model_bytes: dict[str, int]  # weight bytes of each model it has loaded
+
+
+@dataclass(frozen=True)
+class ModelSwitch:
+    """The answer to a model switch: the instance as it now is (serving the new model, or the old
+    one again when the new one failed to load: `error` says why)."""
+
+    info: InstanceInfo
+    holdings: ModelHoldings
+    tier: str  # where the loaded model's weights came from: "cache" or "disk"
+    seconds: float
+    error: SutraError | None = None
 
 
 @dataclass(frozen=True)

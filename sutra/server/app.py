@@ -104,6 +104,8 @@ def create_app(state: ServerState) -> FastAPI:
             if model.max_model_len is not None:
                 entry["max_model_len"] = model.max_model_len
             entry["sutra"] = {"state": model.state.value}
+            if model.placements:  # a cluster: which instance holds it in which tier
+                entry["sutra"]["instances"] = dict(model.placements)
             data.append(entry)
         return JSONResponse({"object": "list", "data": data})
 

@@ -9,8 +9,12 @@ import logging
 import sys
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from sutra.cluster.models import ClusterModels
 
 from sutra.config import EngineConfig
 from sutra.engine.async_engine import AsyncEngine
@@ -26,7 +30,7 @@ from sutra.server.model_pool import ModelPool
 from sutra.server.request_log import enable_request_log
 from sutra.server.serve_args import add_serve_args as add_serve_args  # where sutra/cli.py finds it
 from sutra.server.serve_args import structured_config
-from sutra.server.serve_cluster import start_cluster, uses_cluster
+from sutra.server.serve_cluster import check_cluster_of_models, cluster_models, start_cluster, uses_cluster
 from sutra.server.tenants import PriorityCaps, parse_priority_caps
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -92,21 +96,23 @@ def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
     specs, name = specs_from_args(args, lambda model: served_model_name(model, None))
     many = len(specs) > 1
     if many and uses_cluster(args):
-        raise SystemExit(
-            "error: several models are served by one engine instance for now; leave out --instances, "
-            "--prefill-instances/--decode-instances and --ray-address, or serve one model"
-        )
+        check_cluster_of_models(args)
+        specs = sorted(specs, key=lambda spec: spec.name != name)  # the first instance starts the default
     metrics = metrics_from_args(args, name)  # checked before the model loads
     limits = limits_from_args(args)
     if not many:
         engine_config = config_for(engine_config, specs[0])
         if args.model_memory_gb is not None:  # a model that could never fit is refused, even alone
             size_model(specs[0], engine_config, budget_bytes(args))
-    cluster = start_cluster(args, engine_config) if uses_cluster(args) else None
+    cluster = start_cluster(args, engine_config, specs) if uses_cluster(args) else None
     try:
         engine: EngineClient | None = None
-        pool: ModelPool | None = None
-        if cluster is not None:
+        pool: ModelPool | ClusterModels | None = None
+        if cluster is not None and many:
+            if args.admin_key:
+                logger.warning("--admin-key applies to servers of one model on Ray instances")
+            pool = cluster_models(args, cluster, engine_config, specs, name)
+        elif cluster is not None:
             engine = cluster.client(args.dispatch)
         else:
             if args.admin_key:

@@ -53,7 +53,16 @@ def add_many_model_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL_CACHE_GB,
         metavar="GB",
         help="host memory for the weights of evicted models, so loading them again skips the disk "
-        "(least recently evicted dropped first); 0 turns it off (%(default)s)",
+        "(least recently evicted dropped first; with --instances, each instance's); 0 turns it off "
+        "(%(default)s)",
+    )
+    g.add_argument(
+        "--model-placement",
+        choices=["startup", "lru"],
+        default="startup",
+        help="with --instances: the instance a model starts on; startup: where its estimated startup "
+        "(queue + bytes / bandwidth of the tier the instance holds it in) is smallest; lru: the instance "
+        "whose model was used least recently, idle ones first, a locality-blind baseline (%(default)s)",
     )
     g.add_argument(
         "--model-wait-timeout",

@@ -3,7 +3,7 @@ from: the loader that builds and stops engines, the observer told of every chang
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
@@ -96,6 +96,9 @@ class ServedModel:
     waiting: int = 0  # tickets: requests waiting for this model
     reclaiming: bool = False  # ready, but to be evicted once idle: takes no new requests
     loads: int = 0
+    # In a cluster of several models (sutra/cluster/models.py): instance id -> the tier it holds the
+    # model in ("ready": it serves it; "cache": its host memory keeps the weights).
+    placements: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:

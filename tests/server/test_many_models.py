@@ -240,8 +240,11 @@ def test_a_model_larger_than_the_budget_stops_the_start():
 def test_bad_model_flags_are_cli_errors(tmp_path: Path):
     err = _serve_fails("--model", "a=random:tiny-llama", "--model", "a=random:tiny-qwen2")
     assert "two models are named 'a'" in err
-    err = _serve_fails("--model", "a=random:tiny-llama", "--model", "b=random:tiny-qwen2", "--instances", "2")
-    assert "several models are served by one engine instance" in err
+    two = ("--model", "a=random:tiny-llama", "--model", "b=random:tiny-qwen2")
+    err = _serve_fails(*two, "--prefill-instances", "1", "--decode-instances", "1")
+    assert "several models are served by colocated instances (--instances)" in err
+    err = _serve_fails(*two, "--instances", "2", "--model-memory-gb", "4")
+    assert "--model-memory-gb is for several models in one server process" in err
     err = _serve_fails("--model", "a=random:tiny-llama", "--default-model", "z")
     assert "--default-model 'z' is not one of the models: a" in err
     (tmp_path / "models.json").write_text("[1, 2]")
