@@ -11,6 +11,11 @@
    same engine options, against the profile.
 3. Side by side: TTFT and TBT (the inter-token gaps, ITL) at P50/P90/P99 and output throughput, with
    the relative error (simulated - measured) / measured.
+4. Calibrated (unless --no-calibrate): the server logs its steps (`--step-log`); after the warm-up,
+   a calibration run (its own prompts and arrivals, at the middle rate) and `sutra profile --calibrate`
+   add the served steps so far to the profile, and every validation run is simulated with that
+   profile too (`simulated_calibrated`, `error_calibrated`). The validation runs' own steps are never
+   fitted: they come after the calibration.
 
 Writes benchmarks/results/sim-validation-cpu.{json,png}.
 """
@@ -34,6 +39,7 @@ from sutra.bench.arrivals import arrival_offsets
 from sutra.bench.config import BenchConfig
 from sutra.bench.serve import BenchResult, run_benchmark
 from sutra.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sutra.sim.calibrate import calibrate_file
 from sutra.sim.capacity import Slo, find_capacity
 from sutra.sim.cost_model import load_cost_model
 from sutra.sim.profile import Profile
@@ -58,8 +64,9 @@ def profile(args: argparse.Namespace, path: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def server_spec(mode: str, args: argparse.Namespace) -> ServerSpec:
+def server_spec(mode: str, args: argparse.Namespace, step_log: Path) -> ServerSpec:
     cmd = [sys.executable, "-m", "sutra.cli", "serve", "--port", str(args.port), "--dtype", args.dtype]
+    cmd += ["--step-log", str(step_log)]
     cmd += ["--scheduling-mode", mode, "--max-num-batched-tokens", str(args.budget)]
     cmd += ["--num-threads", str(args.threads), "--kv-cache-memory-gb", str(args.kv_cache_gb)]
     cmd += ["--max-waiting-requests", "100000"]
@@ -141,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8191)
     p.add_argument("--profile", type=Path, default=None, help="reuse this profile instead of measuring one")
+    p.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="skip the calibration run and the calibrated simulations",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "sim-validation-cpu.json")
     args = p.parse_args(argv)
     log_dir = RESULTS.parent / "out" / "sim-validation-logs"
@@ -156,8 +169,17 @@ def main(argv: list[str] | None = None) -> None:
     }
     for mode in args.modes.split(","):
         print(f"== sutra {mode}", flush=True)
-        with running(server_spec(mode, args), args.port, log_dir) as base:
+        step_log = log_dir / f"steps-{mode}.jsonl"
+        with running(server_spec(mode, args, step_log), args.port, log_dir) as base:
             run_benchmark(bench_config(base, float("inf"), args), build_requests(8, args.seed + 99))
+            calibrated = None
+            if args.calibrate:
+                rate = rates[len(rates) // 2]
+                run_benchmark(
+                    bench_config(base, rate, args), build_requests(args.num_requests, args.seed + 100)
+                )
+                calibrated = log_dir / f"profile-{mode}-calibrated.json"
+                print(calibrate_file(profile_path, step_log, 2000, calibrated), flush=True)
             for k, rate in enumerate(rates):
                 requests = build_requests(args.num_requests, args.seed + k)
                 config = bench_config(base, rate, args)
@@ -172,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
                     "simulation_wall_s": time.perf_counter() - start,
                 }
                 row["error"] = compare(row["measured"], row["simulated"])
+                if calibrated is not None:
+                    sim = run_simulation(config, engine_config(args, mode), calibrated, samples=requests)
+                    row["simulated_calibrated"] = figures(sim)
+                    row["error_calibrated"] = compare(row["measured"], row["simulated_calibrated"])
                 report["runs"].append(row)
                 print_row(row)
     report["summary"] = summarize(report["runs"])
@@ -189,15 +215,20 @@ def print_row(row: dict[str, Any]) -> None:
     tput = "output_throughput"
     cells.append(f"tok/s {row['measured'][tput]:.1f}/{row['simulated'][tput]:.1f}")
     print(f"  {row['mode']} {row['rate']:g} req/s (measured/simulated): " + ", ".join(cells), flush=True)
+    if "error_calibrated" in row:
+        errors = ", ".join(f"{k} {v:+.0%}" for k, v in row["error_calibrated"].items())
+        print(f"    calibrated: {errors}", flush=True)
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median and max |error| per figure over all runs."""
+def summarize(runs: list[dict[str, Any]], field: str = "error") -> dict[str, Any]:
+    """Median and max |error| per figure over all runs (of the calibrated simulations too)."""
     out: dict[str, Any] = {}
     for key in [k for k, _, _ in COMPARED] + ["output_throughput"]:
-        errors = sorted(abs(r["error"][key]) for r in runs if key in r["error"])
+        errors = sorted(abs(r[field][key]) for r in runs if key in r.get(field, {}))
         if errors:
             out[key] = {"median_abs_error": errors[len(errors) // 2], "max_abs_error": errors[-1]}
+    if field == "error" and any("error_calibrated" in r for r in runs):
+        out["calibrated"] = summarize(runs, "error_calibrated")
     return out
 
 
@@ -223,12 +254,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
                     color=line.get_color(),
                     label="simulated",
                 )
+                if all("simulated_calibrated" in r for r in mine):
+                    calibrated = [r["simulated_calibrated"][key] for r in mine]
+                    ax.plot(rates, calibrated, "+:", color=line.get_color(), label="calibrated")
             ax.set_title(f"{mode}: {metric}")
             ax.set_xlabel("request rate (req/s)")
             ax.set_ylabel(unit)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="x-small")
-    fig.suptitle("Simulated (x, dashed) vs measured (o, solid), serving workload, same arrivals")
+    fig.suptitle(
+        "Simulated (x, dashed; calibrated +, dotted) vs measured (o, solid), serving workload, same arrivals"
+    )
     fig.savefig(path, dpi=100)
 
 

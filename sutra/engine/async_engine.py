@@ -13,6 +13,7 @@ anyway, every waiting stream gets an error at once and the engine reports itself
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,7 @@ from sutra.engine.client import (
 )
 from sutra.engine.engine import LLMEngine
 from sutra.engine.engine_stream import EngineStream
+from sutra.engine.step_log import StepLog
 from sutra.engine.streams import StreamHub
 from sutra.errors import InvalidRequestError, SutraError
 from sutra.outputs import RequestOutput
@@ -66,6 +68,8 @@ class AsyncEngine(StreamHub):
         self.max_model_len = engine.max_model_len
         self.max_waiting_requests = max_waiting_requests
         self.listeners: list[EngineListener] = []
+        self.step_log: StepLog | None = None  # see log_steps
+        self._step: Callable[[], list[RequestOutput]] = engine.step
         self._pending_adds: list[_Add] = []
         self._pending_aborts: list[str] = []
         self._wakeup = asyncio.Event()
@@ -87,6 +91,14 @@ class AsyncEngine(StreamHub):
             task.cancel()
             await asyncio.wait([task])  # whatever the loop ended with was logged by it
         self._executor.shutdown(wait=True)
+        if self.step_log is not None:
+            self.step_log.close()
+
+    def log_steps(self, log: StepLog) -> None:
+        """Write every step's batch and cost to `log` (`sutra serve --step-log`)."""
+        self.step_log = log
+        self.engine.record_step_slices = True
+        self._step = functools.partial(log.run_step, self.engine)
 
     @property
     def max_request_tokens(self) -> int:
@@ -217,7 +229,10 @@ class AsyncEngine(StreamHub):
         idle = False
         try:
             while True:
+                waiting = time.perf_counter()
                 await self._wait_for_work(idle)
+                if self.step_log is not None:
+                    self.step_log.waited(time.perf_counter() - waiting)
                 idle = False
                 try:
                     async with self._between_steps:  # no migration operation runs meanwhile
@@ -229,7 +244,7 @@ class AsyncEngine(StreamHub):
                     if not self.engine.has_unfinished_requests():
                         continue
                     try:
-                        outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                        outputs = await loop.run_in_executor(self._executor, self._step)
                     except Exception as e:  # a bug in a step must not take the server down
                         logger.exception("engine step failed; failing the requests in flight")
                         self._fail_all(EngineDeadError(f"the engine step failed: {e}"))

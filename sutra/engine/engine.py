@@ -56,6 +56,9 @@ class LLMEngine(MovedRequests):
         # Tokens the last step() computed; 0 when nothing could be scheduled (e.g. every waiting
         # request is throttled), so a serving loop knows to wait rather than spin.
         self.last_step_num_scheduled_tokens = 0
+        # A step log (sutra/engine/step_log.py) asks for each step's (cached context, new tokens).
+        self.record_step_slices = False
+        self.last_step_slices: list[tuple[int, int]] = []
         # Live migration: this engine as the source and as the destination of moving requests.
         self.migration_source = MigrationSource(self)
         self.migration_target = MigrationTarget(self)
@@ -235,6 +238,13 @@ class LLMEngine(MovedRequests):
         of those that failed in it (`error` set; the rest of the batch is unaffected)."""
         sched_out = self.scheduler.schedule()
         self.last_step_num_scheduled_tokens = sched_out.total_num_scheduled_tokens
+        if self.record_step_slices:
+            requests = self.scheduler.requests
+            self.last_step_slices = [
+                (requests[rid].num_computed_tokens, n)
+                for rid, n in sched_out.num_scheduled_tokens.items()
+                if rid in requests
+            ]
         started = time.monotonic()
         for new in sched_out.new_requests:
             metrics = self._tracked[self._child_to_parent[new.request_id][0]].output.metrics

@@ -20,6 +20,7 @@ from sutra.config import EngineConfig
 from sutra.engine.async_engine import AsyncEngine
 from sutra.engine.client import EngineClient
 from sutra.engine.engine import LLMEngine
+from sutra.engine.step_log import StepLog
 from sutra.server.app import create_app
 from sutra.server.common import ServerState
 from sutra.server.draining_server import DrainingServer
@@ -95,6 +96,8 @@ def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
     priority_caps = priority_caps_from_args(args, api_keys)
     specs, name = specs_from_args(args, lambda model: served_model_name(model, None))
     many = len(specs) > 1
+    if args.step_log and (many or uses_cluster(args)):
+        raise SystemExit("error: --step-log applies to a server of one model on one engine instance")
     if many and uses_cluster(args):
         check_cluster_of_models(args)
         specs = sorted(specs, key=lambda spec: spec.name != name)  # the first instance starts the default
@@ -122,7 +125,13 @@ def cmd_serve(args: argparse.Namespace, engine_config: EngineConfig) -> None:
             if many:
                 pool = pool_from_args(args, engine_config, specs, name)
             else:
-                engine = AsyncEngine(LLMEngine(engine_config), max_waiting_requests=args.max_waiting_requests)
+                local = AsyncEngine(LLMEngine(engine_config), max_waiting_requests=args.max_waiting_requests)
+                if args.step_log:
+                    try:
+                        local.log_steps(StepLog(args.step_log))
+                    except OSError as e:
+                        raise SystemExit(f"error: --step-log: {e}") from None
+                engine = local
         state = ServerState(
             engine=engine,
             model_name=name,

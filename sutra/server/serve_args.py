@@ -100,6 +100,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "(%(default)s)",
     )
     g.add_argument(
+        "--step-log",
+        default=None,
+        metavar="FILE",
+        help="write every engine step's batch and time to FILE as JSON lines (at most a million steps), "
+        "to calibrate the simulator on this server (`sutra profile --calibrate`); one engine only",
+    )
+    g.add_argument(
         "--log-requests",
         action="store_true",
         help="log one line per finished request: id, client, token counts, queue / TTFT / E2E times "

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from sutra.config import EngineConfig
 from sutra.engine.engine import LLMEngine
+from sutra.sim.calibrate import calibrate_file
 from sutra.sim.cost_model import FEATURES, CostModel
 from sutra.sim.profile import profile_engine
 from sutra.sim.roofline import (
@@ -63,9 +64,22 @@ def add_profile_parser(
         metavar="K",
         help="with --roofline: one instance on K GPUs, tensor parallel (assumed costs: sutra/sim/roofline.py)",
     )
+    p.add_argument(
+        "--calibrate",
+        default=None,
+        metavar="PROFILE",
+        help="instead of measuring: add the served steps of --step-log to this profile, so the cost "
+        "model also fits what serving adds to a step; writes --output",
+    )
+    p.add_argument("--step-log", default=None, help="with --calibrate: a `sutra serve --step-log` file")
+    p.add_argument("--max-steps", type=int, default=2000, help="with --calibrate: steps kept, evenly spaced")
     p.set_defaults(
         func=lambda args: (
-            cmd_roofline_profile(args) if args.roofline else cmd_profile(args, engine_config(args))
+            cmd_calibrate(args)
+            if args.calibrate
+            else cmd_roofline_profile(args)
+            if args.roofline
+            else cmd_profile(args, engine_config(args))
         )
     )
 
@@ -83,6 +97,15 @@ def cmd_roofline_profile(args: argparse.Namespace) -> None:
     gpus = f"{args.tp} x {args.roofline} (tensor parallel)" if args.tp > 1 else args.roofline
     print(f"wrote {args.output}: {len(profile.prefill)} prefill and {len(profile.decode)} decode points")
     print(f"roofline: {args.shape} on {gpus}, {blocks} KV blocks of {args.block_size} tokens fit")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    if not args.step_log:
+        raise SystemExit("error: --calibrate needs --step-log FILE (from `sutra serve --step-log`)")
+    try:
+        print(calibrate_file(args.calibrate, args.step_log, args.max_steps, args.output))
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def cmd_profile(args: argparse.Namespace, config: EngineConfig) -> None:

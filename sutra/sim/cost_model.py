@@ -46,11 +46,13 @@ def features(slices: Iterable[tuple[int, int]]) -> list[float]:
 
 
 def profile_batches(profile: Profile) -> tuple[list[list[tuple[int, int]]], list[float]]:
-    """Every measured point as a batch of slices, and its seconds."""
-    batches = [[(p.context, p.chunk)] for p in profile.prefill] + [
-        [(p.context, 1)] * p.batch for p in profile.decode
-    ]
-    seconds = [p.seconds for p in profile.prefill] + [p.seconds for p in profile.decode]
+    """Every measured point (and served step) as a batch of slices, and its seconds."""
+    batches = (
+        [[(p.context, p.chunk)] for p in profile.prefill]
+        + [[(p.context, 1)] * p.batch for p in profile.decode]
+        + [[(c, n) for c, n in p.slices] for p in profile.steps]
+    )
+    seconds = [p.seconds for p in (*profile.prefill, *profile.decode, *profile.steps)]
     return batches, seconds
 
 

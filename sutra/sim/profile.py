@@ -42,6 +42,14 @@ class DecodePoint:
 
 
 @dataclass
+class StepPoint:
+    """A served step (`sutra serve --step-log`): its batch and what it cost the serving loop."""
+
+    slices: list[list[int]]  # [cached context, new tokens] per request
+    seconds: float
+
+
+@dataclass
 class Profile:
     model: str
     dtype: str
@@ -59,6 +67,8 @@ class Profile:
     bytes_per_block: int = 0  # KV bytes of one block, all layers
     num_kv_blocks: int = 0  # the profiled engine's pool (a roofline: what fits on the device)
     max_model_len: int = 0
+    # Served steps added by `sutra profile --calibrate` (calibrate()): the cost model fits them too.
+    steps: list[StepPoint] = field(default_factory=list)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -70,6 +80,7 @@ class Profile:
             raise ValueError(f"{path}: profile version {data.get('version')!r}, expected {PROFILE_VERSION}")
         data["prefill"] = [PrefillPoint(**p) for p in data["prefill"]]
         data["decode"] = [DecodePoint(**p) for p in data["decode"]]
+        data["steps"] = [StepPoint(**p) for p in data.get("steps", [])]
         return cls(**data)
 
 
