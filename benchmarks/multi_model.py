@@ -19,8 +19,8 @@ serve the bundled GGUF instead (its conversion cache is what a disk load reads).
 
 Cluster modes (--modes cluster,cluster-lru,cluster-disk): `sutra serve --instances 2` (one thread each),
 each instance holding one model at a time, so a request for one of the other two switches an instance:
-  cluster       --model-cache-gb 4 (each instance's host memory) and startup-time placement: the model
-                starts where queue + bytes / tier bandwidth is smallest (ServerlessLLM)
+  cluster       --model-cache-gb --cache-gb (each instance's host memory) and startup-time placement:
+                the model starts where queue + bytes / tier bandwidth is smallest (ServerlessLLM)
   cluster-lru   the same host memory, placement blind to where the weights are (--model-placement lru:
                 the least recently used instance, idle ones first)
   cluster-disk  --model-cache-gb 0 and the page-cache drops of `disk`: every switch reads the disk
@@ -35,6 +35,8 @@ Writes benchmarks/results/multi-model-cpu.{json,png} (--name to change).
 Usage:
   python benchmarks/multi_model.py                          # the figures in RESULTS.md
   python benchmarks/multi_model.py --requests 30 --rate 0.5 --modes cache
+  python benchmarks/multi_model.py --modes cluster,cluster-lru,cluster-disk --cache-gb 0.6 \
+      --name multi-model-cluster-cpu                            # one model in each instance's memory
 """
 
 from __future__ import annotations
@@ -297,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="per instance in the cluster modes (default 1)")
     p.add_argument("--instances", type=int, default=2, help="cluster modes: engine instances")
+    p.add_argument(
+        "--cache-gb",
+        type=float,
+        default=4.0,
+        help="--model-cache-gb of the modes with a host cache (per instance)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8617)
     p.add_argument("--name", default="multi-model-cpu")

@@ -87,6 +87,7 @@ class _Stream(Stream):
     # before the source's "moved" arrives over the other pump. Replayed in order once it does.
     early: list[tuple[str, Update]] = field(default_factory=list)  # (sender, update)
     progress: Progress | None = None  # what its reader got, to resume from (None: n > 1, cannot)
+    relocating: bool = False  # aborted on its instance to resume elsewhere by recompute (relocate)
 
 
 class ClusterClient(RequestEndings, UpdateRouting, InstanceLoads, StreamHub):
@@ -217,6 +218,18 @@ class ClusterClient(RequestEndings, UpdateRouting, InstanceLoads, StreamHub):
         del self._instances[instance_id]
         self.affinity.forget(instance_id)
         self.dispatch.forget(instance_id)
+
+    def relocate(self, request_id: str) -> bool:
+        """Move a running request off its instance by recompute (ServerlessLLM's token-level
+        migration): it is aborted there, and once its instance confirms, with every token it sent
+        handed out, it resumes on the instance dispatch picks from its prompt and those tokens
+        (failover.py). False when it cannot (n > 1, or not held by an instance)."""
+        stream = self._streams.get(request_id)
+        if stream is None or stream.progress is None or stream.instance_id is None or stream.relocating:
+            return False
+        stream.relocating = True
+        self._send_abort(stream.instance_id, request_id)
+        return True
 
     def busy_seconds(self, instance_id: str, unknown_s: float) -> float:
         """About how long until the requests an instance holds are done, from their completion

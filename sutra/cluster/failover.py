@@ -179,6 +179,14 @@ class Failover:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def resume(self, request_id: str, stream: _Stream, why: str) -> None:
+        """Resume a request its instance let go (ClusterClient.relocate) on another instance, as a
+        failover does; it ends with EngineDeadError only if it cannot."""
+        holder = stream.instance_id
+        self.rescue(
+            request_id, stream, EngineDeadError(f"request {request_id} left instance {holder}: {why}")
+        )
+
     async def close(self) -> None:
         """Stop the failovers under way (the client is shutting down)."""
         tasks = list(self._tasks)

@@ -2,9 +2,12 @@
 freeing it of its current model (its requests move away or finish), switching it, and putting it to
 work in the new model's client. A mixin of ClusterModels (sutra/cluster/models.py).
 
-Freeing an instance whose model runs nowhere else, by moving, first starts that model on a free
-instance (ServerlessLLM's migration for locality: the busy instance holds the wanted model's weights in
-memory; the model it runs starts from wherever it loads quickest), then moves the requests there.
+Requests move by live migration (their KV copied: Llumnix) or, with migration "recompute", by
+token-level migration (ServerlessLLM: aborted where they run and resumed on another instance from their
+prompt and the tokens generated so far, recomputing the KV). Freeing an instance whose model runs
+nowhere else, by moving, first starts that model on a free instance (ServerlessLLM's migration for
+locality: the busy instance holds the wanted model's weights in memory; the model it runs starts from
+wherever it loads quickest), then moves the requests there.
 """
 
 from __future__ import annotations
@@ -193,10 +196,13 @@ class ModelSwitching:
                     break
                 await asyncio.sleep(POLL_S)
             else:  # another instance serves the model: it takes the new requests (and the moved ones)
-                if move:
+                if move and self.migration == "live":
                     await client.migrator.drain(host.instance_id, MOVE_TIMEOUT_S)
                 else:
                     await client.begin_drain_instance(host.instance_id)
+                    if move:  # token-level: each resumes on another instance from its tokens
+                        for request_id in client.requests_on(host.instance_id):
+                            client.relocate(request_id)
                 while client.requests_on(host.instance_id):
                     await asyncio.sleep(POLL_S)
             client.detach(host.instance_id)

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 # startup: where the model's estimated startup is smallest (placement.py); lru: the instance whose
 # model was used least recently, idle ones first, whatever tier the model is in there (a baseline).
 PLACEMENTS = ("startup", "lru")
+# live: the KV is copied (Llumnix); recompute: token-level, the destination recomputes it (ServerlessLLM).
+MIGRATIONS = ("live", "recompute")
 
 
 class ClusterModels(ModelSwitching):
@@ -66,11 +68,15 @@ class ClusterModels(ModelSwitching):
         wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
         max_waiting: int | None = None,
         placement: str = "startup",  # or "lru": the locality-blind baseline
+        migration: str = "live",  # how requests move to free an instance: or "recompute"
         client_options: dict[str, Any] | None = None,
     ) -> None:
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown model placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        if migration not in MIGRATIONS:
+            raise ValueError(f"unknown migration {migration!r}; choose one of {', '.join(MIGRATIONS)}")
         self.placement = placement
+        self.migration = migration
         self.models = models
         self.default = default or next(iter(models))
         self.memory_budget: int | None = None  # per instance: one model at a time

@@ -137,6 +137,9 @@ class UpdateRouting:
             elif u.kind == "parked":
                 if stream.instance_id is not None:
                     self.handoffs.parked(u.request_id, stream.instance_id, u.num_tokens)
+            elif stream.relocating:  # its instance let it go as asked: it goes on elsewhere
+                stream.relocating = False
+                self.failover.resume(u.request_id, stream, "relocated by recompute")
             else:
                 error = EngineDeadError("the engine instance ended the request before it finished")
                 self._end_stream(u.request_id, error, tell_instance=False)

@@ -65,6 +65,14 @@ def add_many_model_args(parser: argparse.ArgumentParser) -> None:
         "whose model was used least recently, idle ones first, a locality-blind baseline (%(default)s)",
     )
     g.add_argument(
+        "--model-migration",
+        choices=["live", "recompute"],
+        default="live",
+        help="with --instances: how running requests move away to free an instance for another model; "
+        "live: their KV is copied; recompute: token-level, resumed from their tokens on the other "
+        "instance (%(default)s)",
+    )
+    g.add_argument(
         "--model-wait-timeout",
         type=_non_negative_arg,
         default=DEFAULT_WAIT_TIMEOUT_S,

@@ -120,4 +120,5 @@ def cluster_models(
         wait_timeout_s=args.model_wait_timeout,
         max_waiting=args.max_waiting_requests,
         placement=args.model_placement,
+        migration=args.model_migration,
     )

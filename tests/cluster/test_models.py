@@ -2,8 +2,8 @@
 every request gets its own model's greedy output (== one local engine of that model), a request for a
 model no instance serves waits while an instance switches to it (never failing), the instances report
 which model they hold in which tier, a model served before comes back from an instance's host memory,
-and freeing an instance moves its running requests to another instance of their model by live
-migration, their output unchanged."""
+and freeing an instance moves its running requests to another instance of their model (by live or
+token-level migration), their output unchanged."""
 
 from __future__ import annotations
 
@@ -167,13 +167,15 @@ def test_requests_get_their_models_output_across_switches(cluster):
             assert (tier == "ready" and held.ready == name) or (tier == "cache" and name in held.cached)
 
 
-def test_freeing_the_only_instance_of_a_busy_model_moves_its_requests(cluster):
+@pytest.mark.parametrize("migration", ["live", "recompute"])
+def test_freeing_the_only_instance_of_a_busy_model_moves_its_requests(cluster, migration):
     """Freeing an instance by moving its requests, when its model runs nowhere else: the model first
-    starts on the other (idle) instance, then the running request moves there by live migration; its
-    output is that of one uninterrupted run, and the freed instance then serves another model."""
+    starts on the other (idle) instance, then the running request moves there, by live migration (its
+    KV copied) or token-level (resumed from its tokens, the KV recomputed); its output is that of one
+    uninterrupted run, and the freed instance then serves another model."""
 
     async def body():
-        pool = _pool(cluster)
+        pool = _pool(cluster, migration=migration)
         pool.start()
         try:
             (busy_name,) = [m for m in ("llama", "qwen2", "qwen3") if pool.hosts_of(m).get("i0") == "ready"]
@@ -189,6 +191,8 @@ def test_freeing_the_only_instance_of_a_busy_model_moves_its_requests(cluster):
             view = pool._view(host)
             assert view.num_requests == 1 and view.move_s is not None  # i1 is idle: it can take it
             await pool._vacate(host, move=True)
+            while client.instance_of("long") is None and time.monotonic() < deadline + 30:
+                await asyncio.sleep(0.01)  # a token-level move is placed again: briefly held by none
             moved_to = client.instance_of("long")
             other = next(m for m in PRESETS if m != busy_name and pool.hosts_of(m).get("i0") != "ready")
             await pool._switch(host, pool.models[other])
@@ -201,13 +205,13 @@ def test_freeing_the_only_instance_of_a_busy_model_moves_its_requests(cluster):
                 tokens,
                 pool.hosts_of(busy_name),
                 pool.hosts_of(other),
-                client.migrator.num_migrated,
+                (client.migrator.num_migrated, client.failover.num_resumed),
             )
         finally:
             await pool.shutdown()
 
-    expected, moved_to, tokens, busy_hosts, other_hosts, num_migrated = asyncio.run(body())
-    assert moved_to == "i1" and num_migrated == 1
+    expected, moved_to, tokens, busy_hosts, other_hosts, moves = asyncio.run(body())
+    assert moved_to == "i1" and moves == ((1, 0) if migration == "live" else (0, 1))
     assert tokens == expected
     assert busy_hosts.get("i1") == "ready" and busy_hosts.get("i0") == "cache"
     assert other_hosts.get("i0") == "ready"
