@@ -13,9 +13,13 @@
    the relative error (simulated - measured) / measured.
 4. Calibrated (unless --no-calibrate): the server logs its steps (`--step-log`); after the warm-up,
    a calibration run (its own prompts and arrivals, at the middle rate) and `sutra profile --calibrate`
-   add the served steps so far to the profile, and every validation run is simulated with that
-   profile too (`simulated_calibrated`, `error_calibrated`). The validation runs' own steps are never
-   fitted: they come after the calibration.
+   measure how much longer a served step takes than the profile predicts (the median ratio over the
+   steps so far, kept in steps-MODE-calibration.jsonl), and every validation run is simulated with
+   steps scaled by it too (`simulated_calibrated`, `error_calibrated`). The validation runs' own steps
+   are never used: they come after the calibration.
+
+--resimulate RESULT measures nothing: it simulates a saved result's runs again (a new profile, a new
+calibration rule) from the profile and calibration logs that run left behind.
 
 Writes benchmarks/results/sim-validation-cpu.{json,png}.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -154,20 +159,53 @@ def main(argv: list[str] | None = None) -> None:
         action="store_false",
         help="skip the calibration run and the calibrated simulations",
     )
+    p.add_argument(
+        "--resimulate",
+        type=Path,
+        default=None,
+        metavar="RESULT",
+        help="measure nothing: simulate the runs of this saved result again (with --profile, and the "
+        "calibration logs the run left in benchmarks/out/sim-validation-logs)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "sim-validation-cpu.json")
     args = p.parse_args(argv)
     log_dir = RESULTS.parent / "out" / "sim-validation-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     profile_path = args.profile or log_dir / "profile.json"
-    if args.profile is None:
+    if args.profile is None and args.resimulate is None:
         profile(args, profile_path)
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else choose_rates(args, profile_path)
+    rates = (
+        []
+        if args.resimulate
+        else [float(r) for r in args.rates.split(",")]
+        if args.rates
+        else choose_rates(args, profile_path)
+    )
     report: dict[str, Any] = {
         "settings": {k: str(v) for k, v in vars(args).items()},
         "rates": rates,
         "runs": [],
     }
-    for mode in args.modes.split(","):
+    if args.resimulate is not None:  # the measured figures of a saved run, simulated anew
+        saved = json.loads(args.resimulate.read_text())
+        report["rates"] = saved["rates"]
+        for row in saved["runs"]:
+            k = saved["rates"].index(row["rate"])
+            calibrated = log_dir / f"profile-{row['mode']}-calibrated.json"
+            if args.calibrate:
+                calibrate_file(profile_path, calibration_log(log_dir, row["mode"]), calibrated)
+            report["runs"].append(
+                simulated_row(
+                    args,
+                    row["mode"],
+                    row["rate"],
+                    k,
+                    row["measured"],
+                    profile_path,
+                    calibrated if args.calibrate else None,
+                )
+            )
+    for mode in [] if args.resimulate is not None else args.modes.split(","):
         print(f"== sutra {mode}", flush=True)
         step_log = log_dir / f"steps-{mode}.jsonl"
         with running(server_spec(mode, args, step_log), args.port, log_dir) as base:
@@ -178,33 +216,55 @@ def main(argv: list[str] | None = None) -> None:
                 run_benchmark(
                     bench_config(base, rate, args), build_requests(args.num_requests, args.seed + 100)
                 )
+                # The steps so far (the warm-up's and the calibration run's), kept apart from the
+                # validation runs' that follow.
+                shutil.copyfile(step_log, calibration_log(log_dir, mode))
                 calibrated = log_dir / f"profile-{mode}-calibrated.json"
-                print(calibrate_file(profile_path, step_log, 2000, calibrated), flush=True)
+                print(calibrate_file(profile_path, calibration_log(log_dir, mode), calibrated), flush=True)
             for k, rate in enumerate(rates):
                 requests = build_requests(args.num_requests, args.seed + k)
-                config = bench_config(base, rate, args)
-                measured = figures(run_benchmark(config, requests))
-                start = time.perf_counter()
-                sim = run_simulation(config, engine_config(args, mode), profile_path, samples=requests)
-                row = {
-                    "mode": mode,
-                    "rate": rate,
-                    "measured": measured,
-                    "simulated": figures(sim),
-                    "simulation_wall_s": time.perf_counter() - start,
-                }
-                row["error"] = compare(row["measured"], row["simulated"])
-                if calibrated is not None:
-                    sim = run_simulation(config, engine_config(args, mode), calibrated, samples=requests)
-                    row["simulated_calibrated"] = figures(sim)
-                    row["error_calibrated"] = compare(row["measured"], row["simulated_calibrated"])
-                report["runs"].append(row)
-                print_row(row)
+                measured = figures(run_benchmark(bench_config(base, rate, args), requests))
+                report["runs"].append(simulated_row(args, mode, rate, k, measured, profile_path, calibrated))
     report["summary"] = summarize(report["runs"])
     common.write_json(args.out, report)
     plot(report, args.out.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=2))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def calibration_log(log_dir: Path, mode: str) -> Path:
+    return log_dir / f"steps-{mode}-calibration.jsonl"
+
+
+def simulated_row(
+    args: argparse.Namespace,
+    mode: str,
+    rate: float,
+    k: int,
+    measured: dict[str, float],
+    profile_path: Path,
+    calibrated: Path | None,
+) -> dict[str, Any]:
+    """One validation run: its measured figures beside the simulation of the same requests and
+    arrivals, with the profile and (if given) the calibrated profile."""
+    requests = build_requests(args.num_requests, args.seed + k)
+    config = bench_config("http://simulated", rate, args)
+    start = time.perf_counter()
+    sim = run_simulation(config, engine_config(args, mode), profile_path, samples=requests)
+    row = {
+        "mode": mode,
+        "rate": rate,
+        "measured": measured,
+        "simulated": figures(sim),
+        "simulation_wall_s": time.perf_counter() - start,
+    }
+    row["error"] = compare(row["measured"], row["simulated"])
+    if calibrated is not None:
+        sim = run_simulation(config, engine_config(args, mode), calibrated, samples=requests)
+        row["simulated_calibrated"] = figures(sim)
+        row["error_calibrated"] = compare(row["measured"], row["simulated_calibrated"])
+    print_row(row)
+    return row
 
 
 def print_row(row: dict[str, Any]) -> None:

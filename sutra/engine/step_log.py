@@ -6,6 +6,7 @@ A profile times the model runner alone. A served step costs more: the scheduler,
 to the streams (detokenization, stop strings), new requests taken in and their completion estimates,
 and the event loop's turns between the step thread and the server. Each line holds:
 
+- "t": when the step started (Unix time), to line steps up with requests and runs;
 - "slices": the step's (cached context, new tokens) per request, as the cost model reads a batch;
 - "step_s": LLMEngine.step (scheduler, runner, outputs), on the step thread;
 - "cycle_s": from this step's start to the next one's, less the time the loop waited for work in
@@ -39,6 +40,7 @@ class StepLog:
         self._file: IO[str] | None = self.path.open("w", encoding="utf-8", buffering=1)
         self._pending: dict | None = None  # the last step, until the next one starts
         self._started = 0.0
+        self._started_at = 0.0
         self._waited = 0.0
 
     def waited(self, seconds: float) -> None:
@@ -52,10 +54,11 @@ class StepLog:
             self._write(self._pending)
             self._pending = None
         self._started, self._waited = now, 0.0
+        self._started_at = time.time()
 
     def step_ended(self, slices: list[tuple[int, int]], step_seconds: float) -> None:
         if slices and self.num_steps < self.max_steps:
-            self._pending = {"slices": slices, "step_s": step_seconds}
+            self._pending = {"t": round(self._started_at, 4), "slices": slices, "step_s": step_seconds}
 
     def run_step(self, engine: LLMEngine) -> list[RequestOutput]:
         """engine.step(), logged (the engine records its slices: record_step_slices)."""

@@ -68,11 +68,10 @@ def add_profile_parser(
         "--calibrate",
         default=None,
         metavar="PROFILE",
-        help="instead of measuring: add the served steps of --step-log to this profile, so the cost "
-        "model also fits what serving adds to a step; writes --output",
+        help="instead of measuring: calibrate this profile on the served steps of --step-log (their "
+        "median ratio to its predictions scales the simulator's steps); writes --output",
     )
     p.add_argument("--step-log", default=None, help="with --calibrate: a `sutra serve --step-log` file")
-    p.add_argument("--max-steps", type=int, default=2000, help="with --calibrate: steps kept, evenly spaced")
     p.set_defaults(
         func=lambda args: (
             cmd_calibrate(args)
@@ -103,7 +102,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if not args.step_log:
         raise SystemExit("error: --calibrate needs --step-log FILE (from `sutra serve --step-log`)")
     try:
-        print(calibrate_file(args.calibrate, args.step_log, args.max_steps, args.output))
+        print(calibrate_file(args.calibrate, args.step_log, args.output))
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -46,13 +46,11 @@ def features(slices: Iterable[tuple[int, int]]) -> list[float]:
 
 
 def profile_batches(profile: Profile) -> tuple[list[list[tuple[int, int]]], list[float]]:
-    """Every measured point (and served step) as a batch of slices, and its seconds."""
-    batches = (
-        [[(p.context, p.chunk)] for p in profile.prefill]
-        + [[(p.context, 1)] * p.batch for p in profile.decode]
-        + [[(c, n) for c, n in p.slices] for p in profile.steps]
-    )
-    seconds = [p.seconds for p in (*profile.prefill, *profile.decode, *profile.steps)]
+    """Every measured point as a batch of slices, and its seconds."""
+    batches = [[(p.context, p.chunk)] for p in profile.prefill] + [
+        [(p.context, 1)] * p.batch for p in profile.decode
+    ]
+    seconds = [p.seconds for p in profile.prefill] + [p.seconds for p in profile.decode]
     return batches, seconds
 
 
@@ -86,6 +84,10 @@ class CostModel:
             full[i] = max(0.0, float(c))
         return cls(tuple(full))
 
+    def scaled(self, factor: float) -> CostModel:
+        """Every step `factor` times as long (a profile's serving factor: sutra/sim/calibrate.py)."""
+        return CostModel(tuple(c * factor for c in self.coefficients))
+
     def relative_errors(self, profile: Profile) -> list[float]:
         """|predicted - measured| / measured at every point of a profile."""
         batches, seconds = profile_batches(profile)
@@ -98,4 +100,4 @@ def load_cost_model(profile: Profile) -> StepCost:
     linear fit would blur them); a measured one gives the cost model fitted to it."""
     if profile.roofline is not None:
         return RooflineCostModel.from_dict(profile.roofline)
-    return CostModel.fit(profile)
+    return CostModel.fit(profile).scaled(profile.serving_factor)

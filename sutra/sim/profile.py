@@ -42,14 +42,6 @@ class DecodePoint:
 
 
 @dataclass
-class StepPoint:
-    """A served step (`sutra serve --step-log`): its batch and what it cost the serving loop."""
-
-    slices: list[list[int]]  # [cached context, new tokens] per request
-    seconds: float
-
-
-@dataclass
 class Profile:
     model: str
     dtype: str
@@ -67,8 +59,11 @@ class Profile:
     bytes_per_block: int = 0  # KV bytes of one block, all layers
     num_kv_blocks: int = 0  # the profiled engine's pool (a roofline: what fits on the device)
     max_model_len: int = 0
-    # Served steps added by `sutra profile --calibrate` (calibrate()): the cost model fits them too.
-    steps: list[StepPoint] = field(default_factory=list)
+    # Set by `sutra profile --calibrate` (sutra/sim/calibrate.py): how much longer a served step
+    # takes than the runner time fitted to the points (the simulator's steps are scaled by it), and
+    # what it was measured on.
+    serving_factor: float = 1.0
+    calibration: dict | None = None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -80,7 +75,6 @@ class Profile:
             raise ValueError(f"{path}: profile version {data.get('version')!r}, expected {PROFILE_VERSION}")
         data["prefill"] = [PrefillPoint(**p) for p in data["prefill"]]
         data["decode"] = [DecodePoint(**p) for p in data["decode"]]
-        data["steps"] = [StepPoint(**p) for p in data.get("steps", [])]
         return cls(**data)
 
 

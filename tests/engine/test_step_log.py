@@ -45,6 +45,8 @@ def test_logged_steps_hold_every_token_the_requests_computed(tmp_path):
     expected = sum(len(p) + max_tokens - 1 for p in prompts.values()) + len(prompts["a"]) + max_tokens - 1
     assert sum(n for r in records for _, n in r["slices"]) == expected
     assert all("cycle_s" in r for r in records[:-1]) and "cycle_s" not in records[-1]
+    starts = [r["t"] for r in records]
+    assert starts == sorted(starts) and starts[-1] - starts[0] >= 0.1  # the idle wait lies between
     for r in records[:-1]:
         assert r["cycle_s"] >= r["step_s"] * 0.999 and r["cycle_s"] < 0.1  # the idle 0.1 s left out
     assert len(read_step_log(path)) == len(records) - 1
