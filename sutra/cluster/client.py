@@ -208,6 +208,11 @@ class ClusterClient(RequestEndings, UpdateRouting, InstanceLoads, StreamHub):
             loop = asyncio.get_running_loop()
             self._tasks.append(loop.create_task(self._pump(inst), name=f"sutra-pump-{instance_id}"))
 
+    def is_dead(self, instance_id: str) -> bool:
+        """Whether this client saw the instance die (an instance it never held is not dead)."""
+        inst = self._instances.get(instance_id)
+        return inst is not None and not inst.alive
+
     def detach(self, instance_id: str) -> None:
         """Stop using an instance that holds no request, leaving its actor alive (it goes on to serve
         another model: sutra/cluster/models.py). Drain it first (begin_drain_instance)."""

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ray.exceptions import RayActorError
+
 from sutra.cluster.client import ClusterClient
 from sutra.cluster.messages import InstanceInfo, ModelHoldings, ModelSwitch
 from sutra.cluster.placement import (
@@ -29,6 +31,7 @@ from sutra.cluster.placement import (
     place,
 )
 from sutra.cluster.rpc import call
+from sutra.engine.client import EngineDeadError
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer
 from sutra.server.served_model import ModelLoadFailedError, ModelState, ServedModel
@@ -70,6 +73,10 @@ class ModelSwitching:
             if self._serving(model):
                 self._grant_waiters(model)
                 return
+            self._drop_dead_hosts()
+            if not self._hosts:
+                self._fail_waiters(model, EngineDeadError("every engine instance has died"))
+                return
             startup = self._choose(model)
             if startup is None:  # every instance is being switched: look again shortly
                 await asyncio.sleep(POLL_S)
@@ -82,6 +89,11 @@ class ModelSwitching:
                 model.state = ModelState.LOADING
                 self.observer.on_state(model.name, model.state)
                 await self._switch(host, model)
+            except RayActorError as e:  # the instance died: place the model elsewhere
+                logger.error(
+                    "instance %s died while starting the model %s: %s", host.instance_id, model.name, e
+                )
+                self._hosts.pop(host.instance_id, None)
             except ModelLoadFailedError as e:
                 self._fail_waiters(model, e)
             except Exception as e:
@@ -111,6 +123,18 @@ class ModelSwitching:
                 " (its requests move away)" if startup.move else "",
             )
         return startup
+
+    def _drop_dead_hosts(self: ClusterModels) -> None:
+        """Forget the instances that died (their model's client saw it): nothing starts on them."""
+        for host in list(self._hosts.values()):
+            name = host.holdings.ready
+            client = self.models[name].engine if name in self.models else None
+            if not host.busy and isinstance(client, ClusterClient) and client.is_dead(host.instance_id):
+                logger.error("instance %s is dead: models no longer start on it", host.instance_id)
+                del self._hosts[host.instance_id]
+                if not client.instance_ids:  # the model's last instance: it starts afresh elsewhere
+                    self.models[name].engine = None
+                    self._spawn(client.shutdown())
 
     def _free_hosts(self: ClusterModels) -> list[Host]:
         return [h for h in self._hosts.values() if not h.busy]

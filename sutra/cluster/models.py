@@ -110,7 +110,8 @@ class ClusterModels(ModelSwitching):
         return self.models[self.default if name is None else name]
 
     def hosts_of(self, name: str) -> dict[str, str]:
-        """Instance id -> tier ("ready" or "cache": its host memory keeps the weights) for each instance holding the model."""
+        """Instance id -> tier for each instance holding the model: "ready" (it serves it) or
+        "cache" (its host memory keeps the weights)."""
         tiers = {}
         for host in self._hosts.values():
             if host.holdings.ready == name:
@@ -243,6 +244,8 @@ class ClusterModels(ModelSwitching):
     # ---- what the server asks of it as a whole ----------------------------------------------
     @property
     def dead_reason(self) -> str | None:
+        if not self._hosts:
+            return "every engine instance has died"
         reasons = [m.engine.dead_reason for m in self.models.values() if m.engine is not None]
         if not reasons or any(r is None for r in reasons):
             return None

@@ -15,6 +15,7 @@ import pytest
 
 from sutra.cluster.models import ClusterModels
 from sutra.config import EngineConfig
+from sutra.engine.client import EngineDeadError
 from sutra.engine.engine import LLMEngine
 from sutra.model.store.convert import convert
 from sutra.sampling_params import SamplingParams
@@ -215,3 +216,53 @@ def test_freeing_the_only_instance_of_a_busy_model_moves_its_requests(cluster, m
     assert tokens == expected
     assert busy_hosts.get("i1") == "ready" and busy_hosts.get("i0") == "cache"
     assert other_hosts.get("i0") == "ready"
+
+
+def test_a_dead_instance_fails_its_requests_alone_and_its_model_starts_elsewhere(ray_session, configs):
+    """An instance that dies takes down only the requests it held; its model's next request starts
+    it on the instance left, and a request for the other model still gets its output."""
+    import ray
+
+    from sutra.cluster.manager import Cluster
+
+    small = Cluster.start(
+        CONFIGS["llama"],
+        2,
+        threads_per_instance=1,
+        ready_timeout_s=300,
+        models={"llama": CONFIGS["llama"], "qwen2": CONFIGS["qwen2"]},
+        model_cache_bytes=2**30,
+    )
+    expected = {name: _offline(name, PROMPT, 8) for name in ("llama", "qwen2")}
+
+    async def body():
+        served = {name: ServedModel(name, PRESETS[name], config=CONFIGS[name]) for name in ("llama", "qwen2")}
+        pool = ClusterModels(
+            small.actors,
+            small.holdings(),
+            served,
+            small.tokenizers_by_model(),
+            {name: 10**6 for name in served},
+            client_options={"load_refresh_s": 0.05},
+        )
+        pool.start()
+        try:
+            running = asyncio.create_task(_generate(pool, "llama", "doomed", PROMPT, 600))
+            client = pool.models["llama"].engine
+            while client.instance_of("doomed") is None:
+                await asyncio.sleep(0.01)
+            ray.kill(small.actors["i0"])  # llama's only instance
+            doomed = await asyncio.gather(running, return_exceptions=True)
+            after = await _generate(pool, "llama", "again", PROMPT, 8)
+            other = await _generate(pool, "qwen2", "other", PROMPT, 8)
+            return doomed[0], after, other, pool.hosts_of("llama"), pool.dead_reason
+        finally:
+            await pool.shutdown()
+
+    try:
+        doomed, after, other, llama_hosts, dead_reason = asyncio.run(body())
+    finally:
+        small.shutdown()
+    assert isinstance(doomed, EngineDeadError)
+    assert after == expected["llama"] and other == expected["qwen2"]
+    assert llama_hosts == {"i1": "cache"} and dead_reason is None  # i1 went back to qwen2 for the last one
