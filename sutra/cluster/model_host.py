@@ -70,9 +70,8 @@ class ModelHost:
         self.model_bytes[name] = nbytes
         if seconds > 0 and nbytes > 0:
             self.bandwidth[tier] = nbytes / seconds
-        logger.info(
-            "model %s loaded from %s in %.2f s (%.2f GB/s)", name, tier, seconds, nbytes / seconds / 1e9
-        )
+        rate = nbytes / max(seconds, 1e-9) / 1e9
+        logger.info("model %s loaded from %s in %.2f s (%.2f GB/s)", name, tier, seconds, rate)
         return Switched(loaded.engine, tier, seconds)
 
     async def evict(self) -> None:

@@ -36,6 +36,7 @@ from sutra.engine.client import EngineDrainingError, EngineListener, EngineOverl
 from sutra.model.tokenizer import Tokenizer
 from sutra.server.model_pool import DEFAULT_WAIT_TIMEOUT_S, Lease
 from sutra.server.served_model import (
+    DrainingPool,
     ModelState,
     ModelUnavailableError,
     NoObserver,
@@ -51,7 +52,7 @@ PLACEMENTS = ("startup", "lru")
 MIGRATIONS = ("live", "recompute")
 
 
-class ClusterModels(ModelSwitching):
+class ClusterModels(ModelSwitching, DrainingPool):
     """The model pool of a cluster (see the module docstring); built before the event loop runs,
     started on it."""
 
@@ -255,27 +256,7 @@ class ClusterModels(ModelSwitching):
     def is_draining(self) -> bool:
         return self._draining
 
-    @property
-    def num_in_flight(self) -> int:
-        return sum(m.in_flight + m.waiting for m in self.models.values())
-
-    def begin_drain(self) -> None:
-        self._draining = True
-        for model in self.models.values():
-            if model.engine is not None:
-                model.engine.begin_drain()
-        if self._loop is not None and not self._loop.is_closed():
-            error = EngineDrainingError("the server is shutting down and takes no new requests; retry later")
-            self._loop.call_soon_threadsafe(self._fail_all_waiting, error)
-
-    def abort_all(self, error: Exception) -> int:
-        ended = self._fail_all_waiting(error)
-        for model in self.models.values():
-            if model.engine is not None:
-                ended += model.engine.abort_all(error)
-        return ended
-
-    def _fail_all_waiting(self, error: Exception) -> int:
+    def _fail_waiting(self, error: Exception) -> int:
         count = 0
         for model in self.models.values():
             count += len(self._waiters[model.name])

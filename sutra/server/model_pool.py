@@ -37,6 +37,7 @@ from sutra.server.host_cache import HostCache
 from sutra.server.model_loading import ModelLoading, gb
 from sutra.server.served_model import (
     RESIDENT,
+    DrainingPool,
     ModelLoader,
     ModelState,
     ModelUnavailableError,
@@ -69,7 +70,7 @@ class Lease:
 
 
 @dataclass
-class ModelPool(ModelLoading):
+class ModelPool(ModelLoading, DrainingPool):
     models: dict[str, ServedModel]  # in configuration order
     loader: ModelLoader | None
     default: str = ""
@@ -288,30 +289,6 @@ class ModelPool(ModelLoading):
         return self._draining or any(
             m.engine is not None and m.engine.is_draining for m in self.models.values()
         )
-
-    @property
-    def num_in_flight(self) -> int:
-        """Requests holding or waiting for a model."""
-        return sum(m.in_flight + m.waiting for m in self.models.values())
-
-    def begin_drain(self) -> None:
-        """Refuse new requests from now on; waiting ones fail with EngineDrainingError. Only sets flags
-        (and wakes the event loop), so a signal handler may call it."""
-        self._draining = True
-        for model in self.models.values():
-            if model.engine is not None:
-                model.engine.begin_drain()
-        if self._loop is not None and not self._loop.is_closed():
-            error = EngineDrainingError("the server is shutting down and takes no new requests; retry later")
-            self._loop.call_soon_threadsafe(self._fail_waiting, error)
-
-    def abort_all(self, error: Exception) -> int:
-        """End every request in flight and every waiting one with `error`; returns how many."""
-        ended = self._fail_waiting(error)
-        for model in self.models.values():
-            if model.engine is not None:
-                ended += model.engine.abort_all(error)
-        return ended
 
     def _fail_waiting(self, error: Exception) -> int:
         tickets, self._queue = list(self._queue), deque()

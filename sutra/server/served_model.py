@@ -3,11 +3,12 @@ from: the loader that builds and stops engines, the observer told of every chang
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from sutra.engine.client import EngineClient
+from sutra.engine.client import EngineClient, EngineDrainingError
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer
 
@@ -103,3 +104,40 @@ class ServedModel:
     @property
     def model_name(self) -> str:
         return self.name
+
+
+class DrainingPool:
+    """What a server asks of a model pool as a whole when it shuts down: a mixin of ModelPool (one
+    process) and ClusterModels (a cluster of instances), each saying how its waiting requests fail."""
+
+    models: dict[str, ServedModel]
+    _draining: bool
+    _loop: asyncio.AbstractEventLoop | None
+
+    def _fail_waiting(self, error: Exception) -> int:
+        """End every request waiting for a model with `error`; returns how many."""
+        raise NotImplementedError
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests holding or waiting for a model."""
+        return sum(m.in_flight + m.waiting for m in self.models.values())
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; waiting ones fail with EngineDrainingError. Only sets flags
+        (and wakes the event loop), so a signal handler may call it."""
+        self._draining = True
+        for model in self.models.values():
+            if model.engine is not None:
+                model.engine.begin_drain()
+        if self._loop is not None and not self._loop.is_closed():
+            error = EngineDrainingError("the server is shutting down and takes no new requests; retry later")
+            self._loop.call_soon_threadsafe(self._fail_waiting, error)
+
+    def abort_all(self, error: Exception) -> int:
+        """End every request in flight and every waiting one with `error`; returns how many."""
+        ended = self._fail_waiting(error)
+        for model in self.models.values():
+            if model.engine is not None:
+                ended += model.engine.abort_all(error)
+        return ended

@@ -167,9 +167,12 @@ def test_streams_on_a_killed_instance_resume_elsewhere_exactly(ray_session, gree
 
 
 @pytest.mark.ray
-def test_a_request_whose_source_dies_mid_migration_follows_its_move(ray_session, greedy_run, monkeypatch):
+def test_a_request_whose_source_dies_mid_migration_follows_its_move(ray_session, engine, monkeypatch):
     """The source dies after the destination took the request over, before its "moved" update:
     the stream follows the move, the tokens the source had sent that never arrived filled in."""
+    # Long enough that it cannot finish while the move runs, however busy the machine.
+    long_greedy = dataclasses.replace(GREEDY, max_tokens=400)
+    expected = _steps(engine, "long", long_greedy)[1]
     cluster = Cluster.start(TINY_CONFIG, 2, threads_per_instance=1, ready_timeout_s=300)
     step = ActorPeer._step
 
@@ -195,7 +198,7 @@ def test_a_request_whose_source_dies_mid_migration_follows_its_move(ray_session,
 
         client._route = lossy_route
         monkeypatch.setattr(ActorPeer, "_step", kill_before_commit)
-        await client.submit_many([("r", PROMPT, GREEDY)])
+        await client.submit_many([("r", PROMPT, long_greedy)])
         reader = asyncio.create_task(_collect(client, "r", seen))
         await _wait_for(lambda: len(_tokens(seen)) >= 8, what="8 tokens")
         result = await client.migrator.migrate("r", "i1", last_stage_blocks=0)
@@ -208,6 +211,6 @@ def test_a_request_whose_source_dies_mid_migration_follows_its_move(ray_session,
     try:
         seen, lost = asyncio.run(_with_client(cluster, _FirstAlive(), body))
         assert lost["to"] > lost["from"]  # a gap to fill
-        _check(seen, greedy_run[1])
+        _check(seen, expected)
     finally:
         cluster.shutdown()
