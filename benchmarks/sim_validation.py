@@ -57,11 +57,14 @@ COMPARED = [(f"p{int(p)}_{m}", m, p) for m in ("ttft", "itl") for p in PERCENTIL
 def profile(args: argparse.Namespace, path: Path) -> None:
     cmd = [sys.executable, "-m", "sutra.cli", "profile", "--output", str(path), "--dtype", args.dtype]
     cmd += ["--num-threads", str(args.threads), "--max-num-batched-tokens", str(args.budget)]
+    # A prefill grid as dense as what is served: chunks up to the budget, at cached contexts every few
+    # hundred tokens (a 2048-token prompt's chunks run at 256, 512, ... 1792). The sparser grid
+    # (chunks 16/64/128/budget at 0/512/2048) mispriced both lone short prompts and long chunked ones.
     cmd += [
         "--chunks",
-        f"16,64,128,{args.budget}",
+        f"16,32,64,128,{args.budget * 3 // 4},{args.budget}",
         "--contexts",
-        "0,512,2048",
+        "0,256,512,1024,1536,2048",
         "--batches",
         "1,2,3,4,8,16,32",
     ]
