@@ -32,16 +32,17 @@ from sutra.cluster.client import ClusterClient
 from sutra.cluster.dispatch import DEFAULT_DISPATCH
 from sutra.cluster.messages import InstanceInfo, ModelHoldings
 from sutra.cluster.model_switching import Host, ModelSwitching
-from sutra.engine.client import EngineDrainingError, EngineListener, EngineOverloadedError
+from sutra.engine.client import EngineDrainingError, EngineListener
 from sutra.model.tokenizer import Tokenizer
 from sutra.server.model_pool import DEFAULT_WAIT_TIMEOUT_S, Lease
 from sutra.server.served_model import (
     DrainingPool,
     ModelState,
-    ModelUnavailableError,
     NoObserver,
     PoolObserver,
     ServedModel,
+    check_waiting_room,
+    wait_for_grant,
 )
 
 logger = logging.getLogger(__name__)
@@ -150,11 +151,7 @@ class ClusterModels(ModelSwitching, DrainingPool):
         if self._serving(model):
             self._grant(model)
             return Lease(self, model)  # type: ignore[arg-type]
-        if self.max_waiting is not None and model.waiting >= self.max_waiting:
-            raise EngineOverloadedError(
-                f"{model.waiting} requests are waiting for the model `{model.name}` (limit "
-                f"{self.max_waiting}); retry later"
-            )
+        check_waiting_room(model, self.max_waiting)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[model.name].append(future)
         model.waiting += 1
@@ -174,19 +171,13 @@ class ClusterModels(ModelSwitching, DrainingPool):
         return Lease(self, model)  # type: ignore[arg-type]
 
     async def _wait(self, model: ServedModel, future: asyncio.Future[None], deadline: float) -> None:
-        while True:
-            loading = model.state is ModelState.LOADING
-            timeout = None if loading else max(0.0, deadline - time.monotonic())
-            done, _ = await asyncio.wait([future], timeout=timeout)
-            if done:
-                future.result()  # raises what failed the load
-                return
-            if model.state is ModelState.LOADING:
-                continue
-            raise ModelUnavailableError(
+        def unavailable() -> str:
+            return (
                 f"the model `{model.name}` could not be started within {self.wait_timeout_s:g} s: every "
                 "instance is serving requests of other models; retry later"
             )
+
+        await wait_for_grant(model, future, deadline, time.monotonic, unavailable)
 
     def _serving(self, model: ServedModel) -> bool:
         """Some instance serves the model and is not being freed of it."""

@@ -13,9 +13,6 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-if TYPE_CHECKING:
-    from sutra.cluster.models import ClusterModels
-
 from sutra.config import EngineConfig
 from sutra.engine.async_engine import AsyncEngine
 from sutra.engine.client import EngineClient
@@ -33,6 +30,9 @@ from sutra.server.serve_args import add_serve_args as add_serve_args  # where su
 from sutra.server.serve_args import structured_config
 from sutra.server.serve_cluster import check_cluster_of_models, cluster_models, start_cluster, uses_cluster
 from sutra.server.tenants import PriorityCaps, parse_priority_caps
+
+if TYPE_CHECKING:
+    from sutra.cluster.models import ClusterModels
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 

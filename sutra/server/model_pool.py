@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sutra.engine.client import EngineClient, EngineDrainingError, EngineListener, EngineOverloadedError
+from sutra.engine.client import EngineClient, EngineDrainingError, EngineListener
 from sutra.server.host_cache import HostCache
 from sutra.server.model_loading import ModelLoading, gb
 from sutra.server.served_model import (
@@ -40,10 +40,11 @@ from sutra.server.served_model import (
     DrainingPool,
     ModelLoader,
     ModelState,
-    ModelUnavailableError,
     NoObserver,
     PoolObserver,
     ServedModel,
+    check_waiting_room,
+    wait_for_grant,
 )
 
 DEFAULT_WAIT_TIMEOUT_S = 60.0
@@ -155,11 +156,7 @@ class ModelPool(ModelLoading, DrainingPool):
         if model.state is ModelState.READY and not model.reclaiming:
             self._grant(model)
             return Lease(self, model)
-        if self.max_waiting is not None and model.waiting >= self.max_waiting:
-            raise EngineOverloadedError(
-                f"{model.waiting} requests are waiting for the model `{model.name}` (limit "
-                f"{self.max_waiting}); retry later"
-            )
+        check_waiting_room(model, self.max_waiting)
         ticket = _Ticket(model, asyncio.get_running_loop().create_future())
         model.waiting += 1
         self._queue.append(ticket)
@@ -176,20 +173,14 @@ class ModelPool(ModelLoading, DrainingPool):
         return Lease(self, model)
 
     async def _wait(self, ticket: _Ticket, deadline: float) -> None:
-        while True:
-            loading = ticket.model.state is ModelState.LOADING
-            timeout = None if loading else max(0.0, deadline - self.clock())
-            done, _ = await asyncio.wait([ticket.granted], timeout=timeout)
-            if done:
-                ticket.granted.result()  # raises what failed the load
-                return
-            if ticket.model.state is ModelState.LOADING:
-                continue  # its load began meanwhile: from now on it only waits
-            raise ModelUnavailableError(
+        def unavailable() -> str:
+            return (
                 f"the model `{ticket.model.name}` could not be loaded within {self.wait_timeout_s:g} s: "
                 f"the memory for models ({gb(self.memory_budget)}) is held by models with requests in "
                 "flight; retry later"
             )
+
+        await wait_for_grant(ticket.model, ticket.granted, deadline, self.clock, unavailable)
 
     def _withdraw(self, ticket: _Ticket) -> None:
         """The waiter is gone (timed out, cancelled, or its load failed)."""

@@ -4,11 +4,12 @@ from: the loader that builds and stops engines, the observer told of every chang
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from sutra.engine.client import EngineClient, EngineDrainingError
+from sutra.engine.client import EngineClient, EngineDrainingError, EngineOverloadedError
 from sutra.errors import SutraError
 from sutra.model.tokenizer import Tokenizer
 
@@ -104,6 +105,37 @@ class ServedModel:
     @property
     def model_name(self) -> str:
         return self.name
+
+
+def check_waiting_room(model: ServedModel, max_waiting: int | None) -> None:
+    """EngineOverloadedError when `max_waiting` requests wait for the model already."""
+    if max_waiting is not None and model.waiting >= max_waiting:
+        raise EngineOverloadedError(
+            f"{model.waiting} requests are waiting for the model `{model.name}` (limit "
+            f"{max_waiting}); retry later"
+        )
+
+
+async def wait_for_grant(
+    model: ServedModel,
+    granted: asyncio.Future[None],
+    deadline: float,
+    clock: Callable[[], float],
+    unavailable: Callable[[], str],
+) -> None:
+    """Until a waiting request is granted its model (raising what failed the load), or, once
+    `deadline` passes with the model's load not begun, ModelUnavailableError(unavailable()): a load
+    under way is always waited for, never failed for taking long."""
+    while True:
+        loading = model.state is ModelState.LOADING
+        timeout = None if loading else max(0.0, deadline - clock())
+        done, _ = await asyncio.wait([granted], timeout=timeout)
+        if done:
+            granted.result()
+            return
+        if model.state is ModelState.LOADING:
+            continue  # its load began meanwhile: from now on it only waits
+        raise ModelUnavailableError(unavailable())
 
 
 class DrainingPool:
