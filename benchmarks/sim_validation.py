@@ -8,7 +8,10 @@
    workload (`benchmarks/serving.py`: chat-length prompts with a 2048-token prompt as every 8th
    request, exact output lengths, Poisson arrivals) at several rates through `sutra bench serve`'s
    client; `sutra simulate`'s engine then runs the same prompts on the same arrival schedule, with the
-   same engine options, against the profile.
+   same engine options, against the profile. The servers of all modes are up at once and the runs go
+   rate by rate with the modes side by side; with `--repeats R` the whole sequence runs R times, each
+   time with a fresh sample of the workload, and a run's measured and simulated figures are the
+   medians over its repeats (the machine's drift and one sample's luck both average out).
 3. Side by side: TTFT and TBT (the inter-token gaps, ITL) at P50/P90/P99 and output throughput, with
    the relative error (simulated - measured) / measured.
 4. Calibrated (unless --no-calibrate): the server logs its steps (`--step-log`); after the warm-up,
@@ -16,10 +19,15 @@
    measure how much longer a served step takes than the profile predicts (the median ratio over the
    steps so far, kept in steps-MODE-calibration.jsonl), and every validation run is simulated with
    steps scaled by it too (`simulated_calibrated`, `error_calibrated`). The validation runs' own steps
-   are never used: they come after the calibration.
+   are never used for it: they come after the calibration.
+5. Speed-matched: each validation run is simulated once more with the median ratio of its own served
+   steps (kept in steps-MODE-runK.jsonl) as the factor (`simulated_matched`, `error_matched`). That is
+   not a prediction, since a run's speed is known only afterwards; this machine's speed drifts by up to
+   15% over half an hour, and this column shows how much of the calibrated error is that drift and
+   how much the simulator's own (its scheduler replay, the batches it forms, the cost model's shape).
 
 --resimulate RESULT measures nothing: it simulates a saved result's runs again (a new profile, a new
-calibration rule) from the profile and calibration logs that run left behind.
+cost model or calibration rule) from the profile and step logs that run left behind.
 
 Writes benchmarks/results/sim-validation-cpu.{json,png}.
 """
@@ -30,9 +38,11 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +82,8 @@ def profile(args: argparse.Namespace, path: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def server_spec(mode: str, args: argparse.Namespace, step_log: Path) -> ServerSpec:
-    cmd = [sys.executable, "-m", "sutra.cli", "serve", "--port", str(args.port), "--dtype", args.dtype]
+def server_spec(mode: str, args: argparse.Namespace, step_log: Path, port: int) -> ServerSpec:
+    cmd = [sys.executable, "-m", "sutra.cli", "serve", "--port", str(port), "--dtype", args.dtype]
     cmd += ["--step-log", str(step_log)]
     cmd += ["--scheduling-mode", mode, "--max-num-batched-tokens", str(args.budget)]
     cmd += ["--num-threads", str(args.threads), "--kv-cache-memory-gb", str(args.kv_cache_gb)]
@@ -143,6 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--modes", default="sarathi,prefill_first")
     p.add_argument("--num-requests", type=int, default=48, help="requests of each run")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every mode and rate this many times, each with fresh requests and arrivals of the "
+        "workload; measured and simulated figures are medians over the repeats",
+    )
     p.add_argument("--budget", type=int, default=256, help="token budget per iteration")
     p.add_argument(
         "--threads",
@@ -154,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-gb", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8191)
+    p.add_argument("--port", type=int, default=8191, help="the first mode's server (the next ones count up)")
     p.add_argument("--profile", type=Path, default=None, help="reuse this profile instead of measuring one")
     p.add_argument(
         "--no-calibrate",
@@ -197,37 +214,21 @@ def main(argv: list[str] | None = None) -> None:
             calibrated = log_dir / f"profile-{row['mode']}-calibrated.json"
             if args.calibrate:
                 calibrate_file(profile_path, calibration_log(log_dir, row["mode"]), calibrated)
+            matched = speed_matched(profile_path, log_dir, row["mode"], k)
             report["runs"].append(
                 simulated_row(
                     args,
                     row["mode"],
                     row["rate"],
                     k,
-                    row["measured"],
+                    row.get("repeats", [row["measured"]]),
                     profile_path,
                     calibrated if args.calibrate else None,
+                    matched,
                 )
             )
-    for mode in [] if args.resimulate is not None else args.modes.split(","):
-        print(f"== sutra {mode}", flush=True)
-        step_log = log_dir / f"steps-{mode}.jsonl"
-        with running(server_spec(mode, args, step_log), args.port, log_dir) as base:
-            run_benchmark(bench_config(base, float("inf"), args), build_requests(8, args.seed + 99))
-            calibrated = None
-            if args.calibrate:
-                rate = rates[len(rates) // 2]
-                run_benchmark(
-                    bench_config(base, rate, args), build_requests(args.num_requests, args.seed + 100)
-                )
-                # The steps so far (the warm-up's and the calibration run's), kept apart from the
-                # validation runs' that follow.
-                shutil.copyfile(step_log, calibration_log(log_dir, mode))
-                calibrated = log_dir / f"profile-{mode}-calibrated.json"
-                print(calibrate_file(profile_path, calibration_log(log_dir, mode), calibrated), flush=True)
-            for k, rate in enumerate(rates):
-                requests = build_requests(args.num_requests, args.seed + k)
-                measured = figures(run_benchmark(bench_config(base, rate, args), requests))
-                report["runs"].append(simulated_row(args, mode, rate, k, measured, profile_path, calibrated))
+    if args.resimulate is None:
+        report["runs"] = measure(args, rates, profile_path, log_dir)
     report["summary"] = summarize(report["runs"])
     common.write_json(args.out, report)
     plot(report, args.out.with_suffix(".png"))
@@ -235,8 +236,102 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
+def measure(args: argparse.Namespace, rates: list[float], profile_path: Path, log_dir: Path) -> list[dict]:
+    """Every mode's server up at once; after each one's warm-up and calibration, the validation runs
+    go rate by rate with the modes side by side, `--repeats` times over (fresh requests each time),
+    so that the machine's drift falls on every mode and rate alike."""
+    modes = args.modes.split(",")
+    step_logs = {mode: log_dir / f"steps-{mode}.jsonl" for mode in modes}
+    for mode in modes:
+        for k in range(len(rates)):
+            run_log(log_dir, mode, k).unlink(missing_ok=True)
+    bases: dict[str, str] = {}
+    calibrated: dict[str, Path | None] = {}
+    measured: dict[tuple[str, int], list[dict[str, float]]] = {}
+    with ExitStack() as servers:
+        for i, mode in enumerate(modes):
+            print(f"== sutra {mode}", flush=True)
+            port = args.port + i
+            spec = server_spec(mode, args, step_logs[mode], port)
+            base = bases[mode] = servers.enter_context(running(spec, port, log_dir))
+            run_benchmark(bench_config(base, float("inf"), args), build_requests(8, args.seed + 99))
+            calibrated[mode] = None
+            if args.calibrate:
+                rate = rates[len(rates) // 2]
+                run_benchmark(
+                    bench_config(base, rate, args), build_requests(args.num_requests, args.seed + 100)
+                )
+                # The steps so far (the warm-up's and the calibration run's), kept apart from the
+                # validation runs' that follow.
+                shutil.copyfile(step_logs[mode], calibration_log(log_dir, mode))
+                calibrated[mode] = log_dir / f"profile-{mode}-calibrated.json"
+                print(
+                    calibrate_file(profile_path, calibration_log(log_dir, mode), calibrated[mode]), flush=True
+                )
+        for repeat in range(args.repeats):
+            for k, rate in enumerate(rates):
+                for mode in modes:
+                    print(f"== {mode} at {rate:g} req/s, repeat {repeat + 1}/{args.repeats}", flush=True)
+                    requests = build_requests(args.num_requests, workload_seed(args, k, repeat))
+                    first_step = line_count(step_logs[mode])
+                    result = run_benchmark(bench_config(bases[mode], rate, args), requests)
+                    measured.setdefault((mode, k), []).append(figures(result))
+                    keep_run_steps(step_logs[mode], first_step, run_log(log_dir, mode, k))
+    return [
+        simulated_row(
+            args,
+            mode,
+            rate,
+            k,
+            measured[(mode, k)],
+            profile_path,
+            calibrated[mode],
+            speed_matched(profile_path, log_dir, mode, k),
+        )
+        for mode in modes
+        for k, rate in enumerate(rates)
+    ]
+
+
 def calibration_log(log_dir: Path, mode: str) -> Path:
     return log_dir / f"steps-{mode}-calibration.jsonl"
+
+
+def run_log(log_dir: Path, mode: str, k: int) -> Path:
+    return log_dir / f"steps-{mode}-run{k}.jsonl"
+
+
+def line_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def keep_run_steps(step_log: Path, first: int, out: Path) -> None:
+    """Append the steps one validation run added to the server's log (its repeats share a file)."""
+    with out.open("a") as f:
+        f.writelines(line + "\n" for line in step_log.read_text().splitlines()[first:])
+
+
+def speed_matched(profile_path: Path, log_dir: Path, mode: str, k: int) -> Path | None:
+    """The profile scaled by the median ratio of this run's own served steps (all its repeats') to the
+    prediction: not
+    a prediction (the run's speed is known only afterwards) but what separates the simulator's
+    fidelity (scheduler, batches, the cost model's shape) from the machine's drift between runs."""
+    steps = run_log(log_dir, mode, k)
+    if not steps.exists():
+        return None
+    matched = log_dir / f"profile-{mode}-run{k}-matched.json"
+    print("  speed-matched:", calibrate_file(profile_path, steps, matched), flush=True)
+    return matched
+
+
+def workload_seed(args: argparse.Namespace, k: int, repeat: int) -> int:
+    """The seed of the k-th rate's requests and arrivals in a repeat: each repeat is a fresh sample of
+    the workload (the same prompts again would hit the server's prefix cache)."""
+    return args.seed + k + 1000 * repeat
+
+
+def median_figures(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
 def simulated_row(
@@ -244,28 +339,37 @@ def simulated_row(
     mode: str,
     rate: float,
     k: int,
-    measured: dict[str, float],
+    repeats: list[dict[str, float]],
     profile_path: Path,
     calibrated: Path | None,
+    matched: Path | None = None,
 ) -> dict[str, Any]:
-    """One validation run: its measured figures beside the simulation of the same requests and
-    arrivals, with the profile and (if given) the calibrated profile."""
-    requests = build_requests(args.num_requests, args.seed + k)
+    """One validation run: its measured figures (the median over its repeats) beside the simulation
+    of the same requests and arrivals (the median over the same repeats), with the profile and (if
+    given) the calibrated and speed-matched profiles."""
     config = bench_config("http://simulated", rate, args)
+
+    def simulated(path: Path) -> dict[str, float]:
+        runs = []
+        for repeat in range(len(repeats)):
+            requests = build_requests(args.num_requests, workload_seed(args, k, repeat))
+            runs.append(figures(run_simulation(config, engine_config(args, mode), path, samples=requests)))
+        return median_figures(runs)
+
     start = time.perf_counter()
-    sim = run_simulation(config, engine_config(args, mode), profile_path, samples=requests)
     row = {
         "mode": mode,
         "rate": rate,
-        "measured": measured,
-        "simulated": figures(sim),
-        "simulation_wall_s": time.perf_counter() - start,
+        "measured": median_figures(repeats),
+        "simulated": simulated(profile_path),
     }
+    row["simulation_wall_s"] = time.perf_counter() - start
     row["error"] = compare(row["measured"], row["simulated"])
-    if calibrated is not None:
-        sim = run_simulation(config, engine_config(args, mode), calibrated, samples=requests)
-        row["simulated_calibrated"] = figures(sim)
-        row["error_calibrated"] = compare(row["measured"], row["simulated_calibrated"])
+    for kind, path in (("calibrated", calibrated), ("matched", matched)):
+        if path is not None:
+            row[f"simulated_{kind}"] = simulated(path)
+            row[f"error_{kind}"] = compare(row["measured"], row[f"simulated_{kind}"])
+    row["repeats"] = repeats
     print_row(row)
     return row
 
@@ -278,9 +382,10 @@ def print_row(row: dict[str, Any]) -> None:
     tput = "output_throughput"
     cells.append(f"tok/s {row['measured'][tput]:.1f}/{row['simulated'][tput]:.1f}")
     print(f"  {row['mode']} {row['rate']:g} req/s (measured/simulated): " + ", ".join(cells), flush=True)
-    if "error_calibrated" in row:
-        errors = ", ".join(f"{k} {v:+.0%}" for k, v in row["error_calibrated"].items())
-        print(f"    calibrated: {errors}", flush=True)
+    for kind in ("calibrated", "matched"):
+        if f"error_{kind}" in row:
+            errors = ", ".join(f"{k} {v:+.0%}" for k, v in row[f"error_{kind}"].items())
+            print(f"    {kind}: {errors}", flush=True)
 
 
 def summarize(runs: list[dict[str, Any]], field: str = "error") -> dict[str, Any]:
@@ -290,8 +395,9 @@ def summarize(runs: list[dict[str, Any]], field: str = "error") -> dict[str, Any
         errors = sorted(abs(r[field][key]) for r in runs if key in r.get(field, {}))
         if errors:
             out[key] = {"median_abs_error": errors[len(errors) // 2], "max_abs_error": errors[-1]}
-    if field == "error" and any("error_calibrated" in r for r in runs):
-        out["calibrated"] = summarize(runs, "error_calibrated")
+    for kind in ("calibrated", "matched") if field == "error" else ():
+        if any(f"error_{kind}" in r for r in runs):
+            out[kind] = summarize(runs, f"error_{kind}")
     return out
 
 
@@ -317,16 +423,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
                     color=line.get_color(),
                     label="simulated",
                 )
-                if all("simulated_calibrated" in r for r in mine):
-                    calibrated = [r["simulated_calibrated"][key] for r in mine]
-                    ax.plot(rates, calibrated, "+:", color=line.get_color(), label="calibrated")
+                for kind, style in (("calibrated", "+:"), ("matched", "1-.")):
+                    if all(f"simulated_{kind}" in r for r in mine):
+                        values = [r[f"simulated_{kind}"][key] for r in mine]
+                        ax.plot(rates, values, style, color=line.get_color(), label=kind)
             ax.set_title(f"{mode}: {metric}")
             ax.set_xlabel("request rate (req/s)")
             ax.set_ylabel(unit)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="x-small")
     fig.suptitle(
-        "Simulated (x, dashed; calibrated +, dotted) vs measured (o, solid), serving workload, same arrivals"
+        "Simulated (x, dashed; calibrated +, dotted; speed-matched, dash-dot) vs measured (o, solid), "
+        "serving workload, same arrivals"
     )
     fig.savefig(path, dpi=100)
 

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from sutra.engine.step_log import read_step_log
-from sutra.sim.cost_model import CostModel
+from sutra.sim.cost_model import fit_cost_model
 from sutra.sim.profile import Profile
 
 
@@ -27,7 +27,7 @@ def calibrate(profile: Profile, steps: list[tuple[list[tuple[int, int]], float]]
         raise ValueError("a roofline profile is computed, not measured: calibrate a measured one")
     if not steps:
         raise ValueError("no served step to calibrate on")
-    model = CostModel.fit(profile)
+    model = fit_cost_model(profile)
     ratios = sorted(seconds / model.step_seconds(slices) for slices, seconds in steps)
     factor = statistics.median(ratios)
     calibration = {

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from sutra.config import EngineConfig
 from sutra.engine.engine import LLMEngine
 from sutra.sim.calibrate import calibrate_file
-from sutra.sim.cost_model import FEATURES, CostModel
+from sutra.sim.cost_model import fit_cost_model
 from sutra.sim.profile import profile_engine
 from sutra.sim.roofline import (
     DEVICES,
@@ -22,6 +22,16 @@ from sutra.sim.roofline import (
     model_shape,
     roofline_profile,
 )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _sizes(text: str) -> list[int]:
@@ -47,7 +57,12 @@ def add_profile_parser(
     p.add_argument("--chunks", type=_sizes, default=[16, 64, 256, 512], help="prefill chunk sizes (tokens)")
     p.add_argument("--contexts", type=_sizes, default=[0, 512, 2048], help="cached tokens before each batch")
     p.add_argument("--batches", type=_sizes, default=[1, 2, 4, 16, 64], help="decode batch sizes")
-    p.add_argument("--reps", type=int, default=5, help="timed runs per point (the median is kept)")
+    p.add_argument(
+        "--reps",
+        type=_positive,
+        default=5,
+        help="timed passes over the grid, each in a shuffled order (each point keeps its median)",
+    )
     p.add_argument(
         "--roofline",
         choices=sorted(DEVICES),
@@ -118,12 +133,10 @@ def cmd_profile(args: argparse.Namespace, config: EngineConfig) -> None:
         model_name=config.model.model or "default",
     )
     profile.save(args.output)
-    model = CostModel.fit(profile)
+    model = fit_cost_model(profile)
     errors = model.relative_errors(profile)
     print(f"wrote {args.output}: {len(profile.prefill)} prefill and {len(profile.decode)} decode points")
-    print(
-        "cost model: " + ", ".join(f"{n}={c:.3g}" for n, c in zip(FEATURES, model.coefficients, strict=True))
-    )
+    print(f"cost model: {model.describe()}")
     print(f"fit error: median {statistics.median(errors):.1%}, max {max(errors):.1%}")
 
 

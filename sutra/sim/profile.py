@@ -5,13 +5,20 @@ LM head and the sampler, what one engine step costs beyond the scheduler) on a b
 form: one prefill chunk of `chunk` tokens after `context` cached tokens, or a batch of `batch`
 decodes each at `context` tokens. Requests are handed to the runner through its ordinary diff
 (NewRequestData) with distinct KV blocks where the cache holds them (the KV contents do not change
-the time), so the kernels run as in serving. Each point is the median of `reps` runs after a warm-up.
+the time), so the kernels run as in serving.
+
+Each point is the median of `reps` runs, taken in passes: one warm-up pass over the whole grid, then
+`reps` timed passes, each in its own shuffled order. The machine's speed drifts by several percent
+over minutes; timing a point's runs back to back would hand that drift to whole regions of the grid
+(all long prefills slow, all small decodes fast) and bend the fitted curve, where passes spread it
+over every point alike.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,41 +88,36 @@ class Profile:
 class _Bench:
     """Runs crafted batches through an engine's runner; the scheduler is not involved."""
 
-    def __init__(self, engine: LLMEngine, reps: int) -> None:
+    def __init__(self, engine: LLMEngine) -> None:
         self.runner = engine.runner
         self.block_size = engine.kv.block_size
         self.num_blocks = engine.kv.pool.num_blocks
         self.vocab = engine.arch.vocab_size
-        self.reps = reps
         self._ids = 0
 
     def time_batch(self, slices: list[tuple[int, int]]) -> float:
-        """Median seconds of one step over (context, new tokens) slices."""
-        times = []
-        for rep in range(self.reps + 1):  # the first run warms up
-            scheduled, out = {}, SchedulerOutput()
-            next_block = 0
-            for context, new in slices:
-                self._ids += 1
-                rid = f"profile-{self._ids}"
-                total = context + new
-                needed = -(-total // self.block_size)
-                if next_block + needed > self.num_blocks:
-                    next_block = 0  # the cache is full: share blocks (rarely, for the largest batches)
-                blocks = list(range(next_block, next_block + needed))
-                next_block += needed
-                tokens = [(7 * i + 11) % self.vocab for i in range(total)]
-                out.new_requests.append(NewRequestData(rid, tokens, total, blocks, context, GREEDY))
-                scheduled[rid] = new
-            out.num_scheduled_tokens = scheduled
-            self.runner.apply_diff(out)
-            start = time.perf_counter()
-            self.runner.run(scheduled)
-            elapsed = time.perf_counter() - start
-            self.runner.apply_diff(SchedulerOutput(finished_request_ids=list(scheduled)))
-            if rep:
-                times.append(elapsed)
-        return statistics.median(times)
+        """Seconds of one step over (context, new tokens) slices."""
+        scheduled, out = {}, SchedulerOutput()
+        next_block = 0
+        for context, new in slices:
+            self._ids += 1
+            rid = f"profile-{self._ids}"
+            total = context + new
+            needed = -(-total // self.block_size)
+            if next_block + needed > self.num_blocks:
+                next_block = 0  # the cache is full: share blocks (rarely, for the largest batches)
+            blocks = list(range(next_block, next_block + needed))
+            next_block += needed
+            tokens = [(7 * i + 11) % self.vocab for i in range(total)]
+            out.new_requests.append(NewRequestData(rid, tokens, total, blocks, context, GREEDY))
+            scheduled[rid] = new
+        out.num_scheduled_tokens = scheduled
+        self.runner.apply_diff(out)
+        start = time.perf_counter()
+        self.runner.run(scheduled)
+        elapsed = time.perf_counter() - start
+        self.runner.apply_diff(SchedulerOutput(finished_request_ids=list(scheduled)))
+        return elapsed
 
 
 def profile_engine(
@@ -128,7 +130,9 @@ def profile_engine(
 ) -> Profile:
     """Measure prefill chunks at each context and decode batches at each context (points that
     exceed the context length or the KV cache are skipped)."""
-    bench = _Bench(engine, reps)
+    if reps < 1:
+        raise ValueError(f"a profile needs at least one timed run per point, got {reps}")
+    bench = _Bench(engine)
     limit = min(engine.max_model_len, engine.kv.pool.num_blocks * engine.kv.block_size)
     profile = Profile(
         model=model_name,
@@ -141,13 +145,24 @@ def profile_engine(
         num_kv_blocks=engine.kv.pool.num_blocks,
         max_model_len=engine.max_model_len,
     )
+    grid: list[tuple[str, int, int]] = []  # (kind, chunk or batch, context)
     for context in contexts:
-        for chunk in chunks:
-            if context + chunk <= limit:
-                seconds = bench.time_batch([(context, chunk)])
-                profile.prefill.append(PrefillPoint(chunk, context, seconds))
-        for batch in batches:
-            if context + 1 <= limit:
-                seconds = bench.time_batch([(context, 1)] * batch)
-                profile.decode.append(DecodePoint(batch, context, seconds))
+        grid += [("prefill", chunk, context) for chunk in chunks if context + chunk <= limit]
+        grid += [("decode", batch, context) for batch in batches if context + 1 <= limit]
+    times: dict[tuple[str, int, int], list[float]] = {point: [] for point in grid}
+    order = random.Random(0)
+    for timed_pass in range(reps + 1):  # pass 0 warms up
+        points = list(grid)
+        order.shuffle(points)
+        for point in points:
+            kind, size, context = point
+            slices = [(context, size)] if kind == "prefill" else [(context, 1)] * size
+            seconds = bench.time_batch(slices)
+            if timed_pass:
+                times[point].append(seconds)
+    for (kind, size, context), runs in times.items():
+        if kind == "prefill":
+            profile.prefill.append(PrefillPoint(size, context, statistics.median(runs)))
+        else:
+            profile.decode.append(DecodePoint(size, context, statistics.median(runs)))
     return profile
