@@ -313,9 +313,8 @@ def keep_run_steps(step_log: Path, first: int, out: Path) -> None:
 
 def speed_matched(profile_path: Path, log_dir: Path, mode: str, k: int) -> Path | None:
     """The profile scaled by the median ratio of this run's own served steps (all its repeats') to the
-    prediction: not
-    a prediction (the run's speed is known only afterwards) but what separates the simulator's
-    fidelity (scheduler, batches, the cost model's shape) from the machine's drift between runs."""
+    prediction: not a prediction (the run's speed is known only afterwards) but what separates the
+    simulator's fidelity (scheduler, batches, the cost model's shape) from the machine's drift."""
     steps = run_log(log_dir, mode, k)
     if not steps.exists():
         return None

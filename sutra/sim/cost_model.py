@@ -10,8 +10,7 @@ A step computes slices (context tokens already cached, new tokens). Its time is 
 - prefill_attention: sum over chunks of new * (context + new / 2) (query-key pairs of a causal chunk),
 - decode_attention: sum over decodes of context + 1 (cached rows read once per decode),
 - multi_row: 1 when the step has more than one new token. A one-row step's matrix products are
-  matrix-vector products, a different kernel (on this CPU, MKL's fp32 GEMV against a GEMM: one
-  decode costs 53 ms, two or three 73 ms, eight 71 ms for the default model).
+  matrix-vector products, a different kernel (MKL's fp32 GEMV against a GEMM; figures below).
 
 The coefficients are non-negative and fitted by least squares on relative error (every point counts
 alike whether it takes 2 ms or 2 s), so the model is as good on small decode steps as on long prefills.
@@ -19,8 +18,8 @@ That linear form is the simple model the scheduler tests price steps with. A mea
 TokenCurveCostModel: the same attention and per-sequence terms, but the rest (the linear layers, the
 constant) is a piecewise-linear curve through the profiled token counts, since on a CPU that cost is
 not linear in rows: the BLAS library picks kernels by shape (default model, one thread: one decode
-64 ms, two 103 ms, four 100 ms, eight 116 ms). A line through those points misprices every small
-batch the server forms by 5-15%.
+73 ms, two 105 ms, four 95 ms, eight 116 ms). A line through those points misprices the small
+batches the server forms all the time.
 
 Pure Python plus numpy: the simulator uses it with no torch.
 """
@@ -163,7 +162,9 @@ class TokenCurveCostModel:
 
     def describe(self) -> str:
         n = len(self.knots)
-        curve = ", ".join(f"{k}:{c * 1e3:.1f}ms" for k, c in zip(self.knots, self.coefficients, strict=True))
+        curve = ", ".join(
+            f"{k}:{c * 1e3:.1f}ms" for k, c in zip(self.knots, self.coefficients[:n], strict=True)
+        )
         seq, pre, dec = self.coefficients[n:]
         return f"tokens {{{curve}}}, sequences={seq:.3g}, prefill_attention={pre:.3g}, decode_attention={dec:.3g}"
 

@@ -119,6 +119,7 @@ def test_the_token_curve_prices_hybrid_batches_a_line_cannot():
     line = CostModel.fit(profile)
     assert max(line.relative_errors(profile)) > 0.05
     assert max(model.relative_errors(profile)) < 1e-6
+    assert model.describe().startswith("tokens {1:64.0ms, 2:103.0ms, 3:114.0ms, 4:100.0ms, 8:116.0ms")
     # The serving factor scales every term.
     scaled = load_cost_model(replace(profile, serving_factor=1.2))
     assert scaled.step_seconds(held_out[0]) == pytest.approx(1.2 * curve_truth(held_out[0]), rel=1e-6)
