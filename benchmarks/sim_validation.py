@@ -13,7 +13,10 @@
    time with a fresh sample of the workload, and a run's measured and simulated figures are the
    medians over its repeats (the machine's drift and one sample's luck both average out).
 3. Side by side: TTFT and TBT (the inter-token gaps, ITL) at P50/P90/P99 and output throughput, with
-   the relative error (simulated - measured) / measured.
+   the relative error (simulated - measured) / measured. Since a measured run and its simulation share
+   their arrivals, every request's TTFT is compared too (`request_ttft_error`, the median over the
+   requests, signed and absolute): a figure that one sample's luck cannot move the way it moves the
+   median TTFT of a run.
 4. Calibrated (unless --no-calibrate): the server logs its steps (`--step-log`); after the warm-up,
    a calibration run (its own prompts and arrivals, at the middle rate) and `sutra profile --calibrate`
    measure how much longer a served step takes than the profile predicts (the median ratio over the
@@ -62,6 +65,7 @@ from sutra.sim.simulate import run_simulation, sim_requests, simulate
 
 PERCENTILES = (50.0, 90.0, 99.0)
 COMPARED = [(f"p{int(p)}_{m}", m, p) for m in ("ttft", "itl") for p in PERCENTILES]
+REQUEST_TTFTS = "request_ttfts_s"
 
 
 def profile(args: argparse.Namespace, path: Path) -> None:
@@ -129,12 +133,20 @@ def bench_config(base: str, rate: float, args: argparse.Namespace) -> BenchConfi
     )
 
 
-def figures(result: BenchResult) -> dict[str, float]:
+def figures(result: BenchResult) -> dict[str, Any]:
     m = result.metrics
-    out = {key: m.latencies[metric].percentiles_ms[p] for key, metric, p in COMPARED}
+    out: dict[str, Any] = {key: m.latencies[metric].percentiles_ms[p] for key, metric, p in COMPARED}
     out["output_throughput"] = m.output_throughput
     out["completed"] = m.completed
+    # Each request's own TTFT (seconds, request order; 0 for a failed one): measured and simulated
+    # runs share their arrivals, so they pair up request by request.
+    out[REQUEST_TTFTS] = [o.ttft if o.success else 0.0 for o in result.outputs]
     return out
+
+
+def request_ttft_error(measured: list[float], simulated: list[float]) -> list[float]:
+    """(simulated - measured) / measured of every request that both runs completed."""
+    return [(s - m) / m for m, s in zip(measured, simulated, strict=True) if m > 0 and s > 0]
 
 
 def compare(measured: dict[str, float], simulated: dict[str, float]) -> dict[str, float]:
@@ -247,7 +259,7 @@ def measure(args: argparse.Namespace, rates: list[float], profile_path: Path, lo
             run_log(log_dir, mode, k).unlink(missing_ok=True)
     bases: dict[str, str] = {}
     calibrated: dict[str, Path | None] = {}
-    measured: dict[tuple[str, int], list[dict[str, float]]] = {}
+    measured: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with ExitStack() as servers:
         for i, mode in enumerate(modes):
             print(f"== sutra {mode}", flush=True)
@@ -329,8 +341,8 @@ def workload_seed(args: argparse.Namespace, k: int, repeat: int) -> int:
     return args.seed + k + 1000 * repeat
 
 
-def median_figures(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+def median_figures(runs: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != REQUEST_TTFTS}
 
 
 def simulated_row(
@@ -338,7 +350,7 @@ def simulated_row(
     mode: str,
     rate: float,
     k: int,
-    repeats: list[dict[str, float]],
+    repeats: list[dict[str, Any]],
     profile_path: Path,
     calibrated: Path | None,
     matched: Path | None = None,
@@ -348,12 +360,18 @@ def simulated_row(
     given) the calibrated and speed-matched profiles."""
     config = bench_config("http://simulated", rate, args)
 
-    def simulated(path: Path) -> dict[str, float]:
-        runs = []
-        for repeat in range(len(repeats)):
+    def simulated(path: Path) -> dict[str, Any]:
+        runs, errors = [], []
+        for repeat, measured in enumerate(repeats):
             requests = build_requests(args.num_requests, workload_seed(args, k, repeat))
             runs.append(figures(run_simulation(config, engine_config(args, mode), path, samples=requests)))
-        return median_figures(runs)
+            if REQUEST_TTFTS in measured:
+                errors += request_ttft_error(measured[REQUEST_TTFTS], runs[-1][REQUEST_TTFTS])
+        out = median_figures(runs)
+        if errors:  # per request, a figure no sample's luck moves: the median signed and absolute error
+            out["request_ttft_error"] = statistics.median(errors)
+            out["request_ttft_abs_error"] = statistics.median(abs(e) for e in errors)
+        return out
 
     start = time.perf_counter()
     row = {
@@ -385,6 +403,14 @@ def print_row(row: dict[str, Any]) -> None:
         if f"error_{kind}" in row:
             errors = ", ".join(f"{k} {v:+.0%}" for k, v in row[f"error_{kind}"].items())
             print(f"    {kind}: {errors}", flush=True)
+    for kind in ("", "_calibrated", "_matched"):
+        sim = row.get(f"simulated{kind}", {})
+        if "request_ttft_error" in sim:
+            print(
+                f"    per-request TTFT{kind.replace('_', ' ')}: median error {sim['request_ttft_error']:+.0%}, "
+                f"median |error| {sim['request_ttft_abs_error']:.0%}",
+                flush=True,
+            )
 
 
 def summarize(runs: list[dict[str, Any]], field: str = "error") -> dict[str, Any]:
@@ -394,6 +420,17 @@ def summarize(runs: list[dict[str, Any]], field: str = "error") -> dict[str, Any
         errors = sorted(abs(r[field][key]) for r in runs if key in r.get(field, {}))
         if errors:
             out[key] = {"median_abs_error": errors[len(errors) // 2], "max_abs_error": errors[-1]}
+    simulated = field.replace("error", "simulated")
+    per_request = sorted(
+        r[simulated]["request_ttft_abs_error"]
+        for r in runs
+        if "request_ttft_abs_error" in r.get(simulated, {})
+    )
+    if per_request:  # each run's median |error| over its requests
+        out["request_ttft"] = {
+            "median_abs_error": per_request[len(per_request) // 2],
+            "max_abs_error": per_request[-1],
+        }
     for kind in ("calibrated", "matched") if field == "error" else ():
         if any(f"error_{kind}" in r for r in runs):
             out[kind] = summarize(runs, f"error_{kind}")
