@@ -133,9 +133,13 @@ def cmd_profile(args: argparse.Namespace, config: EngineConfig) -> None:
         model_name=config.model.model or "default",
     )
     profile.save(args.output)
-    model = fit_cost_model(profile)
-    errors = model.relative_errors(profile)
     print(f"wrote {args.output}: {len(profile.prefill)} prefill and {len(profile.decode)} decode points")
+    try:
+        model = fit_cost_model(profile)
+    except ValueError as e:  # a partial grid, e.g. to be merged into another profile
+        print(f"no cost model fitted ({e}); the points are saved")
+        return
+    errors = model.relative_errors(profile)
     print(f"cost model: {model.describe()}")
     print(f"fit error: median {statistics.median(errors):.1%}, max {max(errors):.1%}")
 

@@ -38,6 +38,21 @@ def test_sutra_profile_writes_a_profile_and_reports_the_fit(tmp_path, capsys):
     assert "cost model: constant=" in printed and "fit error: median" in printed
 
 
+def test_a_grid_too_small_to_fit_is_saved_and_says_so(tmp_path, capsys):
+    out = tmp_path / "whole-prompts.json"
+    argv = ["profile", "--model", "random:tiny-llama", "--dtype", "float32", "--num-kv-blocks", "128"]
+    main(
+        argv
+        + ["--output", str(out), "--chunks", "256,512", "--contexts", "0", "--batches", "1", "--reps", "1"]
+    )
+    profile = Profile.load(out)
+    assert [(p.chunk, p.context) for p in profile.prefill] == [(256, 0), (512, 0)] and len(
+        profile.decode
+    ) == 1
+    printed = capsys.readouterr().out
+    assert "no cost model fitted (a profile needs at least 6 points, got 3); the points are saved" in printed
+
+
 def test_bad_sizes_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["profile", "--output", "x.json", "--chunks", "16,a"])
