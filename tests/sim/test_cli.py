@@ -57,3 +57,7 @@ def test_bad_sizes_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["profile", "--output", "x.json", "--chunks", "16,a"])
     assert "comma-separated integers" in capsys.readouterr().err
+    for reps in ("0", "two"):
+        with pytest.raises(SystemExit):
+            main(["profile", "--output", "x.json", "--reps", reps])
+        assert "expected an integer >= 1" in capsys.readouterr().err
