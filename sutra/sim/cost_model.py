@@ -61,8 +61,20 @@ def profile_batches(profile: Profile) -> tuple[list[list[tuple[int, int]]], list
     return batches, seconds
 
 
+class _ProfileErrors:
+    """What both fitted models report of the profile they were fitted to."""
+
+    def step_seconds(self, slices: Iterable[tuple[int, int]]) -> float:
+        raise NotImplementedError
+
+    def relative_errors(self, profile: Profile) -> list[float]:
+        """|predicted - measured| / measured at every point of a profile."""
+        batches, seconds = profile_batches(profile)
+        return [abs(self.step_seconds(b) - s) / s for b, s in zip(batches, seconds, strict=True)]
+
+
 @dataclass(frozen=True)
-class CostModel:
+class CostModel(_ProfileErrors):
     coefficients: tuple[float, ...]  # one per FEATURES entry, seconds per unit
 
     def step_seconds(self, slices: Iterable[tuple[int, int]]) -> float:
@@ -78,11 +90,6 @@ class CostModel:
     def scaled(self, factor: float) -> CostModel:
         """Every step `factor` times as long (a profile's serving factor: sutra/sim/calibrate.py)."""
         return CostModel(tuple(c * factor for c in self.coefficients))
-
-    def relative_errors(self, profile: Profile) -> list[float]:
-        """|predicted - measured| / measured at every point of a profile."""
-        batches, seconds = profile_batches(profile)
-        return [abs(self.step_seconds(b) - s) / s for b, s in zip(batches, seconds, strict=True)]
 
     def describe(self) -> str:
         return ", ".join(f"{n}={c:.3g}" for n, c in zip(FEATURES, self.coefficients, strict=True))
@@ -124,7 +131,7 @@ def knot_weights(knots: Sequence[int], tokens: float) -> list[float]:
 
 
 @dataclass(frozen=True)
-class TokenCurveCostModel:
+class TokenCurveCostModel(_ProfileErrors):
     """t = f(tokens) + k_seq * sequences + k_pre * prefill_attention + k_dec * decode_attention, with
     f piecewise linear through its value at each knot (the token counts the profile measured) and the
     other terms as in CostModel."""
@@ -155,10 +162,6 @@ class TokenCurveCostModel:
 
     def scaled(self, factor: float) -> TokenCurveCostModel:
         return TokenCurveCostModel(self.knots, tuple(c * factor for c in self.coefficients))
-
-    def relative_errors(self, profile: Profile) -> list[float]:
-        batches, seconds = profile_batches(profile)
-        return [abs(self.step_seconds(b) - s) / s for b, s in zip(batches, seconds, strict=True)]
 
     def describe(self) -> str:
         n = len(self.knots)
