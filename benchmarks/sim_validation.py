@@ -292,10 +292,10 @@ def measure(args: argparse.Namespace, rates: list[float], profile_path: Path, lo
                 for mode in modes:
                     print(f"== {mode} at {rate:g} req/s, repeat {repeat + 1}/{args.repeats}", flush=True)
                     requests = build_requests(args.num_requests, workload_seed(args, k, repeat))
-                    first_step = line_count(step_logs[mode])
+                    first_byte = log_size(step_logs[mode])
                     result = run_benchmark(bench_config(bases[mode], rate, args), requests)
                     measured.setdefault((mode, k), []).append(figures(result))
-                    keep_run_steps(step_logs[mode], first_step, run_log(log_dir, mode, k))
+                    keep_run_steps(step_logs[mode], first_byte, run_log(log_dir, mode, k))
     return [
         simulated_row(
             args,
@@ -320,14 +320,16 @@ def run_log(log_dir: Path, mode: str, k: int) -> Path:
     return log_dir / f"steps-{mode}-run{k}.jsonl"
 
 
-def line_count(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
+def log_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
 
-def keep_run_steps(step_log: Path, first: int, out: Path) -> None:
-    """Append the steps one validation run added to the server's log (its repeats share a file)."""
-    with out.open("a") as f:
-        f.writelines(line + "\n" for line in step_log.read_text().splitlines()[first:])
+def keep_run_steps(step_log: Path, start: int, out: Path) -> None:
+    """Append the steps one validation run added to the server's log, from byte `start` on (the log
+    is written a whole line at a time; a run's repeats share a file)."""
+    with step_log.open("rb") as log, out.open("ab") as f:
+        log.seek(start)
+        f.write(log.read())
 
 
 def speed_matched(profile_path: Path, log_dir: Path, mode: str, k: int) -> Path | None:
